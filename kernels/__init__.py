@@ -1,0 +1,1 @@
+"""Triton kernels of gopd-fast, installed as ``gopd_fast.kernels``."""
