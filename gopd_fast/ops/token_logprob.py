@@ -1,0 +1,232 @@
+"""Sampled-token mode: the student's log-prob of given tokens (and its entropy), fused with the LM head.
+
+Policy-gradient style on-policy distillation (tinker, verl, the "sampled-token estimator" of the paper) only
+needs, per position, ``log p_s(x_i)`` of the token that was sampled and optionally the entropy ``H(p_s)``; the
+advantage ``log p_t(x_i) - log p_s(x_i)`` is computed by the caller. This op gets both from hidden states and
+the head weight without materialising the ``[N, V]`` logits: it walks the vocabulary in tiles of
+``chunk_size`` columns (and the tokens in blocks of ``token_block`` rows), keeping an online log-sum-exp.
+
+The backward recomputes the logit tiles. With upstream gradients ``g`` (for the log-prob) and ``e`` (for the
+entropy), per token and vocabulary entry ``v`` (``p = softmax(z)``, ``z = logits / temperature``)::
+
+    d logp(x) / dz_v = 1[v == x] - p_v
+    d H / dz_v       = -p_v * (log p_v + H)
+
+Accumulation is float32 (float64 for float64 inputs); logit tiles are computed in that dtype, never rounded to
+bf16 first.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["fused_linear_logprob"]
+
+DEFAULT_CHUNK_SIZE = 4096
+DEFAULT_TOKEN_BLOCK = 1024
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 inputs accumulate in float64, everything else (bf16/fp16/fp32) in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def logit_tile(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int, temperature: float
+) -> Tensor:
+    """``(hidden @ weight[start:stop].T + bias[start:stop]) / temperature`` in ``hidden``'s (accumulation) dtype."""
+    tile = hidden @ weight[start:stop].to(hidden.dtype).T
+    if bias is not None:
+        tile = tile + bias[start:stop].to(hidden.dtype)
+    if temperature != 1.0:
+        tile = tile / temperature
+    return tile
+
+
+def _check_inputs(
+    hidden: Tensor,
+    weight: Tensor,
+    target_ids: Tensor,
+    bias: Tensor | None,
+    temperature: float,
+    chunk_size: int,
+    token_block: int,
+) -> None:
+    if not isinstance(hidden, Tensor) or hidden.dim() != 2 or not hidden.is_floating_point():
+        raise ValueError(f"hidden must be a float tensor [N, D], got {_describe(hidden)}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight must be [V, D] with D = hidden.shape[1] = {hidden.shape[1]}, got {_describe(weight)}"
+        )
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be a float tensor, got dtype {weight.dtype}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {_describe(bias)}")
+    if not isinstance(target_ids, Tensor) or target_ids.shape != hidden.shape[:1]:
+        raise ValueError(f"target_ids must be [N] = [{hidden.shape[0]}], got {_describe(target_ids)}")
+    if target_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target_ids must be int64 or int32, got {target_ids.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1 or token_block < 1:
+        raise ValueError(f"chunk_size and token_block must be >= 1, got {chunk_size}, {token_block}")
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)} dtype {x.dtype}"
+    return type(x).__name__
+
+
+def _forward_block(
+    h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float, chunk_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One token block: returns (lse, target logit, sum_v p_v z_v) with an online softmax over vocab tiles."""
+    n, vocab = h.shape[0], weight.shape[0]
+    running_max = torch.full((n,), float("-inf"), dtype=h.dtype, device=h.device)
+    sum_exp = torch.zeros(n, dtype=h.dtype, device=h.device)
+    sum_exp_z = torch.zeros(n, dtype=h.dtype, device=h.device)  # sum exp(z - m) * z, for the entropy
+    target_logit = torch.zeros(n, dtype=h.dtype, device=h.device)
+    for start in range(0, vocab, chunk_size):
+        stop = min(start + chunk_size, vocab)
+        z = logit_tile(h, weight, bias, start, stop, temperature)
+        new_max = torch.maximum(running_max, z.max(dim=1).values)
+        rescale = torch.exp(running_max - new_max)
+        e = torch.exp(z - new_max[:, None])
+        sum_exp = sum_exp * rescale + e.sum(dim=1)
+        sum_exp_z = sum_exp_z * rescale + (e * z).sum(dim=1)
+        running_max = new_max
+        local = targets - start
+        in_tile = (local >= 0) & (local < stop - start)
+        picked = z.gather(1, local.clamp(0, stop - start - 1)[:, None]).squeeze(1)
+        target_logit = torch.where(in_tile, picked, target_logit)
+    lse = running_max + torch.log(sum_exp)
+    mean_z = sum_exp_z / sum_exp
+    return lse, target_logit, mean_z
+
+
+class _FusedLinearLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        target_ids: Tensor,
+        temperature: float,
+        ignore_index: int,
+        chunk_size: int,
+        token_block: int,
+    ) -> tuple[Tensor, Tensor]:
+        acc = accumulation_dtype(hidden.dtype)
+        n = hidden.shape[0]
+        logprob = torch.zeros(n, dtype=acc, device=hidden.device)
+        entropy = torch.zeros(n, dtype=acc, device=hidden.device)
+        lse = torch.zeros(n, dtype=acc, device=hidden.device)
+        valid = target_ids != ignore_index
+        for r0 in range(0, n, token_block):
+            r1 = min(r0 + token_block, n)
+            blk_lse, blk_target, blk_mean_z = _forward_block(
+                hidden[r0:r1].to(acc), weight, bias, target_ids[r0:r1], temperature, chunk_size
+            )
+            lse[r0:r1] = blk_lse
+            logprob[r0:r1] = torch.where(valid[r0:r1], blk_target - blk_lse, 0.0)
+            entropy[r0:r1] = blk_lse - blk_mean_z
+        ctx.save_for_backward(hidden, weight, bias, target_ids, lse, entropy)
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.chunk_size, ctx.token_block = chunk_size, token_block
+        ctx.mark_non_differentiable(lse)
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprob: Tensor | None, grad_entropy: Tensor | None):
+        hidden, weight, bias, target_ids, lse, entropy = ctx.saved_tensors
+        temperature, chunk_size, token_block = ctx.temperature, ctx.chunk_size, ctx.token_block
+        acc = lse.dtype
+        n, vocab = hidden.shape[0], weight.shape[0]
+        valid = target_ids != ctx.ignore_index
+        g = torch.zeros(n, dtype=acc, device=hidden.device) if grad_logprob is None else grad_logprob.to(acc)
+        g = torch.where(valid, g, 0.0)
+        e = None if grad_entropy is None else grad_entropy.to(acc)
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
+        for r0 in range(0, n, token_block):
+            r1 = min(r0 + token_block, n)
+            h = hidden[r0:r1].to(acc)
+            for start in range(0, vocab, chunk_size):
+                stop = min(start + chunk_size, vocab)
+                z = logit_tile(h, weight, bias, start, stop, temperature)
+                log_p = z - lse[r0:r1, None]
+                p = torch.exp(log_p)
+                # d/dz of g*logp(x) + e*H: -g p (+ g at the target) - e p (log p + H)
+                grad_z = -g[r0:r1, None] * p
+                if e is not None:
+                    grad_z = grad_z - e[r0:r1, None] * p * (log_p + entropy[r0:r1, None])
+                local = target_ids[r0:r1] - start
+                in_tile = (local >= 0) & (local < stop - start)
+                rows = torch.nonzero(in_tile).squeeze(1)
+                grad_z[rows, local[rows]] += g[r0:r1][rows]
+                if temperature != 1.0:
+                    grad_z = grad_z / temperature
+                if need_h:
+                    grad_h[r0:r1] += grad_z @ weight[start:stop].to(acc)
+                if need_w:
+                    grad_w[start:stop] += grad_z.T @ h
+                if need_b:
+                    grad_b[start:stop] += grad_z.sum(dim=0)
+        return (
+            None if grad_h is None else grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def fused_linear_logprob(
+    hidden: Tensor,
+    weight: Tensor,
+    target_ids: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    token_block: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token ``log softmax(hidden @ weight.T + bias)/temperature)[target]`` without ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[N, D]`` student hidden states (bf16/fp16/fp32/fp64); receives gradients.
+        weight: ``[V, D]`` LM-head weight; receives gradients.
+        target_ids: ``[N]`` int64 token ids in ``[0, V)``, or ``ignore_index`` (log-prob 0, no gradient).
+        bias: optional ``[V]`` head bias; receives gradients.
+        temperature: logits are divided by it (> 0).
+        return_entropy: also return the per-token entropy ``H(p_s)`` (differentiable).
+        ignore_index: target value that marks a position without a target.
+        chunk_size: vocabulary columns per tile (default 4096).
+        token_block: token rows per block (default 1024).
+
+    Returns:
+        ``logprob [N]`` float32 (float64 for float64 inputs), or ``(logprob, entropy)`` when ``return_entropy``.
+        Both are differentiable through a custom autograd Function that recomputes logit tiles in backward.
+    """
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
+    token_block = DEFAULT_TOKEN_BLOCK if token_block is None else int(token_block)
+    _check_inputs(hidden, weight, target_ids, bias, temperature, chunk_size, token_block)
+    target_ids = target_ids.long()
+    valid = target_ids != ignore_index
+    if bool(((target_ids[valid] < 0) | (target_ids[valid] >= weight.shape[0])).any()):
+        raise ValueError(
+            f"target_ids must lie in [0, V={weight.shape[0]}) or equal ignore_index={ignore_index}"
+        )
+    logprob, entropy = _FusedLinearLogprob.apply(
+        hidden, weight, bias, target_ids, float(temperature), int(ignore_index), chunk_size, token_block
+    )
+    return (logprob, entropy) if return_entropy else logprob
