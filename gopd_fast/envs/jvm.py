@@ -1,0 +1,158 @@
+"""Ownership of one Java simulator process (ScienceWorld, TextWorldExpress) behind py4j.
+
+Both packages start their JVM with ``py4j.launch_gateway(die_on_exit=True)`` inside their env constructor and
+talk to it over a local socket. A JVM can crash (OutOfMemoryError, a Scala exception that poisons the state) or
+hang (an infinite loop in a task script); py4j then blocks forever or raises. ``JavaSimulator`` makes both
+failures bounded and visible:
+
+* every call runs under a watchdog timer; when it fires, the JVM is SIGKILLed, which unblocks the socket read;
+* any py4j/socket failure discards the JVM and raises ``EnvError`` (the env pool restarts the env and re-queues
+  the episode); the next ``call(..., restart=True)`` (used by ``reset``) starts a fresh JVM;
+* ``close()`` and interpreter exit kill the process and reap it, so no ``java`` process outlives its owner.
+"""
+from __future__ import annotations
+
+import atexit
+import subprocess
+import threading
+import weakref
+from typing import Callable, Generic, TypeVar
+
+from gopd_fast.envs.base import EnvError
+
+H = TypeVar("H")  # the package's env object (ScienceWorldEnv, TextWorldExpressEnv)
+R = TypeVar("R")
+
+_LIVE: "weakref.WeakSet[JavaSimulator]" = weakref.WeakSet()
+
+
+def _default_process_of(handle: object) -> subprocess.Popen:
+    # Both scienceworld 1.2.x and textworld-express 1.1.x keep the launched JVM here.
+    return handle._gateway.java_process  # type: ignore[attr-defined]
+
+
+class JavaSimulator(Generic[H]):
+    """A lazily started JVM-backed simulator with per-call timeouts, crash detection and guaranteed shutdown.
+
+    Args:
+        launch: builds the package's env object (this starts the JVM).
+        name: used in error messages.
+        call_timeout_s: default watchdog limit of one ``call``.
+        process_of: returns the ``subprocess.Popen`` of the JVM owned by a handle.
+    """
+
+    def __init__(
+        self,
+        launch: Callable[[], H],
+        *,
+        name: str,
+        call_timeout_s: float = 60.0,
+        process_of: Callable[[H], subprocess.Popen] = _default_process_of,
+    ) -> None:
+        if not (isinstance(call_timeout_s, (int, float)) and call_timeout_s > 0):
+            raise ValueError(f"call_timeout_s must be a positive number of seconds, got {call_timeout_s!r}")
+        self._launch = launch
+        self._process_of = process_of
+        self.name = name
+        self.call_timeout_s = float(call_timeout_s)
+        self._handle: H | None = None
+        self._proc: subprocess.Popen | None = None
+        self.restarts = 0  # JVMs started after the first one (crash / hang recoveries)
+        self._started = 0
+        _LIVE.add(self)
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running JVM, None when none is running."""
+        return self._proc.pid if self.alive else None  # type: ignore[union-attr]
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def call(self, fn: Callable[[H], R], *, timeout_s: float | None = None, restart: bool = False) -> R:
+        """Run ``fn(handle)`` under the watchdog.
+
+        ``restart=True`` starts a JVM when none is running (episode boundaries); ``restart=False`` raises
+        ``EnvError`` instead, because the episode's state died with the old JVM.
+        """
+        if not self.alive:
+            self._discard()  # reap a dead JVM, if any
+            if not restart:
+                raise EnvError(f"{self.name}: the JVM is not running (it crashed or was killed); "
+                               "call reset() to start a new episode on a fresh JVM")
+            self._start()
+        handle, proc = self._handle, self._proc
+        assert handle is not None and proc is not None
+        limit = self.call_timeout_s if timeout_s is None else float(timeout_s)
+        fired = threading.Event()
+
+        def on_timeout() -> None:
+            fired.set()
+            proc.kill()  # unblocks the py4j socket read in the calling thread
+
+        timer = threading.Timer(limit, on_timeout)
+        timer.daemon = True
+        timer.start()
+        try:
+            return fn(handle)
+        except EnvError:
+            raise
+        except Exception as exc:  # py4j errors, broken sockets, Java exceptions surfaced as Py4JJavaError
+            if not fired.is_set() and proc.poll() is None and not _is_py4j_or_socket_error(exc):
+                raise  # a plain Python error in ``fn`` (e.g. a ValueError from argument checks): not a JVM failure
+            self._discard()
+            if fired.is_set():
+                raise EnvError(f"{self.name}: call exceeded {limit:g} s; the JVM was killed "
+                               "and a fresh one starts on the next reset()") from exc
+            raise EnvError(f"{self.name}: the JVM failed ({type(exc).__name__}: {exc}); "
+                           "a fresh one starts on the next reset()") from exc
+        finally:
+            timer.cancel()
+
+    def close(self) -> None:
+        """Shut the JVM down and reap it. Idempotent."""
+        self._discard()
+
+    def _start(self) -> None:
+        handle = self._launch()
+        self._handle, self._proc = handle, self._process_of(handle)
+        if self._started:
+            self.restarts += 1
+        self._started += 1
+
+    def _discard(self) -> None:
+        handle, proc = self._handle, self._proc
+        self._handle, self._proc = None, None
+        # Kill first: a graceful py4j shutdown would block on a hung (or stopped) JVM.
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a SIGKILLed process always exits
+                pass
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+        if handle is not None:
+            gateway = getattr(handle, "_gateway", None)
+            try:
+                if gateway is not None:
+                    gateway.shutdown()  # closes the Python-side sockets and the callback server thread
+            except Exception:  # the JVM is gone already; nothing left to release on its side
+                pass
+            # The packages' __del__ calls close() again, which would write to the dead JVM's stdin.
+            handle.close = lambda: None  # type: ignore[method-assign]
+
+
+def _is_py4j_or_socket_error(exc: BaseException) -> bool:
+    from py4j.protocol import Py4JError
+
+    return isinstance(exc, (Py4JError, OSError, EOFError))
+
+
+@atexit.register
+def _close_all() -> None:
+    for sim in list(_LIVE):
+        sim.close()

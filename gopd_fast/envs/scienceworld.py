@@ -1,0 +1,216 @@
+"""ScienceWorld (Wang et al., 2022) through the ``scienceworld`` package's Java simulator.
+
+Task ids are ``"<task-name>:<variation>"``, e.g. ``"boil:21"``. Splits are the package's own variation splits
+(``getVariationsTrain/Dev/Test``); ``"eval"`` is the test split, the protocol of this line of work. Score is the
+simulator's 0-100 score; success is a score of 100. See docs/envs.md for every difference from the original API.
+"""
+from __future__ import annotations
+
+import random
+import threading
+from typing import Any, Sequence
+
+from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
+from gopd_fast.envs.gold_path import GoldPath
+from gopd_fast.envs.jvm import JavaSimulator
+
+SPLITS = ("train", "dev", "test", "eval")
+INVALID_ACTION_PREFIX = "No known action matches that input."
+
+# task name -> {"train": [...], "dev": [...], "test": [...]}; the split lists are fixed by the jar, so one
+# lookup per task and process is enough.
+_VARIATIONS: dict[str, dict[str, list[int]]] = {}
+_VARIATIONS_LOCK = threading.Lock()
+
+
+def _launch() -> Any:
+    try:
+        from scienceworld import ScienceWorldEnv
+    except ImportError as exc:  # pragma: no cover - the cpu extra installs it
+        raise ImportError("the 'scienceworld' env needs `pip install scienceworld==1.2.3` and Java 17") from exc
+    return ScienceWorldEnv("", envStepLimit=10**9)  # the turn limit is ours (max_turns), not the wrapper's
+
+
+@register("scienceworld")
+class ScienceWorld(TextEnv):
+    """ScienceWorld behind the ``TextEnv`` protocol.
+
+    Args:
+        task_names: restrict ``tasks()`` to these task names (default: all 30).
+        simplification: the package's simplification string, e.g. ``"easy"`` or ``"openDoors,teleportAction"``;
+            ``""`` (default) is the unsimplified benchmark.
+        max_turns: turn limit of an episode.
+        max_variations_per_task: keep at most this many variations per task in each split (a ``seed``-ed
+            sample, listed in ascending order); None keeps all.
+        seed: seed of that sample.
+        gold_path: ask the simulator for the gold action sequence at every reset (needed by ``expert_action``).
+        admissible_actions: return the simulator's valid action-object combinations with every observation
+            (thousands of strings; costs tens of ms per step).
+        step_timeout_s: watchdog limit of one simulator call (loading with a gold path included).
+    """
+
+    name = "scienceworld"
+
+    def __init__(
+        self,
+        task_names: Sequence[str] | None = None,
+        simplification: str = "",
+        max_turns: int = 30,
+        max_variations_per_task: int | None = None,
+        seed: int = 0,
+        gold_path: bool = True,
+        admissible_actions: bool = False,
+        step_timeout_s: float = 120.0,
+    ) -> None:
+        super().__init__(max_turns)
+        if not isinstance(simplification, str):
+            raise TypeError(f"simplification must be a str such as 'easy', got {type(simplification).__name__}")
+        if max_variations_per_task is not None and (
+            not isinstance(max_variations_per_task, int) or max_variations_per_task < 1
+        ):
+            raise ValueError(f"max_variations_per_task must be a positive int or None, got {max_variations_per_task!r}")
+        self.simplification = simplification
+        self.max_variations_per_task = max_variations_per_task
+        self.seed = seed
+        self.gold_path = gold_path
+        self.with_admissible = admissible_actions
+        self._sim = JavaSimulator(_launch, name="scienceworld", call_timeout_s=step_timeout_s)
+        self._all_task_names: list[str] = self._sim.call(lambda h: h.get_task_names(), restart=True)
+        if task_names is None:
+            self.task_names = list(self._all_task_names)
+        else:
+            unknown = [t for t in task_names if t not in self._all_task_names]
+            if unknown:
+                raise ValueError(f"unknown ScienceWorld task names {unknown}; known: {self._all_task_names}")
+            self.task_names = list(task_names)
+        self._validate_simplification()
+        self._gold = GoldPath()
+        self._done = True
+        self._started = False
+        self._task_name = ""
+        self._variation = -1
+
+    # ---- tasks ---------------------------------------------------------------------------------------------
+    def tasks(self, split: str) -> list[str]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; ScienceWorld splits: {', '.join(SPLITS)}")
+        which = "test" if split == "eval" else split
+        ids: list[str] = []
+        for task in self.task_names:
+            variations = self._variations(task)[which]
+            k = self.max_variations_per_task
+            if k is not None and k < len(variations):
+                variations = sorted(random.Random(f"{self.seed}:{task}:{which}").sample(variations, k))
+            ids.extend(f"{task}:{v}" for v in variations)
+        return ids
+
+    def _variations(self, task: str) -> dict[str, list[int]]:
+        with _VARIATIONS_LOCK:
+            if task not in _VARIATIONS:
+                def fetch(h: Any) -> dict[str, list[int]]:
+                    h.load(task, 0, "")
+                    return {
+                        "train": list(h.server.getVariationsTrain()),
+                        "dev": list(h.server.getVariationsDev()),
+                        "test": list(h.server.getVariationsTest()),
+                    }
+
+                _VARIATIONS[task] = self._sim.call(fetch, restart=True)
+                self._done = True  # loading another task ends any episode in progress
+            return _VARIATIONS[task]
+
+    def parse_task_id(self, task_id: str) -> tuple[str, int]:
+        if not isinstance(task_id, str):
+            raise TypeError(f"task_id must be a str like 'boil:21', got {type(task_id).__name__}")
+        name, sep, var = task_id.rpartition(":")
+        if not sep or not var.isdigit():
+            raise ValueError(f"ScienceWorld task_id must look like '<task-name>:<variation>', got {task_id!r}")
+        if name not in self._all_task_names:
+            raise ValueError(f"unknown ScienceWorld task {name!r} in task_id {task_id!r}")
+        variation = int(var)
+        n = sum(len(v) for v in self._variations(name).values())
+        if variation >= n:
+            raise ValueError(f"task {name!r} has variations 0..{n - 1}, got {variation} in {task_id!r}")
+        return name, variation
+
+    def _validate_simplification(self) -> None:
+        known = ["easy", *self._sim.call(lambda h: h.get_possible_simplifications())]
+        bad = [s for s in self.simplification.split(",") if s and s not in known]
+        if bad:
+            raise ValueError(f"unknown ScienceWorld simplification(s) {bad}; known: {known} (comma-separated)")
+
+    # ---- episode -------------------------------------------------------------------------------------------
+    def reset(self, task_id: str) -> Reset:
+        task_name, variation = self.parse_task_id(task_id)
+
+        def start(h: Any) -> tuple[str, str, list[str], tuple[str, ...] | None]:
+            # The gold path is read from this very load: mendelian-genetics tasks draw new random parents at
+            # every load, so a gold path from another load (or a reset() after it) would not fit this world.
+            h.load(task_name, variation, self.simplification, generateGoldPath=self.gold_path)
+            gold = list(h.server.getGoldActionSequence()) if self.gold_path else []
+            observation = h.server.step("look around")  # what the package's own reset() returns
+            return observation, h.server.getTaskDescription(), gold, self._admissible(h)
+
+        observation, task, gold, admissible = self._sim.call(start, restart=True)
+        self._gold = GoldPath(gold)
+        self._task_name, self._variation = task_name, variation
+        self.turns = 0
+        self._done = False
+        self._started = True
+        info = {"task_name": task_name, "variation": variation, "simplification": self.simplification}
+        return Reset(observation=observation, task=task, admissible_actions=admissible, info=info)
+
+    def step(self, action: str) -> StepResult:
+        if not isinstance(action, str):
+            raise TypeError(f"action must be a str, got {type(action).__name__}")
+        if not self._started:
+            raise RuntimeError("step() called before reset()")
+        if self._done:
+            raise RuntimeError("step() called after the episode is done; call reset() first")
+        # The simulator reads one line; a newline would be parsed as part of an object name.
+        command = " ".join(action.split())
+
+        def act(h: Any) -> tuple[str, float, bool, tuple[str, ...] | None]:
+            observation = h.server.step(command)
+            return observation, float(h.server.getScore()), bool(h.server.getCompleted()), self._admissible(h)
+
+        observation, raw, completed, admissible = self._sim.call(act)
+        self._gold.observe(command)
+        self.turns += 1
+        raw_score = int(round(100 * raw))
+        failed = raw_score < 0  # ScienceWorld reports -100 when the task can no longer be solved
+        score = 0.0 if failed else float(min(max(raw_score, 0), 100))
+        success = raw_score >= 100
+        truncated = not (success or failed or completed) and self.turns >= self.max_turns
+        self._done = success or failed or completed or truncated
+        info: dict[str, Any] = {"raw_score": raw_score}
+        if failed:
+            info["failed"] = True
+        if truncated:
+            info["truncated"] = True
+        if observation.startswith(INVALID_ACTION_PREFIX):
+            info["invalid_action"] = True
+        return StepResult(observation, score, self._done, success, admissible, info)
+
+    def expert_action(self) -> str | None:
+        """The next action of this load's gold path while the agent has followed it exactly; None after the
+        first deviation (the gold path is an open-loop plan, not an oracle) or when ``gold_path=False``."""
+        return None if self._done else self._gold.next_action()
+
+    def _admissible(self, h: Any) -> tuple[str, ...] | None:
+        if not self.with_admissible:
+            return None
+        return tuple(sorted(h.server.getValidActionObjectCombinations()))
+
+    @property
+    def gold_actions(self) -> tuple[str, ...]:
+        """The whole gold path of the current episode's load (teacher data)."""
+        return self._gold.actions
+
+    @property
+    def jvm(self) -> JavaSimulator:
+        return self._sim
+
+    def close(self) -> None:
+        self._sim.close()
+        self._done = True
