@@ -1,0 +1,373 @@
+"""The chunked backend: pure PyTorch, tiles the vocabulary, never holds an [N, V] tensor. The CPU default.
+
+Both logit matrices are produced one [N, chunk] tile at a time (``z = (h / tau) W[lo:hi]^T + b[lo:hi] / tau``) and
+folded into per-token running statistics with the online recurrences of guided-opd.md section 4: running maxima
+m_s, m_t, sums l_s, l_t and the accumulators A = sum e^(z_s - m_s)(z_s - z_t), B = sum e^(z_t - m_t)(z_t - z_s),
+rescaled whenever a maximum grows. At the end lse = m + log l, RKL = A/l_s - lse_s + lse_t, FKL = B/l_t - lse_t +
+lse_s. The gradient w.r.t. the student logits,
+    rw * p_s * ((log p_s - log p_t) - RKL) + fw * (p_s - p_t)       (JSD: rw (1-beta) p_s (log(p_s/M) - KL(p_s||M)))
+needs those per-token finals, so it is produced by a second sweep that recomputes the tiles. JSD needs both lse
+before it can form M, hence one extra sweep for its value.
+
+Two autograd Functions share the sweeps:
+- ``_ChunkedKLScalar`` (``grad_scale=c``): forward runs every sweep including the gradient one and keeps the
+  gradients (Liger-style); backward only multiplies them by the incoming scalar.
+- ``_ChunkedKLPerToken`` (``grad_scale=None``): forward runs the value sweeps and saves lse_s, lse_t, RKL (and
+  KL(p_s||M) for JSD); backward runs the gradient sweep with the per-token upstream gradient.
+Both cost the same number of sweeps on this backend; the scalar form just does the gradient sweep early.
+
+Memory: O(N x chunk) temporaries plus O(N) statistics, O(N x D) for the hidden-state gradient; accumulation in
+float32 (float64 for float64 inputs). Contract: ``gopd_fast.ops`` (module docstring).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gopd_fast.ops.naive import accumulation_dtype
+
+# Elements per [N, chunk] tile: 4 Mi fp32 = 16 MiB, so the handful of live temporaries stays near 100 MiB.
+_TILE_ELEMENTS = 1 << 22
+_MIN_CHUNK = 256
+_MAX_CHUNK = 8192
+
+
+def default_chunk_size(n_tokens: int, vocab_size: int) -> int:
+    """A vocabulary tile that keeps each [n_tokens, chunk] temporary near 16 MiB (fp32)."""
+    chunk = max(_MIN_CHUNK, min(_MAX_CHUNK, _TILE_ELEMENTS // max(n_tokens, 1)))
+    return max(1, min(vocab_size, chunk))
+
+
+@dataclass
+class _Operands:
+    """Inputs prepared once per call: hidden states and biases pre-divided by the temperature, in acc dtype."""
+
+    h_s: Tensor  # [N, Ds] acc dtype, = student_hidden / tau
+    w_s: Tensor  # [V, Ds] original dtype
+    b_s: Tensor | None  # [V] acc dtype, = student_bias / tau
+    h_t: Tensor
+    w_t: Tensor
+    b_t: Tensor | None
+    chunk: int
+
+    @property
+    def vocab(self) -> int:
+        return self.w_s.shape[0]
+
+    def tiles(self):
+        for lo in range(0, self.vocab, self.chunk):
+            yield lo, min(lo + self.chunk, self.vocab)
+
+    def student_weight_tile(self, lo: int, hi: int) -> Tensor:
+        return self.w_s[lo:hi].to(self.h_s.dtype)
+
+    def logits(self, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Student and teacher logit tiles [N, hi-lo] (already / tau), and the student weight tile in acc dtype."""
+        w_s = self.student_weight_tile(lo, hi)
+        z_s = _affine(self.h_s, w_s, self.b_s, lo, hi)
+        z_t = _affine(self.h_t, self.w_t[lo:hi].to(self.h_t.dtype), self.b_t, lo, hi)
+        return z_s, z_t, w_s
+
+
+def _affine(h: Tensor, w: Tensor, b: Tensor | None, lo: int, hi: int) -> Tensor:
+    if b is None:
+        return h @ w.T
+    return torch.addmm(b[lo:hi], h, w.T)
+
+
+def _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+             temperature: float, chunk: int | None) -> _Operands:
+    dtype = accumulation_dtype(student_hidden, teacher_hidden)
+    inv_tau = 1.0 / temperature
+
+    def scaled(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().to(dtype) * inv_tau
+
+    n, v = student_hidden.shape[0], student_weight.shape[0]
+    return _Operands(
+        h_s=scaled(student_hidden), w_s=student_weight.detach(), b_s=scaled(student_bias),
+        h_t=scaled(teacher_hidden), w_t=teacher_weight.detach(), b_t=scaled(teacher_bias),
+        chunk=chunk or default_chunk_size(n, v),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sweeps over the vocabulary
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Stats:
+    lse_s: Tensor
+    lse_t: Tensor
+    reverse_kl: Tensor
+    forward_kl: Tensor | None
+    student_entropy: Tensor | None
+
+
+def _stats_sweep(ops: _Operands, need_forward_kl: bool, need_entropy: bool) -> _Stats:
+    """One sweep: lse of both models, RKL, and optionally FKL and the student entropy (online recurrences)."""
+    n, dtype = ops.h_s.shape[0], ops.h_s.dtype
+    m_s = torch.full((n,), -math.inf, dtype=dtype)
+    m_t = torch.full((n,), -math.inf, dtype=dtype)
+    l_s, l_t, acc_a = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)
+    acc_b = torch.zeros(n, dtype=dtype) if need_forward_kl else None
+    acc_e = torch.zeros(n, dtype=dtype) if need_entropy else None
+    for lo, hi in ops.tiles():
+        z_s, z_t, _ = ops.logits(lo, hi)
+        new_m_s = torch.maximum(m_s, z_s.amax(1))
+        new_m_t = torch.maximum(m_t, z_t.amax(1))
+        rescale_s, rescale_t = torch.exp(m_s - new_m_s), torch.exp(m_t - new_m_t)
+        m_s, m_t = new_m_s, new_m_t
+        e_s = torch.exp(z_s - m_s[:, None])
+        e_t = torch.exp(z_t - m_t[:, None])
+        if acc_e is not None:
+            acc_e = acc_e * rescale_s + (e_s * z_s).sum(1)
+        diff = z_s.sub_(z_t)  # z_s - z_t; z_s is not needed any more
+        l_s = l_s * rescale_s + e_s.sum(1)
+        l_t = l_t * rescale_t + e_t.sum(1)
+        acc_a = acc_a * rescale_s + (e_s * diff).sum(1)
+        if acc_b is not None:
+            acc_b = acc_b * rescale_t - (e_t * diff).sum(1)
+    lse_s, lse_t = m_s + l_s.log(), m_t + l_t.log()
+    return _Stats(
+        lse_s=lse_s,
+        lse_t=lse_t,
+        reverse_kl=acc_a / l_s - lse_s + lse_t,
+        forward_kl=None if acc_b is None else acc_b / l_t - lse_t + lse_s,
+        student_entropy=None if acc_e is None else lse_s - acc_e / l_s,
+    )
+
+
+def _log_mixture(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
+    """log M with M = beta p_t + (1 - beta) p_s (TRL/Liger convention), computed in log space."""
+    return torch.logaddexp(logp_t + math.log(beta), logp_s + math.log1p(-beta))
+
+
+def _jsd_sweep(ops: _Operands, st: _Stats, beta: float) -> tuple[Tensor, Tensor]:
+    """Second sweep for JSD (needs both lse): per-token JSD_beta and KL(p_s || M) (the latter for the gradient)."""
+    n, dtype = ops.h_s.shape[0], ops.h_s.dtype
+    jsd, kl_s_m = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)
+    for lo, hi in ops.tiles():
+        z_s, z_t, _ = ops.logits(lo, hi)
+        logp_s, logp_t = z_s.sub_(st.lse_s[:, None]), z_t.sub_(st.lse_t[:, None])
+        log_m = _log_mixture(logp_s, logp_t, beta)
+        term_s = (logp_s.exp() * (logp_s - log_m)).sum(1)
+        kl_s_m += term_s
+        jsd += beta * (logp_t.exp() * (logp_t - log_m)).sum(1) + (1.0 - beta) * term_s
+    return jsd, kl_s_m
+
+
+@dataclass
+class _Grads:
+    hidden: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+
+
+def _grad_sweep(ops: _Operands, st: _Stats, coef_r: Tensor, coef_f: Tensor | None, jsd_beta: float | None,
+                kl_s_m: Tensor | None, need: tuple[bool, bool, bool], out_dtypes: tuple) -> _Grads:
+    """Gradient sweep: recompute each tile, form dLoss/dz_s, push it through the linear layer.
+
+    coef_r[i] / coef_f[i] are the per-token multipliers of the reverse / forward (or JSD) terms, upstream
+    gradient included. ``need`` = which of (hidden, weight, bias) want a gradient.
+    """
+    need_h, need_w, need_b = need
+    n, dtype = ops.h_s.shape[0], ops.h_s.dtype
+    grad_h = torch.zeros_like(ops.h_s) if need_h else None
+    grad_w = torch.empty(ops.w_s.shape, dtype=out_dtypes[1]) if need_w else None
+    grad_b = torch.empty(ops.vocab, dtype=out_dtypes[2]) if need_b else None
+    c_r = coef_r.to(dtype)[:, None]
+    c_f = None if coef_f is None else coef_f.to(dtype)[:, None]
+    for lo, hi in ops.tiles():
+        z_s, z_t, w_s = ops.logits(lo, hi)
+        logp_s, logp_t = z_s.sub_(st.lse_s[:, None]), z_t.sub_(st.lse_t[:, None])
+        p_s = logp_s.exp()
+        if jsd_beta is not None:
+            # (1 - beta) p_s (log p_s - log M - KL(p_s||M)), times rw * upstream
+            g = logp_s - _log_mixture(logp_s, logp_t, jsd_beta)
+            g.sub_(kl_s_m[:, None]).mul_(c_r * (1.0 - jsd_beta)).mul_(p_s)
+        else:
+            p_t = logp_t.exp() if c_f is not None else None
+            # rw p_s ((log p_s - log p_t) - RKL) + fw (p_s - p_t)
+            g = logp_t.neg_().add_(logp_s).sub_(st.reverse_kl[:, None]).mul_(c_r)
+            if c_f is not None:
+                g.add_(c_f)
+            g.mul_(p_s)
+            if c_f is not None:
+                g.addcmul_(p_t, c_f, value=-1.0)
+        if need_h:
+            grad_h.addmm_(g, w_s)
+        if need_w:
+            grad_w[lo:hi] = g.T @ ops.h_s  # h_s is h / tau: the 1/tau chain factor is already in
+        if need_b:
+            grad_b[lo:hi] = g.sum(0)
+    return _Grads(hidden=grad_h, weight=grad_w, bias=grad_b)
+
+
+def _finish_grads(grads: _Grads, temperature: float, hidden_dtype: torch.dtype) -> _Grads:
+    """Apply the remaining 1/tau chain factors (grad_h: z = (h/tau) W^T; grad_b: z = ... + b/tau)."""
+    inv_tau = 1.0 / temperature
+    if grads.hidden is not None:
+        grads.hidden = (grads.hidden * inv_tau).to(hidden_dtype)
+    if grads.bias is not None:
+        grads.bias = grads.bias * inv_tau
+    return grads
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward helpers shared by both Functions
+# ----------------------------------------------------------------------------------------------------------------
+def _values(ops: _Operands, reverse_weight: Tensor, forward_weight: Tensor, jsd_beta: float | None,
+            return_stats: bool) -> tuple[Tensor, _Stats, Tensor | None, bool]:
+    """Per-token loss [N] (acc dtype), the stats, KL(p_s||M) for JSD, and whether the forward term is used."""
+    use_forward = jsd_beta is None and bool((forward_weight != 0).any())
+    st = _stats_sweep(ops, need_forward_kl=use_forward or return_stats, need_entropy=return_stats)
+    dtype = ops.h_s.dtype
+    kl_s_m = None
+    if jsd_beta is not None:
+        jsd, kl_s_m = _jsd_sweep(ops, st, jsd_beta)
+        loss = reverse_weight.to(dtype) * jsd
+    else:
+        loss = reverse_weight.to(dtype) * st.reverse_kl
+        if use_forward:
+            loss = loss + forward_weight.to(dtype) * st.forward_kl
+    return loss, st, kl_s_m, use_forward
+
+
+def _stats_dict(ops: _Operands, st: _Stats, target_ids: Tensor | None) -> dict[str, Tensor]:
+    stats = {"reverse_kl": st.reverse_kl, "forward_kl": st.forward_kl, "student_entropy": st.student_entropy}
+    if target_ids is not None:
+        idx = target_ids.long()
+        z_s = (ops.h_s * ops.w_s[idx].to(ops.h_s.dtype)).sum(-1)
+        z_t = (ops.h_t * ops.w_t[idx].to(ops.h_t.dtype)).sum(-1)
+        if ops.b_s is not None:
+            z_s = z_s + ops.b_s[idx]
+        if ops.b_t is not None:
+            z_t = z_t + ops.b_t[idx]
+        stats["student_logprob"] = z_s.to(st.lse_s.dtype) - st.lse_s
+        stats["teacher_logprob"] = z_t.to(st.lse_t.dtype) - st.lse_t
+    return {k: v.detach() for k, v in stats.items()}
+
+
+def _out_dtypes(student_hidden, student_weight, student_bias):
+    return (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
+
+
+class _ChunkedKLScalar(torch.autograd.Function):
+    """grad_scale * sum_i loss_i, with the gradients computed in the forward pass (no recompute)."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                reverse_weight, forward_weight, jsd_beta, temperature, target_ids, grad_scale, return_stats, chunk):
+        ops = _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                       teacher_bias, temperature, chunk)
+        loss, st, kl_s_m, use_forward = _values(ops, reverse_weight, forward_weight, jsd_beta, return_stats)
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], student_bias is not None
+                and ctx.needs_input_grad[2])
+        grads = _Grads(None, None, None)
+        if any(need):
+            dtype = ops.h_s.dtype
+            coef_f = forward_weight.to(dtype) * grad_scale if use_forward else None
+            grads = _grad_sweep(ops, st, reverse_weight.to(dtype) * grad_scale, coef_f, jsd_beta, kl_s_m, need,
+                                _out_dtypes(student_hidden, student_weight, student_bias))
+            grads = _finish_grads(grads, temperature, student_hidden.dtype)
+        ctx.grads = grads
+        stats = _stats_dict(ops, st, target_ids) if return_stats else {}
+        ctx.mark_non_differentiable(*stats.values())
+        return (loss.sum() * grad_scale, *stats.values())
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grad_stats):
+        grads: _Grads | None = ctx.grads
+        if grads is None:
+            raise RuntimeError("fused_linear_kl with a scalar reduction keeps its gradients from the forward pass "
+                               "and supports one backward; use reduction='none' to backpropagate twice")
+        ctx.grads = None
+
+        def scaled(g: Tensor | None) -> Tensor | None:
+            if g is None:
+                return None
+            return g if bool(grad_loss == 1) else g * grad_loss.to(g.dtype)
+
+        return (scaled(grads.hidden), scaled(grads.weight), scaled(grads.bias), *([None] * 11))
+
+
+class _ChunkedKLPerToken(torch.autograd.Function):
+    """Per-token loss [N]; backward recomputes the logit tiles from the saved lse_s, lse_t, RKL (KL(p_s||M))."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                reverse_weight, forward_weight, jsd_beta, temperature, target_ids, return_stats, chunk):
+        ops = _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                       teacher_bias, temperature, chunk)
+        loss, st, kl_s_m, use_forward = _values(ops, reverse_weight, forward_weight, jsd_beta, return_stats)
+        stats = _stats_dict(ops, st, target_ids) if return_stats else {}
+        ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                              teacher_bias, reverse_weight, forward_weight, st.lse_s, st.lse_t, st.reverse_kl,
+                              kl_s_m)
+        ctx.config = (jsd_beta, temperature, chunk, use_forward)
+        ctx.mark_non_differentiable(*stats.values())
+        return (loss, *stats.values())
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grad_stats):
+        (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+         reverse_weight, forward_weight, lse_s, lse_t, reverse_kl, kl_s_m) = ctx.saved_tensors
+        jsd_beta, temperature, chunk, use_forward = ctx.config
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], student_bias is not None
+                and ctx.needs_input_grad[2])
+        if not any(need):
+            return (None,) * 13
+        ops = _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                       teacher_bias, temperature, chunk)
+        st = _Stats(lse_s=lse_s, lse_t=lse_t, reverse_kl=reverse_kl, forward_kl=None, student_entropy=None)
+        upstream = grad_loss.to(lse_s.dtype)
+        coef_f = forward_weight.to(upstream.dtype) * upstream if use_forward else None
+        grads = _grad_sweep(ops, st, reverse_weight.to(upstream.dtype) * upstream, coef_f, jsd_beta, kl_s_m, need,
+                            _out_dtypes(student_hidden, student_weight, student_bias))
+        grads = _finish_grads(grads, temperature, student_hidden.dtype)
+        return (grads.hidden, grads.weight, grads.bias, *([None] * 10))
+
+
+def fused_linear_kl_chunked(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    student_bias: Tensor | None,
+    teacher_bias: Tensor | None,
+    reverse_weight: Tensor,
+    forward_weight: Tensor,
+    *,
+    jsd_beta: float | None,
+    temperature: float,
+    target_ids: Tensor | None,
+    grad_scale: float | None,
+    return_stats: bool,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor] | None]:
+    """Backend contract of ``gopd_fast.ops``; ``chunk_size`` is the vocabulary tile (default: ~4 Mi elements)."""
+    if jsd_beta == 0.0:  # endpoints of the TRL/Liger convention are plain KL
+        reverse_weight, forward_weight, jsd_beta = torch.zeros_like(reverse_weight), reverse_weight, None
+    elif jsd_beta == 1.0:
+        forward_weight, jsd_beta = torch.zeros_like(forward_weight), None
+    if jsd_beta is not None:
+        forward_weight = torch.zeros_like(forward_weight)
+    teacher = (teacher_hidden.detach(), teacher_weight.detach(),
+               None if teacher_bias is None else teacher_bias.detach())
+    if grad_scale is None:
+        loss, *stat_values = _ChunkedKLPerToken.apply(
+            student_hidden, student_weight, student_bias, *teacher, reverse_weight, forward_weight, jsd_beta,
+            float(temperature), target_ids, return_stats, chunk_size)
+    else:
+        loss, *stat_values = _ChunkedKLScalar.apply(
+            student_hidden, student_weight, student_bias, *teacher, reverse_weight, forward_weight, jsd_beta,
+            float(temperature), target_ids, float(grad_scale), return_stats, chunk_size)
+    if not return_stats:
+        return loss, None
+    keys = ["reverse_kl", "forward_kl", "student_entropy"]
+    if target_ids is not None:
+        keys += ["student_logprob", "teacher_logprob"]
+    return loss, dict(zip(keys, stat_values))
