@@ -29,7 +29,7 @@ BACKENDS = ("auto", "naive", "chunked", "triton")
 REDUCTIONS = ("mean", "sum", "none")
 BACKEND_ENV = "GOPD_BACKEND"
 
-__all__ = ["BACKENDS", "REDUCTIONS", "BACKEND_ENV", "KLStats", "fused_linear_kl", "resolve_backend"]
+__all__ = ["BACKENDS", "BACKEND_ENV", "REDUCTIONS", "KLStats", "fused_linear_kl", "resolve_backend"]
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def _lora_head(head: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor 
         raise ValueError("FusedLinearKL: LoRA with fan_in_fan_out=True (Conv1D heads) is not supported")
     extra_hidden, extra_weight = [hidden], [weight]
     for name in head.active_adapters:
-        if name not in head.lora_A.keys():
+        if name not in head.lora_A:
             continue
         if name in getattr(head, "lora_variant", {}) or getattr(head, "use_dora", {}).get(name, False):
             raise ValueError(f"FusedLinearKL: LoRA adapter {name!r} uses a variant (e.g. DoRA); only plain LoRA "

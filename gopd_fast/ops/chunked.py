@@ -108,12 +108,13 @@ class _Stats:
 
 def _stats_sweep(ops: _Operands, need_forward_kl: bool, need_entropy: bool) -> _Stats:
     """One sweep: lse of both models, RKL, and optionally FKL and the student entropy (online recurrences)."""
-    n, dtype = ops.h_s.shape[0], ops.h_s.dtype
-    m_s = torch.full((n,), -math.inf, dtype=dtype)
-    m_t = torch.full((n,), -math.inf, dtype=dtype)
-    l_s, l_t, acc_a = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)
-    acc_b = torch.zeros(n, dtype=dtype) if need_forward_kl else None
-    acc_e = torch.zeros(n, dtype=dtype) if need_entropy else None
+    def zeros() -> Tensor:
+        return ops.h_s.new_zeros(ops.h_s.shape[0])
+
+    m_s, m_t = zeros() - math.inf, zeros() - math.inf
+    l_s, l_t, acc_a = zeros(), zeros(), zeros()
+    acc_b = zeros() if need_forward_kl else None
+    acc_e = zeros() if need_entropy else None
     for lo, hi in ops.tiles():
         z_s, z_t, _ = ops.logits(lo, hi)
         new_m_s = torch.maximum(m_s, z_s.amax(1))
@@ -147,8 +148,7 @@ def _log_mixture(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
 
 def _jsd_sweep(ops: _Operands, st: _Stats, beta: float) -> tuple[Tensor, Tensor]:
     """Second sweep for JSD (needs both lse): per-token JSD_beta and KL(p_s || M) (the latter for the gradient)."""
-    n, dtype = ops.h_s.shape[0], ops.h_s.dtype
-    jsd, kl_s_m = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)
+    jsd, kl_s_m = ops.h_s.new_zeros(ops.h_s.shape[0]), ops.h_s.new_zeros(ops.h_s.shape[0])
     for lo, hi in ops.tiles():
         z_s, z_t, _ = ops.logits(lo, hi)
         logp_s, logp_t = z_s.sub_(st.lse_s[:, None]), z_t.sub_(st.lse_t[:, None])
@@ -174,10 +174,10 @@ def _grad_sweep(ops: _Operands, st: _Stats, coef_r: Tensor, coef_f: Tensor | Non
     gradient included. ``need`` = which of (hidden, weight, bias) want a gradient.
     """
     need_h, need_w, need_b = need
-    n, dtype = ops.h_s.shape[0], ops.h_s.dtype
+    dtype, device = ops.h_s.dtype, ops.h_s.device
     grad_h = torch.zeros_like(ops.h_s) if need_h else None
-    grad_w = torch.empty(ops.w_s.shape, dtype=out_dtypes[1]) if need_w else None
-    grad_b = torch.empty(ops.vocab, dtype=out_dtypes[2]) if need_b else None
+    grad_w = torch.empty(ops.w_s.shape, dtype=out_dtypes[1], device=device) if need_w else None
+    grad_b = torch.empty(ops.vocab, dtype=out_dtypes[2], device=device) if need_b else None
     c_r = coef_r.to(dtype)[:, None]
     c_f = None if coef_f is None else coef_f.to(dtype)[:, None]
     for lo, hi in ops.tiles():
