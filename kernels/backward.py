@@ -1,0 +1,243 @@
+"""Backward kernels: recompute logit tiles, form dL/dz per tile, accumulate the student's hidden/weight/bias grads.
+
+Two schedules with the same math (``logit_tiles.grad_logit_tile``):
+
+* ``atomic`` (default, Cut Cross-Entropy style): grid over (token tile x vocabulary tile). Each program recomputes
+  its student and teacher logit tiles once, forms dz, and adds dz @ W_s[tile] into grad_h and dz^T @ h_s[tile]
+  into grad_W with fp32 atomics (``tl.atomic_add``). Programs are grouped GROUP_N token tiles at a time so that the
+  weight tiles they share stay in L2. Summation order varies run to run, so results vary in the last bits.
+* ``deterministic``: no atomics. The vocabulary is walked in chunks; a kernel writes dz for all N tokens x one
+  chunk (at most ``tiling.DETERMINISTIC_CHUNK_BYTES``), then two matmuls finish the chunk: grad_W[chunk] =
+  dz^T @ h_s (the whole token reduction in one GEMM, written once) and grad_h += dz @ W_s[chunk] (chunks added in
+  a fixed order). Same-shape GEMMs are deterministic, so repeated runs agree bit for bit.
+
+dz is rounded to the input dtype only as an operand of the gradient matmuls (as in every bf16 backward); the
+logits and dz themselves are fp32. Tiles whose gradient is negligible are not skipped (CCE's filter): for a KL the
+teacher mass makes such tiles rarer than for cross-entropy, and skipping is not exact.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tiling
+from .logit_tiles import grad_logit_tile, logit_tile
+from .tiling import autotuned, dot_precision, launch_meta, new_output
+
+# Token tiles that sweep the vocabulary together in the atomic schedule (L2 reuse of weight tiles).
+GROUP_N = 8
+
+
+@triton.jit
+def _backward_atomic_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
+    lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
+    grad_h_ptr, grad_w_ptr, grad_b_ptr,
+    N, V, Ds, Dt, inv_temp, log_beta, log_one_minus_beta,
+    stride_hs, stride_ws, stride_ht, stride_wt,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, IS_JSD: tl.constexpr,
+    NEED_GRAD_H: tl.constexpr, NEED_GRAD_W: tl.constexpr, NEED_GRAD_B: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP * num_v
+    first_n = (pid // per_group) * GROUP
+    group_size = tl.minimum(num_n - first_n, GROUP)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_mask, col_mask, Ds, stride_hs, stride_ws,
+                    inv_temp, HAS_BS, BLOCK_N, BLOCK_V, BLOCK_D, PREC_S)
+    zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_mask, col_mask, Dt, stride_ht, stride_wt,
+                    inv_temp, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_D, PREC_T)
+    dz = grad_logit_tile(
+        zs, zt,
+        tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(coef_a_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(coef_b_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(kl_ptr + rows, mask=row_mask, other=0.0),
+        log_beta, log_one_minus_beta, IS_JSD,
+    )
+    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+    if NEED_GRAD_B:
+        tl.atomic_add(grad_b_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+
+    dz_op = dz.to(hs_ptr.dtype.element_ty)
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, Ds, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < Ds
+        if NEED_GRAD_H:
+            w = tl.load(ws_ptr + cols64[:, None] * stride_ws + d[None, :],
+                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            grad_h = tl.dot(dz_op, w.to(dz_op.dtype), input_precision=PREC_S)
+            tl.atomic_add(grad_h_ptr + rows64[:, None] * Ds + d[None, :], grad_h,
+                          mask=row_mask[:, None] & d_mask[None, :])
+        if NEED_GRAD_W:
+            h = tl.load(hs_ptr + rows64[:, None] * stride_hs + d[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            grad_w = tl.dot(tl.trans(dz_op), h, input_precision=PREC_S)
+            tl.atomic_add(grad_w_ptr + cols64[:, None] * Ds + d[None, :], grad_w,
+                          mask=col_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _grad_logits_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
+    lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr, dz_ptr,
+    N, V, Ds, Dt, v_lo, width, inv_temp, log_beta, log_one_minus_beta,
+    stride_hs, stride_ws, stride_ht, stride_wt,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, IS_JSD: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dz[:, j] = dL/dz[:, v_lo + j] for j < width, written to a contiguous [N, width] fp32 buffer."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = v_lo + local
+    row_mask = rows < N
+    col_mask = (local < width) & (cols < V)
+    zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_mask, col_mask, Ds, stride_hs, stride_ws,
+                    inv_temp, HAS_BS, BLOCK_N, BLOCK_V, BLOCK_D, PREC_S)
+    zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_mask, col_mask, Dt, stride_ht, stride_wt,
+                    inv_temp, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_D, PREC_T)
+    dz = grad_logit_tile(
+        zs, zt,
+        tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(coef_a_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(coef_b_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(kl_ptr + rows, mask=row_mask, other=0.0),
+        log_beta, log_one_minus_beta, IS_JSD,
+    )
+    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * width + local[None, :], dz,
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+_backward_atomic = autotuned(_backward_atomic_kernel, reset_to_zero=["grad_h_ptr", "grad_w_ptr", "grad_b_ptr"])
+_grad_logits = autotuned(_grad_logits_kernel)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result that was never rounded to a 16-bit dtype."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def kl_backward(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    lse_s: torch.Tensor,
+    lse_t: torch.Tensor,
+    coef_a: torch.Tensor,
+    coef_b: torch.Tensor,
+    kl_stat: torch.Tensor,
+    *,
+    temperature: float,
+    jsd_beta: float | None,
+    need_grad_h: bool,
+    need_grad_w: bool,
+    need_grad_b: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of sum_i loss_i w.r.t. (student_hidden, student_weight, student_bias), each in its input dtype.
+
+    Per-token coefficients (fp32 [N]) carry the weights, incoming gradient and 1/temperature; see
+    ``logit_tiles.grad_logit_tile`` for the formula. ``jsd_beta`` strictly inside (0, 1) selects the JSD form.
+    """
+    is_jsd = jsd_beta is not None and 0.0 < jsd_beta < 1.0
+    log_beta = math.log(jsd_beta) if is_jsd else 0.0
+    log_one_minus_beta = math.log1p(-jsd_beta) if is_jsd else 0.0
+    n_tokens, ds = student_hidden.shape
+    vocab, dt = student_weight.shape[0], teacher_hidden.shape[1]
+    dummy = student_hidden.new_empty(1, dtype=torch.float32)
+    tensors = (
+        student_hidden, student_weight, dummy if student_bias is None else student_bias,
+        teacher_hidden, teacher_weight, dummy if teacher_bias is None else teacher_bias,
+        lse_s, lse_t, coef_a, coef_b, kl_stat,
+    )
+    strides = (student_hidden.stride(0), student_weight.stride(0), teacher_hidden.stride(0), teacher_weight.stride(0))
+    flags = {
+        "HAS_BS": student_bias is not None, "HAS_BT": teacher_bias is not None, "IS_JSD": is_jsd,
+        "PREC_S": dot_precision(student_hidden.dtype), "PREC_T": dot_precision(teacher_hidden.dtype),
+    }
+    scalars = (1.0 / temperature, log_beta, log_one_minus_beta)
+    if deterministic:
+        grad_h, grad_w, grad_b = _backward_deterministic(
+            tensors, strides, flags, scalars, n_tokens, vocab, ds, dt, need_grad_h, need_grad_w, need_grad_b)
+    else:
+        grad_h = torch.zeros((n_tokens, ds), dtype=torch.float32, device=student_hidden.device) if need_grad_h else dummy
+        grad_w = torch.zeros((vocab, ds), dtype=torch.float32, device=student_hidden.device) if need_grad_w else dummy
+        grad_b = torch.zeros((vocab,), dtype=torch.float32, device=student_hidden.device) if need_grad_b else dummy
+
+        def grid(cfg):
+            return (triton.cdiv(n_tokens, cfg["BLOCK_N"]) * triton.cdiv(vocab, cfg["BLOCK_V"]),)
+
+        _backward_atomic[grid](
+            *tensors, grad_h, grad_w, grad_b, n_tokens, vocab, ds, dt, *scalars, *strides,
+            NEED_GRAD_H=need_grad_h, NEED_GRAD_W=need_grad_w, NEED_GRAD_B=need_grad_b, GROUP=GROUP_N,
+            **flags, **launch_meta(),
+        )
+    return (
+        grad_h.to(student_hidden.dtype) if need_grad_h else None,
+        grad_w.to(student_weight.dtype) if need_grad_w else None,
+        grad_b.to(student_bias.dtype) if need_grad_b else None,
+    )
+
+
+def deterministic_chunk(n_tokens: int, vocab: int) -> int:
+    """Vocabulary columns per deterministic chunk: fp32 dz plus its 16-bit copy fit the chunk byte budget."""
+    align = tiling.INTERPRETER_CONFIG.block_v if tiling.interpreting() else tiling.SPLIT_ALIGN
+    columns = tiling.DETERMINISTIC_CHUNK_BYTES // (6 * max(n_tokens, 1))
+    return min(max(align, columns // align * align), vocab)
+
+
+def _backward_deterministic(tensors, strides, flags, scalars, n_tokens, vocab, ds, dt,
+                            need_grad_h, need_grad_w, need_grad_b):
+    student_hidden, student_weight = tensors[0], tensors[1]
+    device = student_hidden.device
+    chunk = deterministic_chunk(n_tokens, vocab)
+    dz_buffer = new_output((n_tokens * chunk,), torch.float32, device)
+    grad_h = torch.zeros((n_tokens, ds), dtype=torch.float32, device=device) if need_grad_h else None
+    grad_w = new_output((vocab, ds), student_weight.dtype, device) if need_grad_w else None
+    grad_b = new_output((vocab,), torch.float32, device) if need_grad_b else None
+    for v_lo in range(0, vocab, chunk):
+        width = min(chunk, vocab - v_lo)
+        dz = dz_buffer[: n_tokens * width].view(n_tokens, width)
+
+        def grid(cfg, width=width):
+            return (triton.cdiv(n_tokens, cfg["BLOCK_N"]), triton.cdiv(width, cfg["BLOCK_V"]))
+
+        _grad_logits[grid](
+            *tensors, dz, n_tokens, vocab, ds, dt, v_lo, width, *scalars, *strides, **flags, **launch_meta(),
+        )
+        dz_op = dz.to(student_hidden.dtype)
+        if need_grad_b:
+            grad_b[v_lo: v_lo + width] = dz.sum(0)
+        if need_grad_w:
+            grad_w[v_lo: v_lo + width] = _mm_fp32(dz_op.T, student_hidden)
+        if need_grad_h:
+            grad_h += _mm_fp32(dz_op, student_weight[v_lo: v_lo + width].to(student_hidden.dtype))
+    return grad_h, grad_w, grad_b

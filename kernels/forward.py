@@ -1,0 +1,225 @@
+"""Forward kernels: per-token log-sum-exps, KLs, entropy, target log-probs (and JSD) without [N, V] logits.
+
+Grid: (token tiles, vocabulary splits). Each program walks its vocabulary split one BLOCK_V tile at a time,
+computes the student and teacher logit tiles with tl.dot (fp32 accumulation) and updates the online recurrences of
+docs guided-opd.md section 4 per token:
+
+    m_s, l_s = sum exp(z_s - m_s),   m_t, l_t = sum exp(z_t - m_t)
+    A = sum exp(z_s - m_s) (z_s - z_t),   B = sum exp(z_t - m_t) (z_t - z_s),   E = sum exp(z_s - m_s) z_s
+
+rescaling by exp(m_old - m_new) whenever a running maximum grows. Splitting the vocabulary (flash-decoding style)
+keeps the GPU full when there are few token tiles; the splits' partial statistics ([9, splits, N] fp32, a few
+hundred KiB) are merged in ``combine_partials``. The generalised JSD needs both final log-sum-exps, so it takes a
+second pass (``_jsd_kernel``) that sums plain per-tile terms.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .logit_tiles import logit_tile
+from .tiling import autotuned, dot_precision, launch_meta, new_output, vocab_splits
+
+# Rows of the partial-statistics buffer written by _kl_forward_kernel.
+M_S, L_S, M_T, L_T, A_SUM, B_SUM, E_SUM, ZS_TARGET, ZT_TARGET = range(9)
+NUM_PARTIALS = 9
+
+
+@triton.jit
+def _kl_forward_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, target_ptr, part_ptr,
+    N, V, Ds, Dt, v_per_split, inv_temp,
+    stride_hs, stride_ws, stride_ht, stride_wt,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, HAS_TARGET: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+
+    m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    l_s = tl.zeros((BLOCK_N,), tl.float32)
+    l_t = tl.zeros((BLOCK_N,), tl.float32)
+    a_sum = tl.zeros((BLOCK_N,), tl.float32)
+    b_sum = tl.zeros((BLOCK_N,), tl.float32)
+    e_sum = tl.zeros((BLOCK_N,), tl.float32)
+    zs_target = tl.zeros((BLOCK_N,), tl.float32)
+    zt_target = tl.zeros((BLOCK_N,), tl.float32)
+    if HAS_TARGET:
+        target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
+
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_mask, col_mask, Ds, stride_hs, stride_ws,
+                        inv_temp, HAS_BS, BLOCK_N, BLOCK_V, BLOCK_D, PREC_S)
+        zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_mask, col_mask, Dt, stride_ht, stride_wt,
+                        inv_temp, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_D, PREC_T)
+        valid = col_mask[None, :]
+        # Every tile starts inside [v_start, v_end), so each row has a finite tile maximum.
+        m_s_new = tl.maximum(m_s, tl.max(tl.where(valid, zs, float("-inf")), axis=1))
+        m_t_new = tl.maximum(m_t, tl.max(tl.where(valid, zt, float("-inf")), axis=1))
+        rescale_s = tl.exp(m_s - m_s_new)
+        rescale_t = tl.exp(m_t - m_t_new)
+        e_s = tl.where(valid, tl.exp(zs - m_s_new[:, None]), 0.0)
+        e_t = tl.where(valid, tl.exp(zt - m_t_new[:, None]), 0.0)
+        diff = zs - zt
+        l_s = l_s * rescale_s + tl.sum(e_s, axis=1)
+        l_t = l_t * rescale_t + tl.sum(e_t, axis=1)
+        a_sum = a_sum * rescale_s + tl.sum(e_s * diff, axis=1)
+        b_sum = b_sum * rescale_t - tl.sum(e_t * diff, axis=1)
+        e_sum = e_sum * rescale_s + tl.sum(e_s * zs, axis=1)
+        m_s = m_s_new
+        m_t = m_t_new
+        if HAS_TARGET:
+            hit = cols[None, :] == target[:, None]
+            zs_target += tl.sum(tl.where(hit, zs, 0.0), axis=1)
+            zt_target += tl.sum(tl.where(hit, zt, 0.0), axis=1)
+
+    out = part_ptr + pid_s * N + rows
+    plane = num_splits * N
+    tl.store(out + 0 * plane, m_s, mask=row_mask)
+    tl.store(out + 1 * plane, l_s, mask=row_mask)
+    tl.store(out + 2 * plane, m_t, mask=row_mask)
+    tl.store(out + 3 * plane, l_t, mask=row_mask)
+    tl.store(out + 4 * plane, a_sum, mask=row_mask)
+    tl.store(out + 5 * plane, b_sum, mask=row_mask)
+    tl.store(out + 6 * plane, e_sum, mask=row_mask)
+    tl.store(out + 7 * plane, zs_target, mask=row_mask)
+    tl.store(out + 8 * plane, zt_target, mask=row_mask)
+
+
+@triton.jit
+def _jsd_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, part_ptr,
+    N, V, Ds, Dt, v_per_split, inv_temp, beta, log_beta, log_one_minus_beta,
+    stride_hs, stride_ws, stride_ht, stride_wt,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Second pass for the generalised JSD: sums JSD_beta and KL(p_s || M) per token and vocabulary split."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+    jsd = tl.zeros((BLOCK_N,), tl.float32)
+    kl_s_m = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_mask, col_mask, Ds, stride_hs, stride_ws,
+                        inv_temp, HAS_BS, BLOCK_N, BLOCK_V, BLOCK_D, PREC_S)
+        zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_mask, col_mask, Dt, stride_ht, stride_wt,
+                        inv_temp, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_D, PREC_T)
+        logp_s = zs - lse_s[:, None]
+        logp_t = zt - lse_t[:, None]
+        a = logp_t + log_beta
+        b = logp_s + log_one_minus_beta
+        top = tl.maximum(a, b)
+        log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+        s_term = tl.exp(logp_s) * (logp_s - log_m)
+        t_term = tl.exp(logp_t) * (logp_t - log_m)
+        valid = col_mask[None, :]
+        kl_s_m += tl.sum(tl.where(valid, s_term, 0.0), axis=1)
+        jsd += tl.sum(tl.where(valid, beta * t_term + (1.0 - beta) * s_term, 0.0), axis=1)
+    out = part_ptr + pid_s * N + rows
+    tl.store(out, jsd, mask=row_mask)
+    tl.store(out + num_splits * N, kl_s_m, mask=row_mask)
+
+
+_kl_forward = autotuned(_kl_forward_kernel)
+_jsd = autotuned(_jsd_kernel)
+
+
+def combine_partials(part: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Merge the per-split online statistics [9, splits, N] into per-token results (all [N] fp32)."""
+    m_s, l_s, m_t, l_t, a_sum, b_sum, e_sum = (part[i] for i in (M_S, L_S, M_T, L_T, A_SUM, B_SUM, E_SUM))
+    top_s = m_s.amax(dim=0)
+    top_t = m_t.amax(dim=0)
+    w_s = torch.exp(m_s - top_s)  # empty splits carry m = -inf -> weight 0
+    w_t = torch.exp(m_t - top_t)
+    l_s_total = (l_s * w_s).sum(0)
+    l_t_total = (l_t * w_t).sum(0)
+    lse_s = top_s + torch.log(l_s_total)
+    lse_t = top_t + torch.log(l_t_total)
+    mean_diff_s = (a_sum * w_s).sum(0) / l_s_total  # E_{p_s}[z_s - z_t]
+    mean_diff_t = (b_sum * w_t).sum(0) / l_t_total  # E_{p_t}[z_t - z_s]
+    return {
+        "lse_s": lse_s,
+        "lse_t": lse_t,
+        "reverse_kl": mean_diff_s - lse_s + lse_t,
+        "forward_kl": mean_diff_t - lse_t + lse_s,
+        "student_entropy": lse_s - (e_sum * w_s).sum(0) / l_s_total,
+        "student_logprob": part[ZS_TARGET].sum(0) - lse_s,
+        "teacher_logprob": part[ZT_TARGET].sum(0) - lse_t,
+    }
+
+
+def _common_args(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias):
+    dummy = student_hidden.new_empty(1)
+    return (
+        (student_hidden, student_weight, dummy if student_bias is None else student_bias,
+         teacher_hidden, teacher_weight, dummy if teacher_bias is None else teacher_bias),
+        {"HAS_BS": student_bias is not None, "HAS_BT": teacher_bias is not None,
+         "PREC_S": dot_precision(student_hidden.dtype), "PREC_T": dot_precision(teacher_hidden.dtype)},
+    )
+
+
+def kl_forward(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    target_ids: torch.Tensor | None,
+    temperature: float,
+    jsd_beta: float | None,
+) -> dict[str, torch.Tensor]:
+    """Per-token statistics [N] fp32: lse_s, lse_t, reverse_kl, forward_kl, student_entropy, student_logprob,
+    teacher_logprob (meaningful only with target_ids) and, when 0 < jsd_beta < 1, jsd and kl_student_mixture."""
+    n_tokens, ds = student_hidden.shape
+    vocab, dt = teacher_weight.shape[0], teacher_hidden.shape[1]
+    device = student_hidden.device
+    num_splits, per_split = vocab_splits(n_tokens, vocab, device)
+    tensors, flags = _common_args(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                  student_bias, teacher_bias)
+    strides = (student_hidden.stride(0), student_weight.stride(0), teacher_hidden.stride(0), teacher_weight.stride(0))
+    meta = launch_meta()
+
+    def grid(cfg):
+        return (triton.cdiv(n_tokens, cfg["BLOCK_N"]), num_splits)
+
+    part = new_output((NUM_PARTIALS, num_splits, n_tokens), torch.float32, device)
+    target = target_ids if target_ids is not None else tensors[0].new_empty(1, dtype=torch.int64)
+    _kl_forward[grid](
+        *tensors, target, part, n_tokens, vocab, ds, dt, per_split, 1.0 / temperature, *strides,
+        HAS_TARGET=target_ids is not None, **flags, **meta,
+    )
+    stats = combine_partials(part)
+
+    if jsd_beta is not None and 0.0 < jsd_beta < 1.0:
+        jsd_part = new_output((2, num_splits, n_tokens), torch.float32, device)
+        _jsd[grid](
+            *tensors, stats["lse_s"], stats["lse_t"], jsd_part, n_tokens, vocab, ds, dt, per_split,
+            1.0 / temperature, float(jsd_beta), math.log(jsd_beta), math.log1p(-jsd_beta), *strides,
+            **flags, **meta,
+        )
+        stats["jsd"] = jsd_part[0].sum(0)
+        stats["kl_student_mixture"] = jsd_part[1].sum(0)
+    return stats

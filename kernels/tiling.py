@@ -1,0 +1,110 @@
+"""Tile sizes, launch configurations and buffer helpers shared by the fused linear-KL kernels.
+
+GPU configurations are autotuned from a short list chosen for an H100 (132 SMs, 228 KiB shared memory per SM,
+64 K 32-bit registers per SM). Each program holds two fp32 logit tiles (student and teacher) of
+BLOCK_N x BLOCK_V in registers, so BLOCK_N * BLOCK_V = 128 * 128 with 8 warps is the largest tile that does not
+spill (2 x 64 registers per thread); BLOCK_D = 64 with 3-4 pipeline stages keeps the bf16 operand tiles of both
+tl.dot operands in shared memory (3 x (128 + 128) x 64 x 2 B = 96 KiB).
+
+Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) autotuning would only multiply the already
+slow interpreted run time, so one small fixed configuration is used instead.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (set ``TRITON_INTERPRET=1`` before importing triton)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_n: int  # tokens per tile
+    block_v: int  # vocabulary entries per tile
+    block_d: int  # hidden-dimension slice per tl.dot
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def as_triton(self) -> triton.Config:
+        return triton.Config(
+            {"BLOCK_N": self.block_n, "BLOCK_V": self.block_v, "BLOCK_D": self.block_d},
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+        )
+
+
+# The interpreter's configuration: small enough that tiny odd test shapes (e.g. N=37, V=203) span several token
+# and vocabulary tiles, so masking, the split-vocabulary combine and atomics are all exercised.
+INTERPRETER_CONFIG = TileConfig(block_n=16, block_v=32, block_d=16)
+
+# H100 candidates for the forward (two logit tiles live) and the backward (two logit tiles + dz live).
+GPU_CONFIGS: tuple[TileConfig, ...] = (
+    TileConfig(128, 128, 64, num_warps=8, num_stages=3),
+    TileConfig(64, 128, 64, num_warps=4, num_stages=3),
+    TileConfig(128, 64, 64, num_warps=4, num_stages=3),
+    TileConfig(64, 64, 64, num_warps=4, num_stages=4),
+    TileConfig(128, 128, 32, num_warps=8, num_stages=4),
+)
+
+# Every vocabulary split of the forward starts at a multiple of this, so it is a multiple of every BLOCK_V.
+SPLIT_ALIGN = max(c.block_v for c in GPU_CONFIGS)
+
+# Bytes of the [N, vocab chunk] gradient-of-logits buffer that the deterministic backward materialises.
+DETERMINISTIC_CHUNK_BYTES = 64 * 2**20
+
+# Autotune keys: the problem dimensions that change the best tile (dtypes are part of Triton's key already).
+AUTOTUNE_KEY = ["Ds", "Dt", "V"]
+
+
+def autotuned(kernel, reset_to_zero: list[str] | None = None):
+    """Wrap a ``@triton.jit`` kernel in ``triton.autotune`` over ``GPU_CONFIGS`` (not under the interpreter)."""
+    if interpreting():
+        return kernel
+    return triton.autotune(
+        configs=[c.as_triton() for c in GPU_CONFIGS], key=AUTOTUNE_KEY, reset_to_zero=reset_to_zero
+    )(kernel)
+
+
+def launch_meta() -> dict[str, int]:
+    """Extra launch arguments: the fixed tile under the interpreter, nothing when the autotuner picks it."""
+    if not interpreting():
+        return {}
+    c = INTERPRETER_CONFIG
+    return {"BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_D": c.block_d}
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def vocab_splits(n_tokens: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """Split the vocabulary so that (token tiles x splits) fills the machine: returns (num_splits, per_split).
+
+    Small token counts would otherwise launch fewer programs than the GPU has SMs (N=1024 is 8-16 token tiles on a
+    132-SM H100); each split keeps its own online softmax statistics, merged afterwards in O(splits x N).
+    """
+    align = INTERPRETER_CONFIG.block_v if interpreting() else SPLIT_ALIGN
+    min_block_n = INTERPRETER_CONFIG.block_n if interpreting() else min(c.block_n for c in GPU_CONFIGS)
+    token_tiles = triton.cdiv(n_tokens, min_block_n)
+    wanted = triton.cdiv(4 * multiprocessor_count(device), token_tiles)
+    splits = max(1, min(wanted, triton.cdiv(vocab, align)))
+    per_split = triton.cdiv(triton.cdiv(vocab, splits), align) * align
+    return triton.cdiv(vocab, per_split), per_split
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact-ish IEEE fp32 products (TF32 would round logits to 10 mantissa bits)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a buffer that a kernel fully overwrites (uninitialised; tests patch this to poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
