@@ -79,6 +79,8 @@ class EnvConfig:
     train_split: str = "train"
     eval_split: str = "eval"
     eval_episodes: int = 8           # 0 = the whole eval split
+    # Extra keyword options for envs.make (e.g. household: difficulty = "easy"); checked by the environment.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.max_turns >= 1, "env.max_turns", "an int >= 1", self.max_turns)
@@ -87,7 +89,10 @@ class EnvConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    engine: Literal["hf", "vllm"] = "hf"
+    # hf / vllm: the rollout engines (student and teacher take turns, per the guidance coin).
+    # expert: the environment's oracle writes every turn (Role.TEACHER): deterministic demonstrations, for
+    # SFT / distillation on expert data and for reproducibility tests; it cannot evaluate the student.
+    engine: Literal["hf", "vllm", "expert"] = "hf"
     episodes_per_step: int = 8       # global batch: episodes ("sequences") per optimizer step, over all ranks
     temperature: float = 1.0         # rollouts (both models)
     eval_temperature: float = 0.4    # student-only evaluation
@@ -162,10 +167,14 @@ class OptimConfig:
 class PackingConfig:
     # Tokens per packed row. Whole episodes are never split; an episode longer than this gets a row of its own.
     max_tokens_per_row: int = 4096
+    # Packed rows per forward/backward (gradient accumulation inside a step); 0 = all of a rank's rows at once.
+    rows_per_micro_batch: int = 0
 
     def __post_init__(self) -> None:
         _check(self.max_tokens_per_row >= 16, "packing.max_tokens_per_row", "an int >= 16",
                self.max_tokens_per_row)
+        _check(self.rows_per_micro_batch >= 0, "packing.rows_per_micro_batch", "an int >= 0 (0 = all rows)",
+               self.rows_per_micro_batch)
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,8 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is dict:
+        return "a table (section.key.name = value)"
     if origin is tuple:
         args = typing.get_args(tp)
         inner = _type_name(args[0])
@@ -217,6 +228,10 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if args[-1] is not Ellipsis and len(value) != len(args):
             raise bad
         return tuple(_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad
+        return dict(value)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
@@ -273,7 +288,13 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        out[f.name] = config_to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+        if dataclasses.is_dataclass(v):
+            v = config_to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        elif isinstance(v, dict):
+            v = dict(v)
+        out[f.name] = v
     return out
 
 

@@ -95,12 +95,6 @@ class LossOutput:
         }
 
 
-def _full(weight: Tensor) -> Tensor:
-    """The whole head weight: an FSDP2 DTensor shard is all-gathered (differentiably); a tensor passes through."""
-    full_tensor = getattr(weight, "full_tensor", None)
-    return full_tensor() if full_tensor is not None else weight
-
-
 class DistillationObjective(nn.Module):
     """Loss of one packed micro-batch from the two models' final hidden states at the loss positions.
 
@@ -111,10 +105,11 @@ class DistillationObjective(nn.Module):
 
     def __init__(self, cfg: ObjectiveConfig, student_head: nn.Module, teacher_head: nn.Module) -> None:
         super().__init__()
-        from gopd_fast.loss import FusedLinearKL
+        from gopd_fast import FusedLinearKL
 
         self.cfg = cfg
-        self.kl = FusedLinearKL(student_head, teacher_head)
+        # check_finite=False: a NaN/inf propagates into the loss, where the trainer counts and skips the step.
+        self.kl = FusedLinearKL(student_head, teacher_head, truncate_teacher_vocab=True, check_finite=False)
         self.student_head = student_head
         self.teacher_head = teacher_head
 
@@ -122,7 +117,12 @@ class DistillationObjective(nn.Module):
                 roles: Tensor, normalizer: float) -> LossOutput:
         """``student_hidden`` [N, Ds], ``teacher_hidden`` [N, Dt] (None if no term needs it), ``target_ids`` [N]
         (the token each position predicts), ``roles`` [N] (its role), ``normalizer`` (> 0, global loss tokens)."""
+        from gopd_fast.module import effective_head
         from gopd_fast.ops.token_logprob import fused_linear_logprob
+
+        def logprob(head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:
+            h, w, b = effective_head(head, hidden)   # gathers FSDP2 shards, folds LoRA
+            return fused_linear_logprob(h, w, targets, bias=b, temperature=temperature).float()
 
         if not normalizer > 0:
             raise ValueError(f"normalizer must be > 0 (global loss-token count), got {normalizer!r}")
@@ -145,17 +145,15 @@ class DistillationObjective(nn.Module):
                                      forward_weight=w.forward[idx], temperature=temperature,
                                      reduction="sum", return_stats=True)
             loss = loss + kl_loss.float() / normalizer
-            rkl, fkl = stats["reverse_kl"].float(), stats["forward_kl"].float()
+            rkl, fkl = stats.reverse_kl.float(), stats.forward_kl.float()
             per_token[idx] += (w.reverse[idx] * rkl + w.forward[idx] * fkl).detach()
             rkl_sum, fkl_sum, kl_tokens = float(rkl.sum()), float(fkl.sum()), float(idx.numel())
 
         if bool(w.sampled.any()):
             idx = (w.sampled > 0).nonzero().squeeze(-1)
-            logp_s = fused_linear_logprob(student_hidden[idx], _full(self.student_head.weight), target_ids[idx],
-                                          bias=self.student_head.bias, temperature=temperature).float()
+            logp_s = logprob(self.student_head, student_hidden[idx], target_ids[idx], temperature)
             with torch.no_grad():
-                logp_t = fused_linear_logprob(teacher_hidden[idx].detach(), _full(self.teacher_head.weight).detach(),
-                                              target_ids[idx], temperature=temperature).float()
+                logp_t = logprob(self.teacher_head, teacher_hidden[idx], target_ids[idx], temperature)
             k1 = (logp_s - logp_t).detach()
             # value k1 (the sampled reverse-KL estimate), gradient k1 * d log p_s(x)
             surrogate = k1 + k1 * (logp_s - logp_s.detach())
@@ -164,8 +162,7 @@ class DistillationObjective(nn.Module):
 
         if bool(w.cross_entropy.any()):
             idx = (w.cross_entropy > 0).nonzero().squeeze(-1)
-            logp = fused_linear_logprob(student_hidden[idx], _full(self.student_head.weight), target_ids[idx],
-                                        bias=self.student_head.bias).float()
+            logp = logprob(self.student_head, student_hidden[idx], target_ids[idx], 1.0)
             loss = loss + (w.cross_entropy[idx] * -logp).sum() / normalizer
             per_token[idx] += (w.cross_entropy[idx] * -logp).detach()
 
