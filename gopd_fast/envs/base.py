@@ -15,8 +15,12 @@ sets ``done`` (with ``info["truncated"] = True``) when it reaches ``max_turns``.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class TextEnv(abc.ABC):
     def close(self) -> None:
         """Release external resources (JVMs, files). Idempotent."""
 
-    def __enter__(self) -> "TextEnv":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

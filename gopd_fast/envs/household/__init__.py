@@ -1,0 +1,33 @@
+"""household: the embedded default environment (pure Python, no dependencies).
+
+Procedurally generated multi-room household tasks such as "Put the mug in the sink.": a random tree of rooms with
+doors (some locked: "unlock red door with red key"), containers (always-open receptacles such as a table or sink;
+closed ones such as a fridge that must be opened), goal items, keys and distractor items. Observations are a few
+tens of tokens over a small closed vocabulary, e.g.
+
+    You are in the hall. You see a closed fridge, a table with a mug. Exits: kitchen, office (locked red door),
+    chute to cellar.
+
+Task ids look like "household/train/17"; ``tasks(split)`` lists them in index order. A task's world is generated
+from a stable hash of (seed, split, index), so splits are deterministic for a seed and train and eval worlds are
+distinct draws. Score: 0-100, equal credit per sub-goal (each locked door unlocked, each goal item picked up, each
+goal item delivered); success when every goal item is in its target. ``max_turns`` defaults to 20.
+
+Oracle: ``expert_action()`` is the next step of a shortest plan found by search over the true state from the
+CURRENT state, so it labels recovery actions after any mistake; ``expert_distance()`` is that plan's length.
+
+Compounding errors by design. A mistake costs more than the turn it takes, and the states it leads to are off the
+expert's path, because:
+  * keys are single-use and the locks are far from where keys lie: a key taken along the wrong branch, or put down
+    in the wrong room, has to be fetched back;
+  * a one-way chute drops whoever enters it into the start region: entered by mistake it costs the whole walk back;
+  * the hands hold ``hand_capacity`` (default 2) things: a picked-up distractor can block the item that matters
+    until it is put down again;
+  * a delivered item taken out again loses its credit, and the turn limit makes every wasted turn permanent.
+There are no dead ends (generation places every key before its door and lands the chute in the start region), so
+the oracle can always recover; tests/envs/test_household_compounding.py measures the cost of random mistakes.
+"""
+from gopd_fast.envs.household.env import HouseholdEnv
+from gopd_fast.envs.household.world import PRESETS, World, WorldConfig, generate
+
+__all__ = ["PRESETS", "HouseholdEnv", "World", "WorldConfig", "generate"]

@@ -1,0 +1,186 @@
+"""HouseholdEnv: the embedded default environment behind ``envs.make("household")``."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from typing import Any
+
+from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
+from gopd_fast.envs.household import engine
+from gopd_fast.envs.household.oracle import Oracle
+from gopd_fast.envs.household.world import PRESETS, World, WorldConfig, generate
+
+SPLITS = ("train", "eval")
+
+
+def world_seed(seed: int, split: str, index: int, attempt: int) -> int:
+    """A stable 64-bit seed per task (Python's hash() is salted per process, so it is not used)."""
+    digest = hashlib.blake2b(f"household/{seed}/{split}/{index}/{attempt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@register("household")
+class HouseholdEnv(TextEnv):
+    """Procedurally generated multi-room household tasks; see ``gopd_fast/envs/household/__init__.py``.
+
+    Options: ``seed`` (which worlds the task ids map to), ``difficulty`` ("easy", "medium", "hard") and any
+    ``WorldConfig`` field to override it (rooms, locked_doors, goals, distractors, closables, chutes,
+    hand_capacity), ``max_turns`` (default 20), ``num_train`` / ``num_eval`` (split sizes), ``max_solution``
+    (worlds whose oracle solution is longer are regenerated; default 15, so 20 turns leave slack). The worlds
+    depend on seed and the world options only, never on max_turns, so one task can be run at any turn limit.
+    """
+
+    name = "household"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        difficulty: str = "medium",
+        max_turns: int = 20,
+        num_train: int = 1000,
+        num_eval: int = 200,
+        max_solution: int = 15,
+        **world_options: Any,
+    ) -> None:
+        super().__init__(max_turns)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if difficulty not in PRESETS:
+            raise ValueError(f"difficulty must be one of {sorted(PRESETS)}, got {difficulty!r}")
+        unknown = set(world_options) - set(WorldConfig.__dataclass_fields__)
+        if unknown:
+            known = ["seed", "difficulty", "max_turns", "num_train", "num_eval", "max_solution"]
+            known += list(WorldConfig.__dataclass_fields__)
+            raise TypeError(f"unknown household option(s) {sorted(unknown)}; known: {known}")
+        for name, value in (("num_train", num_train), ("num_eval", num_eval)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.max_solution = max_solution
+        if not isinstance(max_solution, int) or max_solution < 1:
+            raise ValueError(f"max_solution must be a positive int, got {max_solution!r}")
+        self.seed = seed
+        self.config = replace(PRESETS[difficulty], **world_options)
+        self.split_sizes = {"train": num_train, "eval": num_eval}
+        self._worlds: dict[str, tuple[World, Oracle]] = {}   # task id -> world and its (caching) oracle
+        self.world: World | None = None
+        self.task_id: str | None = None
+        self.done = False
+
+    # ------------------------------------------------------------------ tasks
+    def tasks(self, split: str) -> list[str]:
+        if split not in self.split_sizes:
+            raise ValueError(f"unknown split {split!r}; household has {list(SPLITS)}")
+        return [f"household/{split}/{i}" for i in range(self.split_sizes[split])]
+
+    def world_of(self, task_id: str) -> World:
+        """The world of ``task_id`` (generated once, then cached)."""
+        return self._load(task_id)[0]
+
+    def _load(self, task_id: str) -> tuple[World, Oracle]:
+        cached = self._worlds.get(task_id)
+        if cached is not None:
+            return cached
+        parts = task_id.split("/") if isinstance(task_id, str) else []
+        if (
+            len(parts) != 3 or parts[0] != "household" or parts[1] not in self.split_sizes
+            or not parts[2].isdigit() or int(parts[2]) >= self.split_sizes[parts[1]]
+        ):
+            raise ValueError(
+                f"unknown household task id {task_id!r}; expected 'household/<split>/<index>' with split in "
+                f"{list(SPLITS)} and index < the split size {self.split_sizes}"
+            )
+        split, index = parts[1], int(parts[2])
+        for attempt in range(1000):
+            world = generate(world_seed(self.seed, split, index, attempt), self.config)
+            oracle = Oracle(world)
+            _, dist = oracle.query(engine.State.initial(world).key())
+            if dist is not None and 1 <= dist <= self.max_solution:
+                break
+        else:  # pragma: no cover - only with absurd options
+            raise ValueError(f"no world with an oracle solution of <= {self.max_solution} steps for {self.config}")
+        if len(self._worlds) > 4096:
+            self._worlds.clear()
+        self._worlds[task_id] = (world, oracle)
+        return world, oracle
+
+    # ---------------------------------------------------------------- episode
+    def reset(self, task_id: str) -> Reset:
+        self.world, self.oracle = self._load(task_id)
+        self.task_id = task_id
+        self.state = engine.State.initial(self.world)
+        self.turns = 0
+        self.done = False
+        self._ever_held: set[int] = set()
+        self._unlocked: set[int] = set()
+        self._admissible = engine.admissible(self.world, self.state)
+        task = self.world.task_text
+        observation = f"{engine.describe_room(self.world, self.state)} Task: {task}"
+        return Reset(observation, task, tuple(self._admissible), {"task_id": task_id})
+
+    def step(self, action: str) -> StepResult:
+        if self.world is None:
+            raise RuntimeError("step() before reset(): call reset(task_id) first")
+        if self.done:
+            raise RuntimeError(f"step() after the episode of {self.task_id!r} is done; call reset() first")
+        if not isinstance(action, str):
+            raise TypeError(f"action must be a str, got {type(action).__name__}")
+        self.turns += 1
+        world, state = self.world, self.state
+        text = action if action in self._admissible else engine.normalize(action)
+        op = self._admissible.get(text)
+        info: dict[str, Any] = {}
+        if op is None:
+            observation = engine.refusal(world, state, text)
+            info["invalid_action"] = True
+        else:
+            observation = engine.apply(world, state, op)
+            if op[0] == engine.TAKE:
+                self._ever_held.add(op[1])
+            elif op[0] == engine.UNLOCK:
+                self._unlocked.add(op[1])
+            self._admissible = engine.admissible(world, state)
+        success = engine.solved(world, state.loc)
+        score = 100.0 if success else self._partial_score()
+        self.done = success or self.turns >= self.max_turns
+        if self.done and not success:
+            info["truncated"] = True
+        return StepResult(observation, score, self.done, success, tuple(self._admissible), info)
+
+    def _partial_score(self) -> float:
+        """Sub-goals, equally weighted: every locked door unlocked, every goal item picked up, every goal item
+        delivered (the last one is current state: taking a delivered item out again loses its credit)."""
+        world, loc = self.world, self.state.loc
+        n_locked = sum(d.color is not None for d in world.doors)
+        total = n_locked + 2 * len(world.goals)
+        done = len(self._unlocked)
+        for i, c in world.goals:
+            done += (i in self._ever_held or loc[i] == c) + (loc[i] == c)
+        return round(100.0 * done / total, 2)
+
+    # ----------------------------------------------------------------- oracle
+    def expert_action(self) -> str | None:
+        """The next action of a shortest plan from the current state (any state, not only the expert's path);
+        None when solved or before reset."""
+        if self.world is None:
+            return None
+        op, _ = self.oracle.query(self.state.key())
+        return None if op is None else engine.op_text(self.world, op)
+
+    def expert_distance(self) -> int | None:
+        """Oracle steps to solve from the current state (0 when solved)."""
+        if self.world is None:
+            raise RuntimeError("expert_distance() before reset()")
+        return self.oracle.query(self.state.key())[1]
+
+    # ------------------------------------------------------ state snapshots
+    def snapshot(self) -> tuple:
+        """An opaque copy of the episode state; ``restore`` it to branch (e.g. to measure a mistake's cost)."""
+        if self.world is None:
+            raise RuntimeError("snapshot() before reset()")
+        return (self.state.key(), self.turns, self.done, frozenset(self._ever_held), frozenset(self._unlocked))
+
+    def restore(self, snap: tuple) -> None:
+        key, self.turns, self.done, held, unlocked = snap
+        self.state = engine.State.from_key(key)
+        self._ever_held, self._unlocked = set(held), set(unlocked)
+        self._admissible = engine.admissible(self.world, self.state)
