@@ -74,7 +74,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class EnvConfig:
     name: str = "household"
-    max_turns: int = 8
+    max_turns: int = 12
     seed: int = 0
     train_split: str = "train"
     eval_split: str = "eval"

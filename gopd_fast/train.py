@@ -127,6 +127,55 @@ class ExpertSource:
         self.env.close()
 
 
+class RolloutSource:
+    """``rollout.engine = "hf" | "vllm"``: guided multi-turn rollouts (``gopd_fast.rollout.run_rollout``) with a
+    student engine that receives every update and a frozen teacher engine. Each rank owns its engines."""
+
+    def __init__(self, cfg: Config, env_factory: Any, tokenizer: Any, info: DistInfo) -> None:
+        from gopd_fast.rollout.envs import ThreadedEnvs
+        from gopd_fast.rollout.history import ChatFormat
+
+        self.cfg = cfg
+        self.chat = ChatFormat(tokenizer)
+        self.student = self._engine(cfg.model.student, info)
+        self.teacher = self._engine(cfg.model.teacher, info)
+        self.envs = ThreadedEnvs(env_factory, max_workers=min(cfg.rollout.episodes_per_step, 8))
+        self._metrics: dict[str, float] = {}
+
+    def _engine(self, path: str, info: DistInfo) -> Any:
+        from gopd_fast.rollout.engines import HFEngine, VLLMEngine
+
+        dtype = "bfloat16" if _dtypes(self.cfg, info.device)[1] is not None else "float32"
+        if self.cfg.rollout.engine == "vllm":
+            return VLLMEngine(path, dtype=dtype, seed=self.cfg.run.seed + info.rank,
+                              max_model_len=self.cfg.rollout.max_prompt_tokens + self.cfg.rollout.max_new_tokens)
+        return HFEngine.from_pretrained(path, dtype=dtype, device=str(info.device))
+
+    def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]:
+        from gopd_fast.rollout.rollout import RolloutOptions, run_rollout
+
+        r = self.cfg.rollout
+        options = RolloutOptions(max_turns=self.cfg.env.max_turns, max_new_tokens=r.max_new_tokens,
+                                 max_prompt_tokens=r.max_prompt_tokens, temperature=temperature,
+                                 max_in_flight=max(len(task_ids), 1), seed=seed)
+        result = run_rollout(list(task_ids), student=self.student, teacher=self.teacher, chat=self.chat,
+                             envs=self.envs, beta=beta, options=options)
+        self._metrics = result.metrics
+        return result.episodes
+
+    def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.student.sync_weights(state_dict)
+
+    def stats(self) -> dict[str, float]:
+        m = self._metrics
+        return {"cache_hit_rate": m["prefix_cache_hit_rate"]} if "prefix_cache_hit_rate" in m else {}
+
+    def close(self) -> None:
+        self.envs.close()
+        self.student.close()
+        self.teacher.close()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------
@@ -137,10 +186,9 @@ def ensure_tiny_models(cfg: Config, info: DistInfo) -> None:
     if all((p / "config.json").is_file() for p in paths) or not cfg.model.build_tiny_if_missing:
         return
     if info.is_main:
-        from gopd_fast import envs
         from gopd_fast.models import build_model, config_for_tokenizer, save_model, train_tokenizer
 
-        env = envs.make(cfg.env.name, seed=cfg.env.seed, max_turns=cfg.env.max_turns, **cfg.env.options)
+        env = make_env(cfg)
         corpus: list[str] = []
         for task in env.tasks(cfg.env.train_split)[:64]:
             first = env.reset(task)
@@ -364,12 +412,21 @@ def beta_at(cfg: Config, schedule: BetaSchedule, step: int) -> float:
     return schedule(step)
 
 
+def make_env(cfg: Config) -> Any:
+    from gopd_fast import envs
+
+    return envs.make(cfg.env.name, seed=cfg.env.seed, max_turns=cfg.env.max_turns, **cfg.env.options)
+
+
 def make_source(cfg: Config, env: Any, tokenizer: Any, info: DistInfo) -> EpisodeSource:
     if cfg.rollout.engine == "expert":
         return ExpertSource(env, tokenizer)
-    from gopd_fast.rollout_source import RolloutSource  # noqa: F401  (engine-backed source, see rollout/)
+    return RolloutSource(cfg, lambda: make_env(cfg), tokenizer, info)
 
-    raise NotImplementedError("engine-backed rollouts are wired in once gopd_fast.rollout lands")
+
+def _rollout_seed(cfg: Config, step: int, info: DistInfo) -> int:
+    """Distinct per (run seed, step, rank): guidance coins and sampling never repeat across ranks or steps."""
+    return ((cfg.run.seed * 100_003 + step) * 1_009 + info.rank) * 2 % (2 ** 62)
 
 
 def _seed_everything(seed: int) -> None:
@@ -403,7 +460,7 @@ def evaluate_student(cfg: Config, source: EpisodeSource, env: Any, info: DistInf
         tasks = tasks[:cfg.env.eval_episodes]
     mine = tasks[info.rank::info.world_size]
     episodes = source.collect(mine, beta=0.0, temperature=cfg.rollout.eval_temperature,
-                              seed=cfg.run.seed + 7919 * step) if mine else []
+                              seed=_rollout_seed(cfg, step, info) + 1) if mine else []
     m = _episode_metrics(episodes, info)
     return {"kind": "eval", "step": step, "eval/score": m["score"], "eval/success_rate": m["success_rate"],
             "eval/rounds": m["rounds"], "eval/episodes": m["episodes"]}
@@ -414,16 +471,14 @@ def run(cfg: Config, source: EpisodeSource | None = None) -> RunResult:
 
     ``source`` replaces the configured episode source (``rollout.engine``); it must accept ``sync_weights``.
     """
-    from gopd_fast import envs
-
     info = init_distributed()
     try:
-        return _run(cfg, info, source, envs)
+        return _run(cfg, info, source)
     finally:
         shutdown()
 
 
-def _run(cfg: Config, info: DistInfo, source: EpisodeSource | None, envs: Any) -> RunResult:
+def _run(cfg: Config, info: DistInfo, source: EpisodeSource | None) -> RunResult:
     if cfg.rollout.episodes_per_step < info.world_size:
         raise ConfigError(f"rollout.episodes_per_step ({cfg.rollout.episodes_per_step}) must be >= the number of "
                           f"ranks ({info.world_size})")
@@ -432,7 +487,7 @@ def _run(cfg: Config, info: DistInfo, source: EpisodeSource | None, envs: Any) -
     ensure_tiny_models(cfg, info)
     student, teacher, tokenizer = load_models(cfg, info)
     trainer = Trainer(cfg, info, student, teacher, pad_token_id=int(tokenizer.pad_token_id))
-    env = envs.make(cfg.env.name, seed=cfg.env.seed, max_turns=cfg.env.max_turns, **cfg.env.options)
+    env = make_env(cfg)
     schedule = BetaSchedule(cfg.curriculum, cfg.run.total_steps)
     cursor = TaskCursor(env.tasks(cfg.env.train_split), seed=cfg.run.seed)
     source = source or make_source(cfg, env, tokenizer, info)
@@ -470,7 +525,7 @@ def _run(cfg: Config, info: DistInfo, source: EpisodeSource | None, envs: Any) -
             mine = tasks[info.rank::info.world_size]
             t0 = time.perf_counter()
             episodes = source.collect(mine, beta=beta, temperature=cfg.rollout.temperature,
-                                      seed=cfg.run.seed * 1_000_003 + step)
+                                      seed=_rollout_seed(cfg, step, info))
             time_rollout = time.perf_counter() - t0
             metrics = trainer.step(episodes)
             t0 = time.perf_counter()
