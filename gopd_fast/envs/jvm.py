@@ -139,7 +139,9 @@ class JavaSimulator(Generic[H]):
             gateway = getattr(handle, "_gateway", None)
             try:
                 if gateway is not None:
-                    gateway.shutdown()  # closes the Python-side sockets and the callback server thread
+                    # close(), not shutdown(): shutdown() would try to send a command to the dead JVM.
+                    gateway.close()
+                    gateway.shutdown_callback_server()
             except Exception:  # the JVM is gone already; nothing left to release on its side
                 pass
             # The packages' __del__ calls close() again, which would write to the dead JVM's stdin.

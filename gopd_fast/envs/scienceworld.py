@@ -14,7 +14,15 @@ from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
 from gopd_fast.envs.gold_path import GoldPath
 from gopd_fast.envs.jvm import JavaSimulator
 
+try:
+    import scienceworld  # noqa: F401  (fail at make() time, with the fix, when the package is missing)
+except ImportError as exc:  # pragma: no cover - the cpu extra installs it
+    raise ImportError("the 'scienceworld' env needs `pip install scienceworld==1.2.3` and Java 17") from exc
+
 SPLITS = ("train", "dev", "test", "eval")
+# The jar's getPossibleSimplifications() plus the "easy" preset (all of them); checked against the jar in tests.
+SIMPLIFICATIONS = ("easy", "teleportAction", "selfWateringFlowerPots", "openContainers", "openDoors",
+                   "noElectricalAction")
 INVALID_ACTION_PREFIX = "No known action matches that input."
 
 # task name -> {"train": [...], "dev": [...], "test": [...]}; the split lists are fixed by the jar, so one
@@ -24,11 +32,17 @@ _VARIATIONS_LOCK = threading.Lock()
 
 
 def _launch() -> Any:
-    try:
-        from scienceworld import ScienceWorldEnv
-    except ImportError as exc:  # pragma: no cover - the cpu extra installs it
-        raise ImportError("the 'scienceworld' env needs `pip install scienceworld==1.2.3` and Java 17") from exc
+    from scienceworld import ScienceWorldEnv
+
     return ScienceWorldEnv("", envStepLimit=10**9)  # the turn limit is ours (max_turns), not the wrapper's
+
+
+def _known_task_names() -> list[str]:
+    """The 30 task names, from the package's task table (the same list the jar's getTaskNames() returns)."""
+    from scienceworld.constants import ID2TASK
+    from scienceworld.utils import infer_task
+
+    return sorted(infer_task(name) for name in ID2TASK.values())
 
 
 @register("scienceworld")
@@ -74,8 +88,9 @@ class ScienceWorld(TextEnv):
         self.seed = seed
         self.gold_path = gold_path
         self.with_admissible = admissible_actions
+        # The JVM starts on first use (tasks() or reset()), so constructing and validating options is free.
         self._sim = JavaSimulator(_launch, name="scienceworld", call_timeout_s=step_timeout_s)
-        self._all_task_names: list[str] = self._sim.call(lambda h: h.get_task_names(), restart=True)
+        self._all_task_names = _known_task_names()
         if task_names is None:
             self.task_names = list(self._all_task_names)
         else:
@@ -134,10 +149,10 @@ class ScienceWorld(TextEnv):
         return name, variation
 
     def _validate_simplification(self) -> None:
-        known = ["easy", *self._sim.call(lambda h: h.get_possible_simplifications())]
-        bad = [s for s in self.simplification.split(",") if s and s not in known]
+        bad = [s for s in self.simplification.split(",") if s and s not in SIMPLIFICATIONS]
         if bad:
-            raise ValueError(f"unknown ScienceWorld simplification(s) {bad}; known: {known} (comma-separated)")
+            raise ValueError(f"unknown ScienceWorld simplification(s) {bad}; known: {list(SIMPLIFICATIONS)} "
+                             "(comma-separated)")
 
     # ---- episode -------------------------------------------------------------------------------------------
     def reset(self, task_id: str) -> Reset:
