@@ -43,15 +43,16 @@ def fused_linear_kl_naive(
         logp_t = _log_probs(teacher_hidden, teacher_weight, teacher_bias, temperature, dtype)
     p_s, p_t = logp_s.exp(), logp_t.exp()
     reverse_kl = (p_s * (logp_s - logp_t)).sum(-1)
-    forward_kl = (p_t * (logp_t - logp_s)).sum(-1)
     rw, fw = reverse_weight.to(dtype), forward_weight.to(dtype)
+    use_forward = jsd_beta == 0.0 or (jsd_beta is None and bool((fw != 0).any()))
+    forward_kl = (p_t * (logp_t - logp_s)).sum(-1) if use_forward or return_stats else None
 
     if jsd_beta is None or jsd_beta in (0.0, 1.0):
         if jsd_beta == 0.0:  # TRL/Liger endpoint: forward KL weighted by reverse_weight
             rw, fw = torch.zeros_like(rw), rw
         elif jsd_beta == 1.0:  # reverse KL
             fw = torch.zeros_like(fw)
-        loss = rw * reverse_kl + fw * forward_kl
+        loss = rw * reverse_kl + fw * forward_kl if use_forward else rw * reverse_kl
     else:
         beta = float(jsd_beta)
         log_m = torch.logaddexp(logp_t + torch.log(torch.tensor(beta, dtype=dtype)),
