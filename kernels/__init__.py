@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["fused_linear_kl_triton", "check_triton_runnable", "FusedLinearKLTriton"]
+__all__ = ["FusedLinearKLTriton", "check_triton_runnable", "fused_linear_kl_triton"]
 
 
 def __getattr__(name: str) -> Any:
