@@ -1,0 +1,175 @@
+"""TextWorldExpress adapter and the shared JVM ownership (watchdog, restart, shutdown) on the real jar.
+
+TextWorldExpress starts its JVM in well under a second, so the JavaSimulator failure paths are tested here.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from gopd_fast.envs import EnvError, make
+
+pytestmark = [
+    pytest.mark.java,
+    pytest.mark.skipif(shutil.which("java") is None, reason="TextWorldExpress needs a Java runtime (java not on PATH)"),
+]
+pytest.importorskip("textworld_express", reason="the textworld-express package is not installed")
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = make("textworld-express", games=["coin", "cookingworld", "arithmetic"], max_seeds_per_game=4, max_turns=60)
+    yield e
+    e.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def _java_children() -> set[int]:
+    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "java"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_splits_use_the_games_seed_folds(env):
+    handle = env.jvm.call(lambda h: h, restart=True)
+    handle.load("coin", "")
+    folds = {"train": set(handle.getValidSeedsTrain()), "dev": set(handle.getValidSeedsDev()),
+             "test": set(handle.getValidSeedsTest())}
+    for split in ("train", "dev", "test"):
+        ids = env.tasks(split)
+        assert len(ids) == 3 * 4 and ids == env.tasks(split)
+        coin_seeds = {int(t.split(":")[1]) for t in ids if t.startswith("coin:")}
+        assert len(coin_seeds) == 4 and coin_seeds <= folds[split]
+    assert env.tasks("eval") == env.tasks("test")
+    assert not folds["train"] & folds["test"] and not folds["dev"] & folds["test"]
+    with pytest.raises(ValueError, match="unknown split"):
+        env.tasks("valid")
+
+
+@pytest.mark.parametrize("game", ["coin", "cookingworld", "arithmetic"])
+def test_gold_path_wins_with_score_100(env, game):
+    task_id = next(t for t in env.tasks("test") if t.startswith(game + ":"))
+    first = env.reset(task_id)
+    assert first.task and first.observation and first.admissible_actions
+    step = None
+    while (action := env.expert_action()) is not None:
+        if action != "look around":  # the gold path's actions are admissible where they are taken
+            assert action in (step.admissible_actions if step else first.admissible_actions)
+        step = env.step(action)
+        assert 0.0 <= step.score <= 100.0
+        if step.done:
+            break
+    assert step is not None and step.done and step.success and step.score == 100.0
+    assert env.turns == len(env.gold_actions)
+    with pytest.raises(RuntimeError, match="after the episode is done"):
+        env.step("look around")
+
+
+def test_deviation_invalid_action_and_turn_limit(env):
+    task_id = env.tasks("dev")[0]
+    env.reset(task_id)
+    gold = env.gold_actions
+    env.step(gold[0])
+    assert env.expert_action() == gold[1]
+    bad = env.step("dance wildly")
+    assert bad.info.get("invalid_action") and "Unknown action" in bad.observation and not bad.done
+    assert env.expert_action() is None
+    env.max_turns = 3
+    try:
+        last = env.step("look around")
+        assert last.done and last.info["truncated"] and not last.success
+    finally:
+        env.max_turns = 60
+
+
+def test_bad_input_is_rejected_with_clear_errors(env):
+    for bad in ["coin", "coin:abc", "chess:1", "coin:5000"]:
+        with pytest.raises(ValueError):
+            env.reset(bad)
+    with pytest.raises(TypeError):
+        env.step(42)
+    with pytest.raises(ValueError, match="unknown TextWorldExpress games"):
+        make("textworld-express", games=["zork"])
+    with pytest.raises(TypeError, match="sequence of game names"):
+        make("textworld-express", games="coin")
+    fresh = make("textworld-express", games=["coin"])
+    with pytest.raises(RuntimeError, match="before reset"):
+        fresh.step("look around")
+    fresh.close()
+
+
+def test_bad_game_params_are_reported_by_the_jar(env):
+    e = make("textworld-express", games=["coin"], game_params={"coin": "numLocations=500"})
+    try:
+        with pytest.raises(ValueError, match="less than or equal to 11"):
+            e.tasks("train")
+        e.game_params["coin"] = "foo=1"
+        with pytest.raises(ValueError, match="Unrecognized property name"):
+            e.reset("coin:3")
+    finally:
+        e.close()
+
+
+def test_killed_jvm_raises_env_error_and_reset_restarts(env):
+    env.reset(env.tasks("test")[0])
+    pid = env.jvm.pid
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(EnvError, match="JVM"):
+        env.step("look around")
+    assert not _pid_alive(pid)
+    with pytest.raises(EnvError, match="not running"):  # the episode died with its JVM
+        env.step("look around")
+    restarts = env.jvm.restarts
+    assert env.reset(env.tasks("test")[0]).observation
+    assert env.jvm.restarts == restarts + 1 and env.jvm.pid not in (None, pid)
+
+
+def test_hung_jvm_is_killed_by_the_watchdog(env):
+    env.reset(env.tasks("test")[0])
+    pid = env.jvm.pid
+    env.jvm.call_timeout_s = 0.5
+    os.kill(pid, signal.SIGSTOP)  # the JVM stops answering: the step would block forever without the watchdog
+    try:
+        start = time.monotonic()
+        with pytest.raises(EnvError, match="exceeded 0.5 s"):
+            env.step("look around")
+        assert time.monotonic() - start < 5
+        assert not _pid_alive(pid)
+    finally:
+        env.jvm.call_timeout_s = 30.0
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert env.reset(env.tasks("test")[0]).observation
+
+
+def test_close_leaves_no_java_process():
+    before = _java_children()
+    e = make("textworld-express", games=["coin"])
+    e.reset(e.tasks("train")[0])
+    pid = e.jvm.pid
+    assert pid in _java_children() - before
+    e.close()
+    e.close()  # idempotent
+    assert not _pid_alive(pid) and _java_children() <= before
+
+
+def test_interpreter_exit_kills_the_jvm(tmp_path):
+    # A child interpreter starts an env and exits without close(): the atexit hook must reap the JVM.
+    script = ("from gopd_fast.envs import make\n"
+              "e = make('textworld-express', games=['coin'])\n"
+              "e.reset(e.tasks('train')[0])\n"
+              "print(e.jvm.pid)\n")
+    out = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 5
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _pid_alive(pid)
