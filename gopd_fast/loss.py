@@ -232,8 +232,8 @@ class _Checked:
     lead_shape: tuple[int, ...]
     n_tokens: int
     vocab: int
-    reverse_weight: Tensor  # [N] float32, finite, >= 0
-    forward_weight: Tensor  # [N] float32, finite, >= 0 (zeros with jsd_beta)
+    reverse_weight: Tensor  # [N] accumulation dtype, finite, >= 0
+    forward_weight: Tensor  # [N] accumulation dtype, finite, >= 0 (zeros with jsd_beta)
     jsd_beta: float | None  # None or strictly inside (0, 1): the endpoints are mapped to plain KL
     reduction: str
     backend: str
@@ -269,10 +269,11 @@ def _check_number(name: str, value: object) -> float:
     return value
 
 
-def _token_weight(name: str, value: object, lead_shape: tuple[int, ...], n_tokens: int, device) -> Tensor:
+def _token_weight(name: str, value: object, lead_shape: tuple[int, ...], n_tokens: int, device,
+                  dtype: torch.dtype) -> Tensor:
     if not isinstance(value, Tensor):
         number = _check_number(name, value)
-        value = torch.full((n_tokens,), number, dtype=torch.float32, device=device)
+        value = torch.full((n_tokens,), number, dtype=dtype, device=device)
     if tuple(value.shape) not in (lead_shape, (n_tokens,)):
         raise ValueError(f"{name} must have shape {list(lead_shape)} (or [{n_tokens}]) to match the hidden states, "
                          f"got {list(value.shape)}")
@@ -281,7 +282,7 @@ def _token_weight(name: str, value: object, lead_shape: tuple[int, ...], n_token
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but student_hidden is on {device}; all inputs must share "
                          "one device")
-    value = value.detach().reshape(n_tokens).to(torch.float32)
+    value = value.detach().reshape(n_tokens).to(dtype)
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} must be finite, got NaN/inf")
     if bool((value < 0).any()):
@@ -369,13 +370,14 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, re
                              f"got {list(target_ids.shape)}")
     concrete = _choose_backend(backend, device)
 
+    dtype = accumulation_dtype(h_s, h_t)  # weights stay exact for float64 inputs
     if reverse_weight is None and forward_weight is None:
-        rw = torch.ones(n_tokens, dtype=torch.float32, device=device)
+        rw = torch.ones(n_tokens, dtype=dtype, device=device)
     else:
-        rw = (torch.zeros(n_tokens, dtype=torch.float32, device=device) if reverse_weight is None
-              else _token_weight("reverse_weight", reverse_weight, lead_shape, n_tokens, device))
-    fw = (torch.zeros(n_tokens, dtype=torch.float32, device=device) if forward_weight is None
-          else _token_weight("forward_weight", forward_weight, lead_shape, n_tokens, device))
+        rw = (torch.zeros(n_tokens, dtype=dtype, device=device) if reverse_weight is None
+              else _token_weight("reverse_weight", reverse_weight, lead_shape, n_tokens, device, dtype))
+    fw = (torch.zeros(n_tokens, dtype=dtype, device=device) if forward_weight is None
+          else _token_weight("forward_weight", forward_weight, lead_shape, n_tokens, device, dtype))
     if jsd_beta == 0.0:  # the convention's endpoints are plain KL, weighted by reverse_weight
         rw, fw, jsd_beta = fw, rw, None
     elif jsd_beta == 1.0:

@@ -11,8 +11,8 @@ teacher vocabulary, detaches the teacher tensors, maps the JSD endpoints to plai
         teacher_weight: Tensor,        # [V, Dt]  (already the first V rows when the teacher vocab was padded)
         student_bias: Tensor | None,   # [V]
         teacher_bias: Tensor | None,   # [V]
-        reverse_weight: Tensor,        # [N] float32 >= 0
-        forward_weight: Tensor,        # [N] float32 >= 0 (all zeros when jsd_beta is set)
+        reverse_weight: Tensor,        # [N] float32 >= 0 (float64 for float64 inputs)
+        forward_weight: Tensor,        # [N] like reverse_weight (all zeros when jsd_beta is set)
         *,
         jsd_beta: float | None,        # None: loss_i = rw_i*KL(p_s||p_t) + fw_i*KL(p_t||p_s); else rw_i*JSD_beta
         temperature: float,            # logits are z / temperature for both models
