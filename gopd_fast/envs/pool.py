@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_RESET, _STEP, _EXPERT, _REPLAY, _DROP = "reset", "step", "expert", "replay", "drop"
+_RESET, _STEP, _EXPERT, _CALL, _REPLAY, _DROP = "reset", "step", "expert", "call", "replay", "drop"
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -94,6 +94,10 @@ def _worker_main(conn: Connection, env_name: str, env_options: dict, preload: Se
                     value = env_of(slot).step(payload)
                 elif kind == _EXPERT:
                     value = env_of(slot).expert_action()
+                elif kind == _CALL:
+                    name, args = payload
+                    attr = getattr(env_of(slot), name)
+                    value = attr(*args) if callable(attr) else attr
                 elif kind == _REPLAY:
                     task_id, actions = payload
                     env = env_of(slot)
@@ -247,6 +251,14 @@ class EnvPool:
     def expert_action(self, slot: int) -> Future[str | None]:
         """The env's ``expert_action()`` in ``slot``'s current state."""
         return self._submit(slot, _EXPERT, None, self.step_timeout_s)
+
+    def call(self, slot: int, name: str, *args: Any) -> Future[Any]:
+        """Call the public method ``name`` of ``slot``'s env with ``args`` (or read the attribute ``name``), e.g.
+        ``call(0, "tasks", "eval")``, ``call(3, "expert_distance")``, ``call(0, "max_turns")``. Calls are not
+        replayed after a failure, so they must not change the episode's state."""
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+            raise ValueError(f"name must be a public method or attribute name of the env, got {name!r}")
+        return self._submit(slot, _CALL, (name, args), self.step_timeout_s)
 
     def restart(self, slot: int) -> None:
         """Forget ``slot``'s episode and close its env (after an ``EnvError``); the next ``reset`` starts clean."""
