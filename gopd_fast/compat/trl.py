@@ -27,9 +27,9 @@ from gopd_fast.loss import fused_linear_kl
 from gopd_fast.module import effective_head
 
 __all__ = [
-    "FusedDistillationTrainer",
+    "FusedDistillationTrainer",  # noqa: F822 (built on first access, see __getattr__)
     "FusedGKDMixin",
-    "FusedGKDTrainer",
+    "FusedGKDTrainer",  # noqa: F822
     "backbone_hidden_states",
     "fused_gkd_loss",
 ]

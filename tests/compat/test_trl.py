@@ -17,11 +17,11 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from trl import DistillationConfig, DistillationTrainer  # noqa: E402
-from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
+from trl import DistillationConfig, DistillationTrainer
+from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-from gopd_fast import models  # noqa: E402
-from gopd_fast.compat.trl import FusedDistillationTrainer, FusedGKDTrainer, fused_gkd_loss  # noqa: E402
+from gopd_fast import models
+from gopd_fast.compat.trl import FusedDistillationTrainer, FusedGKDTrainer, fused_gkd_loss
 
 VOCAB = 512
 CORPUS = [f"the quick brown fox {i} jumps over the lazy dog {i * 7}" for i in range(40)]
