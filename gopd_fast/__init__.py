@@ -7,6 +7,8 @@ _LAZY = {
     "KLStats": "gopd_fast.loss",
     "fused_linear_kl": "gopd_fast.loss",
     "FusedLinearKL": "gopd_fast.module",
+    "fused_linear_logprob": "gopd_fast.ops.token_logprob",
+    "fused_linear_topk_kl": "gopd_fast.ops.topk_kl",
 }
 
 
@@ -24,4 +26,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["FusedLinearKL", "KLStats", "__version__", "fused_linear_kl"]
+__all__ = ["FusedLinearKL", "KLStats", "__version__", "fused_linear_kl", "fused_linear_logprob", "fused_linear_topk_kl"]
