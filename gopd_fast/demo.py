@@ -1,0 +1,624 @@
+"""`make demo`: tiny teacher -> weak student base -> zero-shot / SFT / OPD / Guided-OPD / constant-beta students,
+evaluated on held-out tasks, with a results table (95% CIs), plots and the failure-mode diagnostic.
+
+    python -m gopd_fast.demo                      # the full run (configs/demo.toml), <= 20 min on 2 CPU cores
+    python -m gopd_fast.demo --quick              # minutes-scale (configs/demo-quick.toml), used by the tests
+    python -m gopd_fast.demo --seeds 0,1,2,3 --out runs/my-demo
+    python -m gopd_fast.demo --rebuild-teacher    # re-train the committed teacher (gopd_fast/assets/...)
+
+Phases (each timed against the plan in the config, both printed):
+  teacher        load the committed teacher + tokenizer (or build them: tokenizer on the env's text, SFT on oracle
+                 episodes); rebuilt automatically into the run folder when the env no longer matches it
+  student-base   the weak-but-non-trivial student every method starts from: a fresh smaller Qwen3, briefly
+                 SFT-ed on a few expert episodes (the stand-in for the paper's pretrained students: a random-init
+                 student would flatter guidance)
+  reference      teacher and zero-shot (untrained base) evaluations
+  distill        for every seed and method: ``gopd_fast.train.run`` from the same base, then a held-out evaluation
+  diagnostics    the failure-mode diagnostic (``gopd_fast.diagnostics``) on student-only vs teacher-only rollouts
+  report         table, plots (``gopd_fast.plots``), results.json / results.md in the run folder
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+ASSETS_DIR = PACKAGE_DIR / "assets"
+METHODS = ("zero-shot", "sft", "opd", "guided-opd", "constant-0.5")
+
+# Trainer overrides that turn the shared trainer config into each distillation method.
+METHOD_OVERRIDES: dict[str, list[str]] = {
+    "sft": ["run.algorithm=sft", "objective.teacher_tokens=cross_entropy"],   # SFT on teacher-only rollouts
+    "opd": ["run.algorithm=opd", "curriculum.schedule=none"],                 # vanilla on-policy distillation
+    "guided-opd": ["run.algorithm=gopd", "curriculum.schedule=cosine", "curriculum.beta_start=1.0",
+                   "curriculum.beta_end=0.0", "curriculum.ratio=0.8"],
+    "constant-0.5": ["run.algorithm=gopd", "curriculum.schedule=constant", "curriculum.beta_start=0.5"],
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    asset: str = "household-teacher"     # gopd_fast/assets/<asset>: the committed checkpoint + tokenizer
+    size: str = "teacher-tiny"
+    vocab_size: int = 512
+    tokenizer_tasks: int = 400           # train tasks whose (noisy) oracle text trains the tokenizer
+    sft_episodes: int = 1000             # oracle episodes the teacher is trained on
+    noise: float = 0.1                   # fraction of random (non-expert) turns in its data: it sees some recovery
+    sft_steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    size: str = "student-tiny"
+    base_episodes: int = 32              # expert episodes of the brief base SFT
+    base_steps: int = 40
+    batch_size: int = 16
+    lr: float = 3e-3
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    trainer_config: str = "configs/demo-trainer.toml"
+    total_steps: int = 24
+    episodes_per_step: int = 8
+    lr: float = 1e-3
+    eval_every: int = 6                  # learning-curve points
+    curve_eval_episodes: int = 24        # held-out tasks per learning-curve point
+    extra_overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    tasks: int = 100                     # held-out (eval split) tasks per evaluation
+    temperature: float = 0.4
+    max_new_tokens: int = 24
+    diagnostic_tasks: int = 24
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    env: str = "household"
+    env_options: dict[str, Any] = field(default_factory=lambda: {"seed": 0})
+    max_turns: int = 20
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = METHODS
+    budget_s: float = 1200.0             # the wall-time target the plan is checked against
+    plan_s: dict[str, float] = field(default_factory=dict)   # phase -> planned seconds
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    student: StudentSpec = field(default_factory=StudentSpec)
+    distill: DistillSpec = field(default_factory=DistillSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; known: {list(METHODS)}")
+        if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of non-negative ints, got {self.seeds!r}")
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = {"teacher": TeacherSpec, "student": StudentSpec, "distill": DistillSpec, "eval": EvalSpec}
+        if cls is DemoConfig and name in sub:
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: [{name}] must be a table")
+            value = _build(sub[name], value, f"{where} [{name}]")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_demo_config(path: str | Path) -> DemoConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"demo config {str(path)!r} does not exist")
+    data = tomllib.loads(path.read_text())
+    if "plan" in data:
+        data["plan_s"] = data.pop("plan")
+    return _build(DemoConfig, data, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Time plan
+# ---------------------------------------------------------------------------------------------------------
+
+class PhaseClock:
+    """Planned vs actual seconds per phase, printed as the run goes."""
+
+    def __init__(self, plan: dict[str, float], budget_s: float) -> None:
+        self.plan, self.budget_s = dict(plan), budget_s
+        self.actual: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    def print_plan(self) -> None:
+        total = sum(self.plan.values())
+        print(f"[demo] time plan (target <= {self.budget_s:.0f} s wall on an idle 2-core CPU):")
+        for name, sec in self.plan.items():
+            print(f"[demo]   {name:<14} {sec:7.0f} s")
+        print(f"[demo]   {'total':<14} {total:7.0f} s")
+
+    def phase(self, name: str) -> "_Phase":
+        return _Phase(self, name)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def table(self) -> list[dict[str, Any]]:
+        names = list(dict.fromkeys([*self.plan, *self.actual]))
+        return [{"phase": n, "planned_s": self.plan.get(n), "actual_s": round(self.actual.get(n, 0.0), 1)}
+                for n in names]
+
+
+class _Phase:
+    def __init__(self, clock: PhaseClock, name: str) -> None:
+        self.clock, self.name = clock, name
+
+    def __enter__(self) -> "_Phase":
+        self.t = time.perf_counter()
+        print(f"[demo] {time.strftime('%H:%M:%S')} phase {self.name} (planned "
+              f"{self.clock.plan.get(self.name, float('nan')):.0f} s)", flush=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dt = time.perf_counter() - self.t
+        self.clock.actual[self.name] = self.clock.actual.get(self.name, 0.0) + dt
+        print(f"[demo] phase {self.name} took {dt:.1f} s (elapsed {self.clock.elapsed():.0f} s)", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Env, tokenizer and models
+# ---------------------------------------------------------------------------------------------------------
+
+def make_env(cfg: DemoConfig):
+    from gopd_fast import envs
+
+    return envs.make(cfg.env, max_turns=cfg.max_turns, **cfg.env_options)
+
+
+def env_corpus(cfg: DemoConfig, n_tasks: int, noise: float = 0.3, seed: int = 0) -> list[str]:
+    """Observations and ``Action: ...`` lines of noisy oracle runs: the tokenizer's training text (noise so the
+    tokenizer also sees refusals and off-path rooms)."""
+    import random
+
+    rng = random.Random(seed)
+    env = make_env(cfg)
+    texts: list[str] = []
+    try:
+        for task in env.tasks("train")[:n_tasks]:
+            first = env.reset(task)
+            texts.append(first.observation)
+            admissible, done = first.admissible_actions, False
+            while not done and (action := env.expert_action()) is not None:
+                if admissible and rng.random() < noise:
+                    action = rng.choice(list(admissible))
+                step = env.step(action)
+                texts += [f"Action: {action}", step.observation]
+                admissible, done = step.admissible_actions, step.done
+    finally:
+        env.close()
+    return texts
+
+
+def env_fingerprint(cfg: DemoConfig, n_tasks: int = 16) -> str:
+    """Hash of the oracle text of a few train tasks: changes whenever the env's worlds or wording change."""
+    return hashlib.sha256("\n".join(env_corpus(cfg, n_tasks, noise=0.0)).encode()).hexdigest()[:16]
+
+
+def chat_format(tokenizer: Any):
+    from gopd_fast.rollout.history import ChatFormat
+
+    return ChatFormat(tokenizer)   # the trainer's format: Qwen3-style, thinking off, no system prompt
+
+
+def build_teacher(cfg: DemoConfig, out_dir: Path, log=print) -> dict[str, Any]:
+    """Tokenizer on the env's text + teacher SFT on (noisy) oracle episodes; saved with save_pretrained."""
+    import torch
+
+    from gopd_fast.models import build_model, config_for_tokenizer, save_model, train_tokenizer
+    from gopd_fast.rollout.episode import Role
+    from gopd_fast.sft import SFTConfig, oracle_episodes, train_sft
+
+    t = cfg.teacher
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(env_corpus(cfg, t.tokenizer_tasks), t.vocab_size)
+    env = make_env(cfg)
+    try:
+        episodes = oracle_episodes(env, env.tasks("train")[:t.sft_episodes], chat_format(tokenizer),
+                                   noise=t.noise, seed=t.seed)
+    finally:
+        env.close()
+    model = build_model(config_for_tokenizer(t.size, tokenizer), seed=t.seed)
+    losses = train_sft(model, episodes, SFTConfig(steps=t.sft_steps, batch_size=t.batch_size, lr=t.lr,
+                                                  seed=t.seed),
+                       pad_id=int(tokenizer.pad_token_id), train_roles=(Role.TEACHER,), log=log, log_every=50)
+    model.to(torch.float32)
+    save_model(model, tokenizer, out_dir)
+    info = {"fingerprint": env_fingerprint(cfg), "teacher": dataclasses.asdict(t), "env": cfg.env,
+            "env_options": cfg.env_options, "max_turns": cfg.max_turns, "final_loss": losses[-1],
+            "train_seconds": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%d"),
+            "command": "python -m gopd_fast.demo --rebuild-teacher"}
+    (out_dir / "demo_teacher.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def build_student_base(cfg: DemoConfig, tokenizer: Any, out_dir: Path, log=print) -> dict[str, Any]:
+    """A fresh smaller Qwen3 briefly SFT-ed on a few pure expert episodes (weak, but it knows the format)."""
+    from gopd_fast.models import build_model, config_for_tokenizer, save_model
+    from gopd_fast.sft import SFTConfig, oracle_episodes, train_sft
+
+    s = cfg.student
+    env = make_env(cfg)
+    try:
+        # The tail of the train split: disjoint from the first tasks the distillation runs start with.
+        tasks = env.tasks("train")[-s.base_episodes:]
+        episodes = oracle_episodes(env, tasks, chat_format(tokenizer), noise=0.0)
+    finally:
+        env.close()
+    model = build_model(config_for_tokenizer(s.size, tokenizer), seed=s.seed)
+    losses = train_sft(model, episodes, SFTConfig(steps=s.base_steps, batch_size=s.batch_size, lr=s.lr,
+                                                  seed=s.seed),
+                       pad_id=int(tokenizer.pad_token_id), log=log, log_every=20)
+    save_model(model, tokenizer, out_dir)
+    return {"episodes": len(episodes), "steps": s.base_steps, "final_loss": losses[-1],
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+def rollout(cfg: DemoConfig, student_dir: Path | str, tasks: Sequence[str], *, seed: int, temperature: float,
+            beta: float = 0.0, teacher_dir: Path | str | None = None):
+    """Episodes of the model at ``student_dir`` (and the teacher, with ``beta`` > 0) on ``tasks``."""
+    from gopd_fast.rollout.engines.hf import HFEngine
+    from gopd_fast.rollout.rollout import RolloutOptions, run_rollout
+
+    student = HFEngine.from_pretrained(str(student_dir))
+    teacher = HFEngine.from_pretrained(str(teacher_dir)) if teacher_dir is not None else None
+    tokenizer = _tokenizer(student_dir)
+    options = RolloutOptions(max_turns=cfg.max_turns, max_new_tokens=cfg.eval.max_new_tokens,
+                             max_prompt_tokens=4096, temperature=temperature, max_in_flight=len(tasks),
+                             seed=seed)
+    return run_rollout(list(tasks), student=student, teacher=teacher, chat=chat_format(tokenizer),
+                       envs=lambda: make_env(cfg), beta=beta, options=options).episodes
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(path: Path | str):
+    from transformers import AutoTokenizer
+
+    key = str(path)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(key)
+    return _TOKENIZERS[key]
+
+
+def evaluate(cfg: DemoConfig, model_dir: Path | str, *, seed: int, tasks: Sequence[str]) -> list[dict[str, Any]]:
+    """Student-only evaluation at the eval temperature; per-episode records incl. score at every turn limit."""
+    from gopd_fast.diagnostics import replay, score_at_turn_limits
+
+    episodes = rollout(cfg, model_dir, tasks, seed=seed, temperature=cfg.eval.temperature)
+    env = make_env(cfg)
+    limits = list(range(1, cfg.max_turns + 1))
+    records = []
+    try:
+        for ep in episodes:
+            states = replay(env, ep)
+            records.append({"task_id": ep.task_id, "score": ep.score, "success": bool(ep.success),
+                            "rounds": ep.rounds, "actions": ep.actions,
+                            "score_at_limit": score_at_turn_limits(states, limits)})
+    finally:
+        env.close()
+    return records
+
+
+def summarize(records_by_seed: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Episodes pooled over seeds: mean and 95% CI of Score and Rounds (Student-t) and of the Success Rate in %
+    (Wilson), via ``gopd_fast.envs.evaluate``; plus each seed's mean and the seed-to-seed standard deviation."""
+    from gopd_fast.envs.evaluate import t_interval, wilson_interval
+
+    pooled = [r for recs in records_by_seed.values() for r in recs]
+    if not pooled:
+        raise ValueError("summarize: no episodes")
+    out: dict[str, Any] = {"episodes": len(pooled), "seeds": sorted(records_by_seed)}
+    intervals = {
+        "score": t_interval([float(r["score"]) for r in pooled]),
+        "success_rate": wilson_interval(sum(bool(r["success"]) for r in pooled), len(pooled)),
+        "rounds": t_interval([float(r["rounds"]) for r in pooled]),
+    }
+    for key, iv in intervals.items():
+        scale = 100.0 if key == "success_rate" else 1.0
+        get = (lambda r: 100.0 * bool(r["success"])) if key == "success_rate" else (lambda r, k=key: float(r[k]))
+        per_seed = [sum(get(r) for r in recs) / len(recs) for recs in records_by_seed.values() if recs]
+        mu = sum(per_seed) / len(per_seed)
+        sd = math.sqrt(sum((x - mu) ** 2 for x in per_seed) / (len(per_seed) - 1)) if len(per_seed) > 1 else math.nan
+        out[key] = {"mean": iv.mean * scale, "low": iv.low * scale, "high": iv.high * scale, "method": iv.method,
+                    "per_seed": per_seed, "seed_sd": sd}
+    return out
+
+
+def format_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: one row per method, mean [95% CI] over the episodes pooled across seeds."""
+    lines = ["| Method | Score | Success Rate (%) | Rounds | Score per seed | Episodes |",
+             "|---|---|---|---|---|---|"]
+    for name, s in rows.items():
+        def cell(k: str, fmt: str = ".1f") -> str:
+            return f"{s[k]['mean']:{fmt}} [{s[k]['low']:{fmt}}, {s[k]['high']:{fmt}}]"
+        seeds = " / ".join(f"{x:.1f}" for x in s["score"]["per_seed"])
+        lines.append(f"| {name} | {cell('score')} | {cell('success_rate')} | {cell('rounds', '.2f')} | "
+                     f"{seeds} | {s['episodes']} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distillation (the trainer does the work)
+# ---------------------------------------------------------------------------------------------------------
+
+def trainer_overrides(cfg: DemoConfig, method: str, seed: int, student_dir: Path, teacher_dir: Path,
+                      out_dir: Path) -> list[str]:
+    d = cfg.distill
+    opts = [f"env.options.{k}={json.dumps(v)}" for k, v in cfg.env_options.items() if k != "seed"]
+    return [
+        f"run.output_dir={json.dumps(str(out_dir))}", f"run.seed={seed}", f"run.total_steps={d.total_steps}",
+        f"run.eval_every={d.eval_every}", "run.eval_at_end=true", "run.resume=false", "run.export_hf=true",
+        "run.tensorboard=false", "run.progress_bar=false", "run.save_every=0", "run.keep_checkpoints=1",
+        f"model.student={json.dumps(str(student_dir))}", f"model.teacher={json.dumps(str(teacher_dir))}",
+        "model.build_tiny_if_missing=false",
+        f"env.name={json.dumps(cfg.env)}", f"env.max_turns={cfg.max_turns}",
+        f"env.seed={int(cfg.env_options.get('seed', 0))}", f"env.eval_episodes={d.curve_eval_episodes}",
+        *opts,
+        f"rollout.episodes_per_step={d.episodes_per_step}", f"rollout.eval_temperature={cfg.eval.temperature}",
+        f"rollout.max_new_tokens={cfg.eval.max_new_tokens}", f"optim.lr={d.lr}",
+        *METHOD_OVERRIDES[method], *d.extra_overrides,
+    ]
+
+
+def distill(cfg: DemoConfig, method: str, seed: int, student_dir: Path, teacher_dir: Path,
+            out_dir: Path) -> dict[str, Any]:
+    from gopd_fast.config import load_config
+    from gopd_fast.train import run
+
+    trainer_cfg = load_config(REPO_DIR / cfg.distill.trainer_config if not Path(cfg.distill.trainer_config)
+                              .is_absolute() else cfg.distill.trainer_config,
+                              trainer_overrides(cfg, method, seed, student_dir, teacher_dir, out_dir))
+    t0 = time.perf_counter()
+    result = run(trainer_cfg)
+    if result.export_dir is None or not (Path(result.export_dir) / "config.json").is_file():
+        raise RuntimeError(f"{method} seed {seed}: the trainer exported no student to {result.export_dir}")
+    curve = [(int(e["step"]), float(e["eval/score"])) for e in result.evals]
+    return {"export_dir": str(result.export_dir), "seconds": time.perf_counter() - t0, "curve": curve,
+            "betas": [float(h["beta"]) for h in result.history],
+            "train_scores": [float(h["score"]) for h in result.history],
+            "skipped_steps": result.skipped_steps}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------------------
+
+def resolve_teacher(cfg: DemoConfig, run_dir: Path, rebuild: bool, log=print) -> tuple[Path, dict[str, Any]]:
+    """The committed teacher when it matches the env, else a freshly built one (in the run folder)."""
+    asset = ASSETS_DIR / cfg.teacher.asset
+    meta_path = asset / "demo_teacher.json"
+    if rebuild:
+        log(f"[demo] rebuilding the teacher into {asset}")
+        return asset, build_teacher(cfg, asset, log)
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        fp = env_fingerprint(cfg)
+        same = (meta.get("fingerprint") == fp and meta.get("max_turns") == cfg.max_turns
+                and meta.get("env") == cfg.env and meta.get("env_options") == cfg.env_options)
+        if same:
+            log(f"[demo] teacher: committed checkpoint {asset.relative_to(REPO_DIR) if asset.is_relative_to(REPO_DIR) else asset}"
+                f" (rebuilt by `{meta.get('command')}` in {meta.get('train_seconds')} s)")
+            return asset, meta
+        log(f"[demo] the committed teacher was built for another env version (fingerprint {meta.get('fingerprint')} "
+            f"!= {fp}); building a fresh one in the run folder")
+    else:
+        log(f"[demo] no committed teacher at {asset}; building one in the run folder")
+    out = run_dir / "models" / "teacher"
+    return out, build_teacher(cfg, out, log)
+
+
+def run_demo(cfg: DemoConfig, run_dir: Path, *, rebuild_teacher: bool = False) -> dict[str, Any]:
+    import torch
+
+    from gopd_fast import plots
+    from gopd_fast.curriculum import BetaSchedule
+    from gopd_fast.config import load_config
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clock = PhaseClock(cfg.plan_s, cfg.budget_s)
+    clock.print_plan()
+    print(f"[demo] run folder: {run_dir}  seeds: {list(cfg.seeds)}  methods: {list(cfg.methods)}  "
+          f"torch threads: {torch.get_num_threads()}", flush=True)
+    results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "run_dir": str(run_dir)}
+
+    with clock.phase("teacher"):
+        teacher_dir, teacher_meta = resolve_teacher(cfg, run_dir, rebuild_teacher)
+        results["teacher"] = {"dir": str(teacher_dir), **teacher_meta}
+    tokenizer = _tokenizer(teacher_dir)
+    env = make_env(cfg)
+    eval_tasks = env.tasks("eval")[:cfg.eval.tasks]
+    env.close()
+
+    with clock.phase("student-base"):
+        base_dir = run_dir / "models" / "student-base"
+        results["student_base"] = build_student_base(cfg, tokenizer, base_dir)
+
+    records: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    with clock.phase("reference"):
+        records["teacher"] = {s: evaluate(cfg, teacher_dir, seed=s, tasks=eval_tasks) for s in cfg.seeds}
+        if "zero-shot" in cfg.methods:
+            records["zero-shot"] = {s: evaluate(cfg, base_dir, seed=s, tasks=eval_tasks) for s in cfg.seeds}
+        for name in records:
+            print(f"[demo]   {name}: Score {summarize(records[name])['score']['mean']:.1f}", flush=True)
+
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    trained = [m for m in cfg.methods if m != "zero-shot"]
+    with clock.phase("distill"):
+        for seed in cfg.seeds:
+            for method in trained:
+                out = run_dir / "train" / f"{method}-seed{seed}"
+                info = distill(cfg, method, seed, base_dir, teacher_dir, out)
+                info["eval"] = evaluate(cfg, info["export_dir"], seed=seed, tasks=eval_tasks)
+                runs.setdefault(method, {})[seed] = info
+                records.setdefault(method, {})[seed] = info["eval"]
+                print(f"[demo]   {method} seed {seed}: {info['seconds']:.0f} s train, held-out Score "
+                      f"{summarize({seed: info['eval']})['score']['mean']:.1f}", flush=True)
+
+    with clock.phase("diagnostics"):
+        failure = run_diagnostics(cfg, base_dir, teacher_dir, tokenizer)
+        (run_dir / "failure_mode.json").write_text(json.dumps(failure, indent=2))
+
+    with clock.phase("report"):
+        order = ["teacher", *[m for m in METHODS if m in records]]
+        table_rows = {m: summarize(records[m]) for m in order}
+        table = format_table(table_rows)
+        trainer_cfg = load_config(REPO_DIR / cfg.distill.trainer_config)
+        schedules = {}
+        for method in trained:
+            over = METHOD_OVERRIDES[method]
+            ccfg = load_config(None, [o for o in over if o.startswith("curriculum.")]).curriculum
+            betas = [BetaSchedule(ccfg, cfg.distill.total_steps)(k) for k in range(cfg.distill.total_steps)]
+            schedules[method] = ([1.0] * cfg.distill.total_steps if method == "sft"
+                                 else [0.0] * cfg.distill.total_steps if method == "opd" else betas)
+        del trainer_cfg
+        curves = {}
+        k = cfg.distill.curve_eval_episodes
+        for method, by_seed in runs.items():
+            steps = [0] + [s for s, _ in next(iter(by_seed.values()))["curve"]]
+            curves[method] = {"steps": steps}
+            for seed, info in by_seed.items():
+                zs = records.get("zero-shot", {}).get(seed, [])[:k]
+                start = sum(r["score"] for r in zs) / len(zs) if zs else float("nan")
+                curves[method][f"seed{seed}"] = [start] + [v for _, v in info["curve"]]
+        limits = list(range(1, cfg.max_turns + 1))
+        by_limit = {m: {L: sum(r["score_at_limit"][L] for recs in records[m].values() for r in recs)
+                        / sum(len(recs) for recs in records[m].values()) for L in limits} for m in order}
+        plot_data = {"beta_schedules": schedules, "learning_curves": curves,
+                     "reference": {m: table_rows[m]["score"]["mean"] for m in ("teacher", "zero-shot")
+                                   if m in table_rows},
+                     "score_vs_turn_limit": by_limit,
+                     "failure_mode": {k2: v for k2, v in failure.items() if k2 != "states"}}
+        (run_dir / "plot_data.json").write_text(json.dumps(plot_data, indent=2))
+        pngs = plots.redraw(run_dir)
+        results.update(table=table_rows, table_markdown=table, curves=curves, score_vs_turn_limit=by_limit,
+                       failure_mode={k2: v for k2, v in failure.items() if k2 != "states"},
+                       runs={m: {s: {k2: v for k2, v in i.items() if k2 != "eval"} for s, i in d.items()}
+                             for m, d in runs.items()},
+                       plots=[str(p) for p in pngs])
+        with open(run_dir / "episodes.jsonl", "w") as f:
+            for m, by_seed in records.items():
+                for seed, recs in by_seed.items():
+                    for r in recs:
+                        f.write(json.dumps({"method": m, "seed": seed, **r}) + "\n")
+
+    results["timing"] = clock.table()
+    results["wall_seconds"] = round(clock.elapsed(), 1)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (run_dir / "results.md").write_text(
+        f"# Demo results ({cfg.env}, seeds {list(cfg.seeds)}, {len(eval_tasks)} held-out tasks per seed)\n\n"
+        f"{table}\n\nMean [95% CI] over all held-out episodes pooled across seeds: Student-t for Score and Rounds, "
+        f"Wilson for the Success Rate. 'Score per seed' lists each seed's mean Score.\n\n"
+        f"Wall time: {results['wall_seconds']} s\n")
+    print("\n" + table + "\n", flush=True)
+    print("[demo] time: phase | planned s | actual s")
+    for row in results["timing"]:
+        print(f"[demo]   {row['phase']:<14} {row['planned_s'] if row['planned_s'] is not None else '-':>8} "
+              f"{row['actual_s']:>9}")
+    print(f"[demo] total wall {results['wall_seconds']} s (target {cfg.budget_s:.0f} s); "
+          f"artefacts in {run_dir}", flush=True)
+    return results
+
+
+def run_diagnostics(cfg: DemoConfig, student_dir: Path, teacher_dir: Path, tokenizer: Any) -> dict[str, Any]:
+    """Failure-mode diagnostic on the base student: student-only vs teacher-only rollouts on held-out tasks."""
+    from gopd_fast.diagnostics import failure_mode
+    from gopd_fast.models import load_model
+    from gopd_fast.sft import ACTION_FORMAT
+
+    env = make_env(cfg)
+    tasks = env.tasks("eval")[-cfg.eval.diagnostic_tasks:]
+    rollouts = {
+        # beta = 0: the student alone; beta = 1: the teacher writes every turn (the student engine is unused)
+        "student": rollout(cfg, student_dir, tasks, seed=7, temperature=1.0),
+        "teacher": rollout(cfg, student_dir, tasks, seed=7, temperature=1.0, beta=1.0, teacher_dir=teacher_dir),
+    }
+    student, _ = load_model(student_dir)
+    teacher, _ = load_model(teacher_dir)
+    eos = [int(tokenizer.eos_token_id)]
+
+    def encode_action(action: str) -> list[int]:
+        return list(tokenizer(ACTION_FORMAT.format(action=action), add_special_tokens=False)["input_ids"]) + eos
+
+    try:
+        return failure_mode(student, teacher, env, rollouts, encode_action)
+    finally:
+        env.close()
+
+
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        if "," in text:
+            seeds = tuple(int(s) for s in text.split(",") if s.strip())
+        else:
+            seeds = tuple(range(int(text)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes a count (3) or a list (0,1,2), got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"--seeds must give at least one non-negative seed, got {text!r}")
+    return seeds
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m gopd_fast.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=None, help="demo TOML (default configs/demo.toml, or demo-quick.toml)")
+    p.add_argument("--quick", action="store_true", help="minutes-scale version (configs/demo-quick.toml)")
+    p.add_argument("--out", default=None, help="run folder (default runs/demo-<timestamp>)")
+    p.add_argument("--seeds", type=_parse_seeds, default=None, help="a count (3) or a list (0,1,2)")
+    p.add_argument("--rebuild-teacher", action="store_true",
+                   help="re-train the committed teacher in gopd_fast/assets/ (then run the demo with it)")
+    args = p.parse_args(argv)
+    path = args.config or REPO_DIR / "configs" / ("demo-quick.toml" if args.quick else "demo.toml")
+    cfg = load_demo_config(path)
+    if args.seeds is not None:
+        cfg = dataclasses.replace(cfg, seeds=args.seeds)
+    run_dir = Path(args.out) if args.out else REPO_DIR / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run_demo(cfg, run_dir, rebuild_teacher=args.rebuild_teacher)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,102 @@
+"""`make demo` at minutes scale (``--quick``): the whole pipeline runs, writes its artefacts, and its numbers are sane.
+
+The quick run uses the committed teacher (gopd_fast/assets/household-teacher) and tiny budgets, so it checks the
+plumbing and the invariants, not the paper's claim (that is docs/results.md, from the full run).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from gopd_fast import demo
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = tmp_path_factory.mktemp("demo-quick")
+    results = demo.main(["--quick", "--out", str(out)])
+    return out, results
+
+
+def test_artefacts_exist(quick_run):
+    out, _ = quick_run
+    for name in ("results.json", "results.md", "plot_data.json", "episodes.jsonl", "failure_mode.json",
+                 "beta_schedule.png", "learning_curves.png", "score_vs_turn_limit.png", "failure_mode.png"):
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, f"missing artefact {name}"
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png.name} is not a PNG"
+
+
+def test_table_numbers_are_sane(quick_run):
+    _, results = quick_run
+    table = results["table"]
+    cfg = demo.load_demo_config(demo.REPO_DIR / "configs" / "demo-quick.toml")
+    assert set(table) == {"teacher", *cfg.methods}
+    for method, row in table.items():
+        assert row["episodes"] == cfg.eval.tasks * len(cfg.seeds), method
+        for key, hi in (("score", 100.0), ("success_rate", 100.0), ("rounds", float(cfg.max_turns))):
+            m = row[key]["mean"]
+            assert math.isfinite(m) and 0.0 <= m <= hi, (method, key, m)
+            assert len(row[key]["per_seed"]) == len(cfg.seeds)
+        assert row["rounds"]["mean"] >= 1.0
+    # The teacher is the distillation target: it must beat the untrained (zero-shot) student.
+    assert table["teacher"]["score"]["mean"] > table["zero-shot"]["score"]["mean"]
+
+
+def test_episode_log_matches_table(quick_run):
+    out, results = quick_run
+    rows = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    for method, row in results["table"].items():
+        mine = [r for r in rows if r["method"] == method]
+        assert len(mine) == row["episodes"]
+        assert math.isclose(sum(r["score"] for r in mine) / len(mine), row["score"]["mean"], rel_tol=1e-9)
+        for r in mine:
+            limits = {int(k): v for k, v in r["score_at_limit"].items()}
+            # the score at the largest turn limit is the episode's final score; it never exceeds 100
+            assert math.isclose(limits[max(limits)], r["score"], abs_tol=1e-6)
+            assert all(0.0 <= v <= 100.0 for v in limits.values())
+
+
+def test_schedules_and_diagnostic(quick_run):
+    out, _ = quick_run
+    data = json.loads((out / "plot_data.json").read_text())
+    betas = data["beta_schedules"]
+    assert all(b == 0.0 for b in betas["opd"]) and all(b == 1.0 for b in betas["sft"])
+    assert all(b == 0.5 for b in betas["constant-0.5"])
+    g = betas["guided-opd"]
+    assert g[0] == 1.0 and g[-1] == 0.0 and all(a >= b for a, b in zip(g, g[1:]))
+    diag = data["failure_mode"]
+    for source in ("student", "teacher"):
+        rows = diag["by_turn"][source]
+        assert rows and rows[0]["turn"] == 0
+        for r in rows:
+            assert 0.0 <= r["teacher_maxprob"] <= 1.0 and r["kl_student_teacher"] >= -1e-6
+            assert 0.0 <= r["off_path_fraction"] <= 1.0
+    # a state on the very first turn is always on the expert path
+    assert diag["by_turn"]["teacher"][0]["off_path_fraction"] == 0.0
+
+
+def test_timing_is_reported(quick_run):
+    _, results = quick_run
+    phases = {row["phase"]: row for row in results["timing"]}
+    assert {"teacher", "student-base", "reference", "distill", "diagnostics", "report"} <= set(phases)
+    assert all(row["actual_s"] >= 0 for row in phases.values())
+    assert results["wall_seconds"] >= sum(row["actual_s"] for row in phases.values()) - 1.0
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('env = "household"\nmethods = ["opd", "magic"]\n')
+    with pytest.raises(ValueError, match="magic"):
+        demo.load_demo_config(bad)
+    bad.write_text('env = "household"\n[distill]\nstepz = 3\n')
+    with pytest.raises(ValueError, match="stepz"):
+        demo.load_demo_config(bad)
+    with pytest.raises(SystemExit):
+        demo.main(["--seeds", "x,y"])
