@@ -4,7 +4,9 @@ Fused losses that read ``lm_head.weight`` directly are wrong under FSDP2 (the pa
 LoRA delta lives in other modules). This module resolves the *effective* head once per call:
 
 - FSDP2 / DTensor weights are gathered with ``DTensor.full_tensor()``, once per call (not per vocabulary tile);
-  the all-gather is differentiable, so the gradient comes back to the sharded parameter as a DTensor.
+  the all-gather is differentiable, so the gradient comes back to the sharded parameter as a DTensor,
+  averaged over the ranks like FSDP2's own reduce-scatter. A weight whose dtype differs from the hidden states
+  (fp32 master weights, bf16 activations) is cast to the hidden-state dtype, as FSDP2's mixed precision would.
 - A PEFT LoRA layer (``base_layer`` + ``lora_A``/``lora_B``) is folded in exactly, dropout included, by widening
   the hidden state instead of merging weights:
       logits = x W^T + s * B(A(dropout(x)))  =  [x, s * A(dropout(x))] @ [W, B]^T
@@ -25,11 +27,26 @@ _FIXED = ("student_weight", "teacher_weight", "student_bias", "teacher_bias")
 
 
 def _full(t: Tensor | None) -> Tensor | None:
-    """The full tensor behind a (possibly FSDP2-sharded) parameter; autograd-aware for DTensors."""
-    if t is None:
-        return None
-    full_tensor = getattr(t, "full_tensor", None)  # torch.distributed.tensor.DTensor
-    return full_tensor() if callable(full_tensor) else t
+    """The full tensor behind a (possibly FSDP2-sharded) parameter.
+
+    For a DTensor the all-gather is differentiable; its gradient is declared ``Partial("avg")`` so that backward
+    reduce-scatters it and averages over the ranks, as FSDP2 does for every other parameter. (A plain
+    ``full_tensor()`` would assume the gradient is already identical on all ranks and keep each rank's own
+    shard of its own data's gradient: silently wrong under data parallelism.)
+    """
+    if t is None or not _is_dtensor(t):
+        return t
+    from torch.distributed.tensor import Partial
+
+    return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def _is_lora(head: nn.Module) -> bool:
@@ -76,6 +93,12 @@ def _lora_head(head: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor 
     return torch.cat(extra_hidden, dim=-1), torch.cat(extra_weight, dim=1), bias
 
 
+def _cast_to(dtype: torch.dtype, hidden: Tensor, weight: Tensor, bias: Tensor | None):
+    if not (dtype.is_floating_point and weight.dtype.is_floating_point) or weight.dtype == dtype:
+        return hidden, weight, bias
+    return hidden, weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 class FusedLinearKL(nn.Module):
     """Distillation loss over the student's and teacher's lm_heads, without materialising logits.
 
@@ -104,9 +127,9 @@ class FusedLinearKL(nn.Module):
         bad = sorted(set(kwargs) & set(_FIXED))
         if bad:
             raise TypeError(f"FusedLinearKL takes the weights from the heads; do not pass {bad}")
-        h_s, w_s, b_s = effective_head(self.student_head, student_hidden)
+        h_s, w_s, b_s = _cast_to(student_hidden.dtype, *effective_head(self.student_head, student_hidden))
         with torch.no_grad():
-            h_t, w_t, b_t = effective_head(self.teacher_head, teacher_hidden)
+            h_t, w_t, b_t = _cast_to(teacher_hidden.dtype, *effective_head(self.teacher_head, teacher_hidden))
         options = {**self.defaults, **kwargs}
         return fused_linear_kl(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, **options)
 
