@@ -21,8 +21,9 @@ One optimizer step, top to bottom (``Trainer.step`` and ``run``):
 
 Sharding: the student is FSDP2-sharded per decoder block, then its decoder, then the root, with bf16 compute on
 GPU (fp32 on CPU); the frozen teacher likewise (``model.shard_teacher``), forward-only under no_grad.
-FSDP averages gradients over ranks, so the local loss is multiplied by the world size before backward: with the
-global normalizer, the update equals one process training on the whole batch.
+Gradients are the SUM over ranks (FSDP2 averages, so the local loss is multiplied by the world size; the sharded
+lm_head is gathered with a partial-sum gradient, see distributed.GatheredHead): with the loss divided by the global loss-token count, the update equals one process training on the
+whole batch (tests/test_train.py checks two processes against one).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from gopd_fast.checkpoint import CheckpointManager, export_hf, full_state_dict
 from gopd_fast.config import Config, ConfigError, OptimConfig, config_to_dict, load_config
 from gopd_fast.curriculum import BetaSchedule, TaskCursor
 from gopd_fast.distributed import (
-    DistInfo, all_reduce_sums, apply_activation_checkpointing, barrier, init_distributed, reshard, shard_model,
+    DistInfo, GatheredHead, all_reduce_sums, apply_activation_checkpointing, barrier, init_distributed, reshard, shard_model,
     shutdown,
 )
 from gopd_fast.logging_utils import MetricsLogger
@@ -282,7 +283,9 @@ class Trainer:
         self.student = student
         self.teacher = teacher
         self.pad_token_id = pad_token_id
-        self.objective = DistillationObjective(cfg.objective, student.lm_head, teacher.lm_head)
+        self.compute_dtype = _dtypes(cfg, info.device)[1]
+        self.objective = DistillationObjective(cfg.objective, GatheredHead(student.lm_head, self.compute_dtype),
+                                               GatheredHead(teacher.lm_head, self.compute_dtype))
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in student.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps,
@@ -296,8 +299,11 @@ class Trainer:
             cfg.run.algorithm != "opd" and obj.teacher_tokens in ("forward_kl", "reverse_kl"))
 
     def _hidden(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        # attention_mask=None + reset position_ids = per-episode isolation (see gopd_fast.packing)
-        return model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        # attention_mask=None + reset position_ids = per-episode isolation (see gopd_fast.packing).
+        # FSDP2's mixed-precision policy casts to bf16 when sharded; a single GPU process autocasts instead.
+        autocast = self.compute_dtype is not None and not self.info.distributed
+        with torch.autocast(self.info.device.type, dtype=self.compute_dtype) if autocast else nullcontext():
+            return model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
 
     def step(self, episodes: Sequence[Episode]) -> dict[str, float]:
         """Pack this rank's ``episodes``, compute the loss, update. Every rank must call it (collectives)."""
@@ -312,7 +318,6 @@ class Trainer:
         # every rank must run the same number of forward/backward passes under FSDP
         n_micro = _max_over_ranks(math.ceil(rows / per_micro), info)
         normalizer = max(counts["loss_tokens"], 1.0)
-        scale = float(info.world_size)   # FSDP averages grads over ranks; we want the sum (global token mean)
         sums = dict.fromkeys(STAT_KEYS, 0.0)
         self.optimizer.zero_grad(set_to_none=True)
         for m in range(n_micro):
@@ -338,7 +343,9 @@ class Trainer:
             # keeps the graph connected to every student parameter even when this micro-batch has no loss tokens
             loss = out.loss + 0.0 * h_s.sum()
             t2 = time.perf_counter()
-            (loss * scale if info.distributed else loss).backward()
+            # FSDP averages gradients over ranks (gloo has no pre-scaled sum), so scale by the world size to get the
+            # global sum; GatheredHead matches this for the lm_head.
+            (loss * info.world_size if info.distributed else loss).backward()
             t3 = time.perf_counter()
             times["time_forward"] += t1 - t0
             times["time_loss"] += t2 - t1
