@@ -1,0 +1,175 @@
+"""WebShop's published reward (Yao et al., 2022, section 3.1 and ``engine/goal.py``):
+
+    reward = r_type * (n_matched_attributes + n_matched_options + [price <= price_upper])
+                    / (n_goal_attributes + n_goal_options + 1)
+
+``r_type`` is 1 when the purchased product has the goal's type, lowered to 0.5 / 0.1 / 0 as the query, the
+category breadcrumb and the title nouns agree less. Attribute and option matches use a fuzzy token-set ratio > 85,
+else a substring test against the title, features and description; "size" options must match exactly.
+
+Two building blocks are reimplemented without extra dependencies (differences are listed in docs/envs.md):
+``token_set_ratio`` is thefuzz's token-set ratio on rapidfuzz's Indel similarity; ``title_nouns`` uses spaCy's
+``en_core_web_lg`` tagger when that model is installed (as the original) and a content-word heuristic otherwise.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from gopd_fast.envs.webshop.data import Goal, Product
+
+EXACT_MATCH_OPTIONS = ("size",)
+FUZZY_THRESHOLD = 85
+
+# Colour words: an option value that contains one is reduced to it before matching (the original's
+# normalize_color), so "navy blue | white" matches a goal's "navy blue".
+COLORS = (
+    "alabaster", "apricot", "aqua", "ash", "beige", "black", "blue", "blush", "bronze", "brown", "burgundy",
+    "camel", "champagne", "charcoal", "chocolate", "coffee", "copper", "coral", "cream", "denim", "emerald",
+    "fuchsia", "gold", "gray", "green", "grey", "ivory", "khaki", "lavender", "lilac", "maroon", "mint",
+    "multicolor", "mustard", "navy", "nude", "olive", "orange", "peach", "pink", "plum", "purple", "red",
+    "rose", "rust", "sand", "silver", "tan", "taupe", "teal", "turquoise", "violet", "white", "wine", "yellow",
+)
+_STOPWORDS = frozenset("""a an and are as at be by for from has have in is it its of on or that the this to with
+without your you pack set pcs piece pieces count inch inches oz ounce ounces lb lbs x""".split())
+
+
+@dataclass(frozen=True)
+class RewardInfo:
+    reward: float
+    r_type: float
+    r_attribute: float
+    r_option: float | None
+    r_price: bool | None
+    query_match: bool
+    category_match: bool
+    title_score: float
+
+
+def _process(text: str) -> str:
+    """thefuzz's default processor: lower-case, non-alphanumerics to spaces, trimmed."""
+    return " ".join(re.sub(r"[^0-9a-zA-Z]+", " ", text).lower().split())
+
+
+def _indel_ratio(a: str, b: str) -> float:
+    """100 * (1 - indel_distance / (len(a) + len(b))) = 100 * 2 * LCS / (len(a) + len(b))."""
+    if not a and not b:
+        return 100.0
+    previous = [0] * (len(b) + 1)
+    for ca in a:
+        current = [0]
+        for j, cb in enumerate(b):
+            current.append(previous[j] + 1 if ca == cb else max(previous[j + 1], current[j]))
+        previous = current
+    return 200.0 * previous[-1] / (len(a) + len(b))
+
+
+@functools.lru_cache(maxsize=65536)
+def token_set_ratio(a: str, b: str) -> int:
+    """thefuzz.fuzz.token_set_ratio: compare the sorted shared tokens with each side's sorted remainder."""
+    ta, tb = set(_process(a).split()), set(_process(b).split())
+    if not ta or not tb:
+        return 0
+    shared = " ".join(sorted(ta & tb))
+    only_a = " ".join(sorted(ta - tb))
+    only_b = " ".join(sorted(tb - ta))
+    with_a = f"{shared} {only_a}".strip()
+    with_b = f"{shared} {only_b}".strip()
+    candidates = [_indel_ratio(with_a, with_b)]
+    if shared:
+        candidates += [_indel_ratio(shared, with_a), _indel_ratio(shared, with_b)]
+    return int(round(max(candidates)))
+
+
+def normalize_color(value: str) -> str:
+    for color in COLORS:
+        if color in value:
+            return color
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def _spacy_model() -> Any:
+    try:
+        import spacy
+
+        return spacy.load("en_core_web_lg") if spacy.util.is_package("en_core_web_lg") else None
+    except Exception:  # spaCy missing or broken: fall back to the heuristic
+        return None
+
+
+@functools.lru_cache(maxsize=65536)
+def title_nouns(title: str) -> tuple[str, ...]:
+    """Lower-cased nouns of a product title (spaCy NOUN/PROPN when available, else content words)."""
+    nlp = _spacy_model()
+    if nlp is not None:
+        return tuple(t.text.lower() for t in nlp(title) if t.pos_ in ("PNOUN", "NOUN", "PROPN"))
+    words = re.findall(r"[a-zA-Z][a-zA-Z'-]*", title.lower())
+    return tuple(w for w in words if w not in _STOPWORDS and len(w) > 1)
+
+
+def type_reward(product: Product, goal: Goal) -> tuple[float, bool, bool, float]:
+    query_match = product.query == goal.query
+    bought = {x.strip() for x in product.product_category.split("›")}
+    wanted = {x.strip() for x in goal.product_category.split("›")}
+    category_match = len(bought & wanted) >= 2
+    bought_nouns, wanted_nouns = set(title_nouns(product.title)), title_nouns(goal.name)
+    title_score = 0.2 if not wanted_nouns else len(bought_nouns & set(wanted_nouns)) / len(wanted_nouns)
+    r_type = 1.0
+    if not (query_match or category_match or title_score > 0.2):
+        r_type = 0.5
+    if title_score < 0.1:
+        r_type = 0.1
+    if title_score == 0.0:
+        r_type = 0.0
+    return r_type, query_match, category_match, title_score
+
+
+def _in_text(needle: str, product: Product) -> bool:
+    return (needle in product.title.lower() or needle in " ".join(product.bullet_points).lower()
+            or needle in product.description.lower())
+
+
+def attribute_matches(product: Product, goal: Goal) -> int:
+    n = 0
+    for wanted in goal.attributes:
+        if any(token_set_ratio(have, wanted) > FUZZY_THRESHOLD for have in product.attributes) or \
+                _in_text(wanted, product):
+            n += 1
+    return n
+
+
+def option_matches(product: Product, goal_options: list[str], chosen: dict[str, str]) -> int:
+    goal_values = [normalize_color(o) for o in goal_options]
+    n = 0
+    for name, value in chosen.items():
+        value = normalize_color(value)
+        if name.lower() in EXACT_MATCH_OPTIONS:
+            matched = value in goal_values
+        else:
+            matched = any(token_set_ratio(g, value) > FUZZY_THRESHOLD for g in goal_values)
+        if matched or _in_text(value, product):
+            n += 1
+    return n
+
+
+def reward(product: Product, goal: Goal, price: float, chosen_options: dict[str, str]) -> RewardInfo:
+    """The reward in [0, 1] for buying ``product`` at ``price`` with ``chosen_options`` under ``goal``."""
+    r_type, query_match, category_match, title_score = type_reward(product, goal)
+    goal_options = list(goal.goal_options.values()) if isinstance(goal.goal_options, dict) else list(goal.goal_options)
+    r_price = price <= goal.price_upper if goal.price_upper > 0 else None
+    n_attr = attribute_matches(product, goal)
+    n_opt = option_matches(product, goal_options, chosen_options)
+    total = (n_attr + n_opt + int(bool(r_price))) / (len(goal.attributes) + len(goal_options) + 1) * r_type
+    return RewardInfo(
+        reward=total,
+        r_type=r_type,
+        r_attribute=n_attr / len(goal.attributes) if goal.attributes else 0.0,
+        r_option=n_opt / len(goal_options) if goal_options else None,
+        r_price=r_price,
+        query_match=query_match,
+        category_match=category_match,
+        title_score=title_score,
+    )
