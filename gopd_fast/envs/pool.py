@@ -31,6 +31,7 @@ import importlib.util
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import threading
 import time
@@ -66,15 +67,56 @@ def _load_preload(preload: Sequence[str]) -> None:
             importlib.import_module(item)
 
 
+def _serve(envs: dict[int, Any], env_of: Any, slot: int, kind: str, payload: Any) -> tuple[str, Any]:
+    """Run one request on ``slot``'s env: ("ok", value), ("error", exception) or ("env_error", text)."""
+    try:
+        if kind == _RESET:
+            return "ok", env_of(slot).reset(payload)
+        if kind == _STEP:
+            return "ok", env_of(slot).step(payload)
+        if kind == _EXPERT:
+            return "ok", env_of(slot).expert_action()
+        if kind == _CALL:
+            name, args = payload
+            attr = getattr(env_of(slot), name)
+            return "ok", attr(*args) if callable(attr) else attr
+        if kind == _REPLAY:
+            task_id, actions = payload
+            env = env_of(slot)
+            last = env.reset(task_id)
+            for action in actions:
+                last = env.step(action)
+            return "ok", last.observation
+        env = envs.pop(slot, None)  # _DROP
+        if env is not None:
+            env.close()
+        return "ok", None
+    except EnvError as e:  # the env itself says it is broken: the pool restarts this worker
+        return "env_error", f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - bad input etc.: hand the exception to the caller's future
+        try:
+            pickle.dumps(e)
+            return "error", e
+        except Exception:  # noqa: BLE001 - unpicklable exception: send its text instead
+            return "error", RuntimeError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+
+
 def _worker_main(conn: Connection, env_name: str, env_options: dict, preload: Sequence[str]) -> None:
-    """Serve requests in order: (req_id, slot, kind, payload) -> (req_id, status, value)."""
+    """Serve requests in order. Each message is a list of (req_id, slot, kind, payload); each request is answered
+    by its own message (req_id, status, value) as soon as it is done, so the pool times every request exactly."""
     os.setsid()  # own process group: the pool kills the worker and everything it started (JVMs) in one call
     from gopd_fast.envs.base import make
 
-    _load_preload(preload)
+    try:
+        _load_preload(preload)
+        startup_error = None
+    except Exception as e:  # noqa: BLE001 - answered to every request below, so the caller sees why
+        startup_error = ImportError(f"EnvPool worker could not import preload {list(preload)}: {e!r}")
     envs: dict[int, Any] = {}
 
     def env_of(slot: int):
+        if startup_error is not None:
+            raise startup_error
         if slot not in envs:
             envs[slot] = make(env_name, **env_options)
         return envs[slot]
@@ -82,47 +124,13 @@ def _worker_main(conn: Connection, env_name: str, env_options: dict, preload: Se
     try:
         while True:
             try:
-                req_id, slot, kind, payload = conn.recv()
+                batch = conn.recv()
             except (EOFError, OSError):  # the pool (or its process) is gone
                 break
-            if kind is None:
+            if not batch:  # the shutdown message
                 break
-            try:
-                if kind == _RESET:
-                    value = env_of(slot).reset(payload)
-                elif kind == _STEP:
-                    value = env_of(slot).step(payload)
-                elif kind == _EXPERT:
-                    value = env_of(slot).expert_action()
-                elif kind == _CALL:
-                    name, args = payload
-                    attr = getattr(env_of(slot), name)
-                    value = attr(*args) if callable(attr) else attr
-                elif kind == _REPLAY:
-                    task_id, actions = payload
-                    env = env_of(slot)
-                    last = env.reset(task_id)
-                    for action in actions:
-                        last = env.step(action)
-                    value = last.observation
-                else:  # _DROP
-                    env = envs.pop(slot, None)
-                    if env is not None:
-                        env.close()
-                    value = None
-                status = "ok"
-            except EnvError as e:  # the env itself says it is broken: the pool restarts this worker
-                status, value = "env_error", f"{type(e).__name__}: {e}"
-            except Exception as e:  # noqa: BLE001 - bad input etc.: hand the exception to the caller's future
-                try:
-                    import pickle
-
-                    pickle.dumps(e)
-                    value = e
-                except Exception:  # noqa: BLE001 - unpicklable exception: send its text instead
-                    value = RuntimeError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-                status = "error"
-            conn.send((req_id, status, value))
+            for req_id, slot, kind, payload in batch:
+                conn.send((req_id, *_serve(envs, env_of, slot, kind, payload)))
     finally:
         for env in envs.values():
             try:
@@ -158,6 +166,8 @@ class _Worker:
     pending: collections.deque = field(default_factory=collections.deque)
     head_since: float = 0.0
     generation: int = 0
+    failures_in_a_row: int = 0     # restarts since the worker last answered anything
+    broken: str | None = None      # why the pool stopped restarting this worker
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -272,13 +282,18 @@ class EnvPool:
         slots = list(range(len(task_ids))) if slots is None else list(slots)
         if len(slots) != len(task_ids):
             raise ValueError(f"slots ({len(slots)}) and task_ids ({len(task_ids)}) must have the same length")
-        futures = [self.reset(s, t) for s, t in zip(slots, task_ids)]
+        if not all(isinstance(t, str) for t in task_ids):
+            raise TypeError("task_ids must be strs")
+        futures = self._submit_many([(s, _RESET, t, self.reset_timeout_s) for s, t in zip(slots, task_ids)])
         return [f.result() for f in futures]
 
     def step_many(self, actions: Mapping[int, str]) -> dict[int, StepResult]:
         """Step every slot of ``actions`` ({slot: action}) concurrently and wait for all."""
-        futures = {s: self.step(s, a) for s, a in actions.items()}
-        return {s: f.result() for s, f in futures.items()}
+        if not all(isinstance(a, str) for a in actions.values()):
+            raise TypeError("actions must map slots to str actions")
+        slots = list(actions)
+        futures = self._submit_many([(s, _STEP, actions[s], self.step_timeout_s) for s in slots])
+        return {s: f.result() for s, f in zip(slots, futures)}
 
     def episode_failures(self, slot: int) -> int:
         """Failures (worker crashes or hangs) the current episode of ``slot`` survived by replay."""
@@ -338,27 +353,44 @@ class EnvPool:
         w.head_since = time.monotonic()
 
     def _submit(self, slot: int, kind: str, payload: Any, timeout_s: float) -> Future:
-        self._check_slot(slot)
-        future: Future = Future()
-        w = self._workers[slot % self.num_workers]
-        with w.send_lock:
-            with self._lock:
-                if self._closing.is_set():
-                    raise RuntimeError("the EnvPool is closed")
-                self._next_id += 1
-                request = _Request(self._next_id, slot, kind, payload, future, timeout_s)
-                if not w.pending:
-                    w.head_since = time.monotonic()
-                w.pending.append(request)
-                conn = w.conn
-            self._send(conn, request)
-        self._wake()
-        return future
+        return self._submit_many([(slot, kind, payload, timeout_s)])[0]
+
+    def _submit_many(self, items: Sequence[tuple[int, str, Any, float]]) -> list[Future]:
+        """Queue requests (slot, kind, payload, timeout); one message per worker carries all of its requests."""
+        for slot, *_ in items:
+            self._check_slot(slot)
+        futures: list[Future] = [Future() for _ in items]
+        by_worker: dict[int, list[int]] = collections.defaultdict(list)
+        for i, (slot, *_) in enumerate(items):
+            by_worker[slot % self.num_workers].append(i)
+        wake = False
+        for index, positions in by_worker.items():
+            w = self._workers[index]
+            with w.send_lock:
+                with self._lock:
+                    if self._closing.is_set():
+                        raise RuntimeError("the EnvPool is closed")
+                    if w.broken is not None:
+                        for i in positions:
+                            futures[i].set_exception(EnvError(w.broken))
+                        continue
+                    if not w.pending:
+                        w.head_since, wake = time.monotonic(), True   # a new deadline for the dispatcher
+                    batch = []
+                    for i in positions:
+                        self._next_id += 1
+                        batch.append(_Request(self._next_id, *items[i][:3], futures[i], items[i][3]))
+                    w.pending.extend(batch)
+                    conn = w.conn
+                self._send(conn, batch)
+        if wake:
+            self._wake()
+        return futures
 
     @staticmethod
-    def _send(conn: Connection, r: _Request) -> None:
+    def _send(conn: Connection, requests: Sequence[_Request]) -> None:
         try:
-            conn.send((r.req_id, r.slot, r.kind, r.payload))
+            conn.send([(r.req_id, r.slot, r.kind, r.payload) for r in requests])
         except (OSError, ValueError):  # a dead worker: the dispatcher restarts it and sends again
             pass
 
@@ -374,8 +406,9 @@ class EnvPool:
             with self._lock:
                 if self._closing.is_set():
                     return
-                conns = {w.conn: w for w in self._workers}
-                sentinels = {w.proc.sentinel: w for w in self._workers}
+                live = [w for w in self._workers if w.broken is None]
+                conns = {w.conn: w for w in live}
+                sentinels = {w.proc.sentinel: w for w in live}
                 now = time.monotonic()
                 deadlines = [w.head_since + w.pending[0].timeout_s for w in self._workers if w.pending]
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
@@ -427,6 +460,7 @@ class EnvPool:
                 return  # an answer from before a restart
             r = w.pending.popleft()
             w.head_since = time.monotonic()
+            w.failures_in_a_row = 0
             episode = self._episodes.get(r.slot)
             if r.kind == _REPLAY:
                 if status != "ok":
@@ -473,47 +507,60 @@ class EnvPool:
                 w.index, w.proc.pid, why, f" ({detail})" if detail else "",
             )
             self._counts[{"crash": "crashes", "hang": "hangs", "env_error": "env_errors"}[why]] += 1
-            self._counts["restarts"] += 1
             _kill_group(w.proc)
             try:
                 w.conn.close()
             except OSError:
                 pass
-            self._start(w)
-            requests = [r for r in w.pending if r.kind != _REPLAY]
-            head = requests[0] if requests else None
-            w.pending.clear()
-            w.pending.extend(requests)
-            if head is not None and head.kind == _RESET:
-                # The failure hit a reset: its old episode (if any) is being replaced, nothing to replay.
-                self._episodes.pop(head.slot, None)
-                self._pending_failures[head.slot] += 1
-                if self._pending_failures[head.slot] > self.max_failures:
-                    settle += self._fail_episode(head.slot, f"more than max_failures={self.max_failures} failures")
-            replays = []
-            for slot in sorted(s for s in self._episodes if s % self.num_workers == w.index):
-                episode = self._episodes[slot]
-                episode.failures += 1
-                if episode.failures > self.max_failures:
-                    settle += self._fail_episode(slot, f"more than max_failures={self.max_failures} failures")
-                    continue
-                self._counts["replays"] += 1
-                self._next_id += 1
-                timeout = self.reset_timeout_s + self.step_timeout_s * len(episode.actions)
-                payload = (episode.task_id, list(episode.actions))
-                replays.append(_Request(self._next_id, slot, _REPLAY, payload, None, timeout))
-            w.pending.extendleft(reversed(replays))
-            w.head_since = time.monotonic()
-            for r in w.pending:
-                self._send(w.conn, r)
+            w.failures_in_a_row += 1
+            if w.failures_in_a_row > self.max_failures + 2:
+                # It dies before answering anything, again and again (a broken install?): stop restarting it.
+                w.broken = f"env worker {w.index} failed {w.failures_in_a_row} times in a row ({why}); not restarted"
+                logger.error(w.broken)
+                settle = [(r.future, EnvError(w.broken)) for r in w.pending]
+                w.pending.clear()
+                for slot in [s for s in self._episodes if s % self.num_workers == w.index]:
+                    del self._episodes[slot]
+            else:
+                self._restart(w, settle)
         _settle(settle)
+
+    def _restart(self, w: _Worker, settle: list[tuple[Future | None, Any]]) -> None:
+        """Start a fresh worker in place of ``w`` (locks held), replay its episodes, resend its requests."""
+        self._counts["restarts"] += 1
+        self._start(w)
+        requests = [r for r in w.pending if r.kind != _REPLAY]
+        head = requests[0] if requests else None
+        w.pending.clear()
+        w.pending.extend(requests)
+        if head is not None and head.kind == _RESET:
+            # The failure hit a reset: its old episode (if any) is being replaced, nothing to replay.
+            self._episodes.pop(head.slot, None)
+            self._pending_failures[head.slot] += 1
+            if self._pending_failures[head.slot] > self.max_failures:
+                settle += self._fail_episode(head.slot, f"more than max_failures={self.max_failures} failures")
+        replays = []
+        for slot in sorted(s for s in self._episodes if s % self.num_workers == w.index):
+            episode = self._episodes[slot]
+            episode.failures += 1
+            if episode.failures > self.max_failures:
+                settle += self._fail_episode(slot, f"more than max_failures={self.max_failures} failures")
+                continue
+            self._counts["replays"] += 1
+            self._next_id += 1
+            timeout = self.reset_timeout_s + self.step_timeout_s * len(episode.actions)
+            payload = (episode.task_id, list(episode.actions))
+            replays.append(_Request(self._next_id, slot, _REPLAY, payload, None, timeout))
+        w.pending.extendleft(reversed(replays))
+        w.head_since = time.monotonic()
+        self._send(w.conn, list(w.pending))
 
     @staticmethod
     def _shutdown_workers(workers: list[_Worker], wake_w: Connection, closing: threading.Event) -> None:
         closing.set()
         for w in workers:
             try:
-                w.conn.send((0, 0, None, None))
+                w.conn.send([])
             except (OSError, ValueError, AttributeError):
                 pass
         deadline = time.monotonic() + 5.0

@@ -179,3 +179,27 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_broken_preload_is_reported_not_restarted(tmp_path):
+    bad = tmp_path / "bad_plugin.py"
+    bad.write_text("raise RuntimeError('plugin exploded')\n")
+    with EnvPool("household", num_workers=1, preload=[str(bad)], **POOL_OPTS) as pool:
+        with pytest.raises(ImportError, match="plugin exploded"):
+            pool.reset(0, "household/train/0").result()
+        assert pool.stats().worker_restarts == 0
+
+
+def test_worker_dying_at_start_is_given_up_on(tmp_path):
+    dying = tmp_path / "dying_plugin.py"
+    dying.write_text("import os\nos._exit(7)\n")
+    with EnvPool("household", num_workers=1, max_failures=0, preload=[str(dying)], **POOL_OPTS) as pool:
+        with pytest.raises(EnvError):
+            pool.reset(0, "household/train/0").result(timeout=60)
+        deadline = time.monotonic() + 60
+        while pool.stats().crashes < 3 and time.monotonic() < deadline:   # it keeps dying while idle
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert pool.stats().crashes == 3 and pool.stats().worker_restarts == 2   # max_failures + 2, then stop
+        with pytest.raises(EnvError, match="in a row.*not restarted"):
+            pool.step(0, "look").result(timeout=5)
