@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
 

@@ -6,7 +6,7 @@ expert goes silent (``next_action() is None``) instead of suggesting actions tha
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def normalize_action(action: str) -> str:

@@ -13,17 +13,19 @@ failures bounded and visible:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import subprocess
 import threading
 import weakref
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from gopd_fast.envs.base import EnvError
 
 H = TypeVar("H")  # the package's env object (ScienceWorldEnv, TextWorldExpressEnv)
 R = TypeVar("R")
 
-_LIVE: "weakref.WeakSet[JavaSimulator]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[JavaSimulator] = weakref.WeakSet()
 
 
 def _default_process_of(handle: object) -> subprocess.Popen:
@@ -137,13 +139,11 @@ class JavaSimulator(Generic[H]):
                     stream.close()
         if handle is not None:
             gateway = getattr(handle, "_gateway", None)
-            try:
-                if gateway is not None:
-                    # close(), not shutdown(): shutdown() would try to send a command to the dead JVM.
+            if gateway is not None:
+                # close(), not shutdown(): shutdown() would try to send a command to the dead JVM.
+                with contextlib.suppress(Exception):  # sockets already broken: nothing left to release
                     gateway.close()
                     gateway.shutdown_callback_server()
-            except Exception:  # the JVM is gone already; nothing left to release on its side
-                pass
             # The packages' __del__ calls close() again, which would write to the dead JVM's stdin.
             handle.close = lambda: None  # type: ignore[method-assign]
 

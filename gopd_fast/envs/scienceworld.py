@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import random
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
 from gopd_fast.envs.gold_path import GoldPath
@@ -192,7 +193,7 @@ class ScienceWorld(TextEnv):
         observation, raw, completed, admissible = self._sim.call(act)
         self._gold.observe(command)
         self.turns += 1
-        raw_score = int(round(100 * raw))
+        raw_score = round(100 * raw)
         failed = raw_score < 0  # ScienceWorld reports -100 when the task can no longer be solved
         score = 0.0 if failed else float(min(max(raw_score, 0), 100))
         success = raw_score >= 100

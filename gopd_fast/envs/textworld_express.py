@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import random
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
 from gopd_fast.envs.gold_path import GoldPath

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("alfworld", reason="the alfworld package is not installed")
 pytest.importorskip("fast_downward", reason="ALFWorld's text engine needs fast_downward (textworld[pddl])")
 
-from gopd_fast.envs import make  # noqa: E402
+from gopd_fast.envs import make
 
 
 def _mangle(name: str) -> str:  # ALFWorld's object-id encoding (PlannedGameState.fix_pddl_str_chars)
@@ -27,7 +27,7 @@ def write_game(root: Path, split: str, task_type: str, obj: str, recep: str, tri
                extra_receps: tuple[str, ...] = (), solvable: bool = True, goal_text: str) -> Path:
     """One ALFWorld game: ``obj`` starts on a countertop, the goal is of ``task_type`` with target ``recep``."""
     import alfworld.gen.goal_library as glib
-    import alfworld.info as info
+    from alfworld import info
 
     game_dir = root / "json_2.1.1" / split / f"{task_type}-{obj}-None-{recep}-1" / trial
     game_dir.mkdir(parents=True)
@@ -36,7 +36,7 @@ def write_game(root: Path, split: str, task_type: str, obj: str, recep: str, tri
     counter = _mangle("CounterTop|-01.00|+00.95|-01.00")
     locs = {r: f"loc_bar__minus_{4 * (i + 2)}_bar__minus_4_bar_2_bar_30" for i, r in enumerate(receps)}
     counter_loc, start_loc = "loc_bar__minus_4_bar__minus_4_bar_3_bar_60", "loc_bar_0_bar_0_bar_0_bar_30"
-    objects = [f"agent1 - agent", f"{obj}Type - otype", "CounterTopType - rtype", f"{o} - object",
+    objects = ["agent1 - agent", f"{obj}Type - otype", "CounterTopType - rtype", f"{o} - object",
                f"{counter} - receptacle", f"{counter_loc} - location", f"{start_loc} - location"]
     objects += [f"{r}Type - rtype" for r in receps] + [f"{rid} - receptacle" for rid in receps.values()]
     objects += [f"{loc} - location" for loc in locs.values()]
@@ -50,8 +50,9 @@ def write_game(root: Path, split: str, task_type: str, obj: str, recep: str, tri
         if r in ("Fridge", "Microwave"):
             init.append(f"(openable {rid})")
     goal = glib.gdict[task_type]["pddl"].format(obj=obj, recep=recep, toggle="", mrecep="").replace("#", "-")
-    problem = ("(define (problem plan_%s)\n(:domain alfred)\n(:objects\n%s\n)\n(:init\n%s\n)\n%s"
-               % (trial, "\n".join(objects), "\n".join(init), goal))
+    newline = "\n"
+    problem = (f"(define (problem plan_{trial})\n(:domain alfred)\n(:objects\n{newline.join(objects)}\n)\n"
+               f"(:init\n{newline.join(init)}\n)\n{goal}")
     (game_dir / "initial_state.pddl").write_text(problem)
     traj = {"task_type": task_type, "pddl_params": {"object_target": obj, "parent_target": recep,
             "toggle_target": "", "mrecep_target": "", "object_sliced": False},

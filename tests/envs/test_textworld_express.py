@@ -33,7 +33,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _java_children() -> set[int]:
-    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "java"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "java"], capture_output=True, text=True, check=False).stdout
     return {int(p) for p in out.split()}
 
 
@@ -166,7 +166,7 @@ def test_interpreter_exit_kills_the_jvm(tmp_path):
               "e = make('textworld-express', games=['coin'])\n"
               "e.reset(e.tasks('train')[0])\n"
               "print(e.jvm.pid)\n")
-    out = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     pid = int(out.stdout.split()[-1])
     deadline = time.monotonic() + 5

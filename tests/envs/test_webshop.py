@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("bm25s", reason="WebShop search needs bm25s")
 
-from gopd_fast.envs import make  # noqa: E402
-from gopd_fast.envs.webshop import split_indices  # noqa: E402
-from gopd_fast.envs.webshop.data import parse_pricing  # noqa: E402
-from gopd_fast.envs.webshop.reward import _indel_ratio, token_set_ratio  # noqa: E402
+from gopd_fast.envs import make
+from gopd_fast.envs.webshop import split_indices
+from gopd_fast.envs.webshop.data import parse_pricing
+from gopd_fast.envs.webshop.reward import _indel_ratio, token_set_ratio
 
 COLORS = ["red", "navy blue", "black", "white", "green", "grey", "pink", "yellow", "brown", "purple", "orange", "teal"]
 

@@ -20,7 +20,15 @@ from typing import Any
 from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
 from gopd_fast.envs.webshop.data import Goal, Product, load_goals, load_products, product_prices
 from gopd_fast.envs.webshop.pages import (
-    BACK_TO_SEARCH, BUY_NOW, NEXT_PAGE, PREV_PAGE, SUB_PAGES, Session, clickables, render, results_window,
+    BACK_TO_SEARCH,
+    BUY_NOW,
+    NEXT_PAGE,
+    PREV_PAGE,
+    SUB_PAGES,
+    Session,
+    clickables,
+    render,
+    results_window,
 )
 from gopd_fast.envs.webshop.reward import reward, token_set_ratio
 from gopd_fast.envs.webshop.search import ProductSearch
@@ -38,7 +46,7 @@ def split_indices(n_goals: int) -> dict[str, list[int]]:
     return {
         "train": [i for i in range(1500, n_goals) if i not in held],
         "validation": list(range(500, min(1500, n_goals))),
-        "test": list(range(0, min(500, n_goals))),
+        "test": list(range(min(500, n_goals))),
         "eval": eval_ids,
     }
 

@@ -32,8 +32,7 @@ COLORS = (
     "multicolor", "mustard", "navy", "nude", "olive", "orange", "peach", "pink", "plum", "purple", "red",
     "rose", "rust", "sand", "silver", "tan", "taupe", "teal", "turquoise", "violet", "white", "wine", "yellow",
 )
-_STOPWORDS = frozenset("""a an and are as at be by for from has have in is it its of on or that the this to with
-without your you pack set pcs piece pieces count inch inches oz ounce ounces lb lbs x""".split())
+_STOPWORDS = frozenset(["a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "has", "have", "in", "is", "it", "its", "of", "on", "or", "that", "the", "this", "to", "with", "without", "your", "you", "pack", "set", "pcs", "piece", "pieces", "count", "inch", "inches", "oz", "ounce", "ounces", "lb", "lbs", "x"])
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def token_set_ratio(a: str, b: str) -> int:
     candidates = [_indel_ratio(with_a, with_b)]
     if shared:
         candidates += [_indel_ratio(shared, with_a), _indel_ratio(shared, with_b)]
-    return int(round(max(candidates)))
+    return round(max(candidates))
 
 
 def normalize_color(value: str) -> str:
@@ -94,10 +93,9 @@ def normalize_color(value: str) -> str:
 def _spacy_model() -> Any:
     try:
         import spacy
-
-        return spacy.load("en_core_web_lg") if spacy.util.is_package("en_core_web_lg") else None
-    except Exception:  # spaCy missing or broken: fall back to the heuristic
+    except ImportError:
         return None
+    return spacy.load("en_core_web_lg") if spacy.util.is_package("en_core_web_lg") else None
 
 
 @functools.lru_cache(maxsize=65536)

@@ -7,7 +7,7 @@ there is no Porter stemming (bm25s would need PyStemmer), so "shoes" does not ma
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ SEARCH_RETURN_N = 50  # results per search, as in the original
 def product_document(p: Product) -> str:
     option_text = ", and ".join(f"{name}: {', '.join(values)}" for name, values in p.options.items())
     first_bullet = p.bullet_points[0] if p.bullet_points else ""
-    return " ".join([p.title, p.description, first_bullet, option_text]).lower()
+    return f"{p.title} {p.description} {first_bullet} {option_text}".lower()
 
 
 class ProductSearch:
