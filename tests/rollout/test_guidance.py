@@ -1,6 +1,7 @@
 """Per-turn guidance coin and action parsing (gopd_fast.rollout.guidance)."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -32,8 +33,8 @@ def test_coins_are_independent_across_turns_and_episodes():
     """Lag-1 agreement between consecutive turns and between paired episodes matches independence (p^2 + q^2)."""
     beta, eps = 0.5, _draws(0.5, 300, 20, seed=3)
     n_turn = sum(len(e) - 1 for e in eps)
-    same_turn = sum(a == b for e in eps for a, b in zip(e, e[1:])) / n_turn
-    same_ep = sum(a == b for e1, e2 in zip(eps, eps[1:]) for a, b in zip(e1, e2)) / (len(eps[0]) * (len(eps) - 1))
+    same_turn = sum(a == b for e in eps for a, b in itertools.pairwise(e)) / n_turn
+    same_ep = sum(a == b for e1, e2 in itertools.pairwise(eps) for a, b in zip(e1, e2)) / (len(eps[0]) * (len(eps) - 1))
     expected = beta**2 + (1 - beta) ** 2
     for value, n in ((same_turn, n_turn), (same_ep, len(eps[0]) * (len(eps) - 1))):
         assert abs(value - expected) <= 5 * math.sqrt(expected * (1 - expected) / n)

@@ -1,6 +1,8 @@
 """Append-only token histories and chat-template pieces (gopd_fast.rollout.history)."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from gopd_fast.rollout.episode import Role
@@ -83,7 +85,7 @@ def test_history_is_append_only_and_token_exact(tokenizer):
         assert h.token_ids[span[0]:span[1]] == resp
         h.add_observation(chat.piece_after(resp, OBS[k + 1]))
         prompts.append(h.prompt())
-    for before, after in zip(prompts, prompts[1:]):
+    for before, after in itertools.pairwise(prompts):
         assert after[:len(before)] == before                   # every prompt extends the previous one
     assert h.turn_roles == [Role.STUDENT, Role.TEACHER]
     assert [h.roles[i] for i in range(*h.turn_spans[0])] == [Role.STUDENT] * len(responses[0])
