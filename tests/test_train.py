@@ -101,9 +101,9 @@ def _engine_run(models, out, *extra):
 def test_guided_opd_end_to_end_with_eval_logging_and_export(models, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    result = _engine_run(models, tmp_path / "gopd", "curriculum.ratio=1.0", "run.eval_every=1")
+    result = _engine_run(models, tmp_path / "gopd", "run.eval_every=1")
     train, evals = _records(tmp_path / "gopd"), _records(tmp_path / "gopd", "eval")
-    assert [r["beta"] for r in train] == [1.0, pytest.approx(0.0)]          # cosine over a 2-step window
+    assert [r["beta"] for r in train] == [1.0, 0.0]      # cosine window int(2 * 0.8) = 1 step
     assert train[0]["teacher_turn_fraction"] == 1.0 and train[1]["teacher_turn_fraction"] == 0.0
     for key in ("loss", "loss_student", "loss_teacher", "reverse_kl", "forward_kl", "grad_norm", "lr",
                 "tokens_per_s", "time_rollout", "time_forward", "time_loss", "time_backward", "time_sync",
@@ -135,17 +135,17 @@ def trainer_and_batch(models):
     from gopd_fast.rollout.history import ChatFormat
     from gopd_fast.train import Trainer, expert_episode, load_models, make_env
 
-    cfg = load_config(None, models + ["optim.lr=3e-3", "env.max_turns=6"])
+    cfg = load_config(None, models + ["optim.lr=3e-3", "env.max_turns=4"])
     student, teacher, tok = load_models(cfg, CPU)
     env = make_env(cfg)
-    episodes = [expert_episode(env, t, ChatFormat(tok), tok.eos_token_id) for t in env.tasks("train")[:3]]
+    episodes = [expert_episode(env, t, ChatFormat(tok), tok.eos_token_id) for t in env.tasks("train")[:2]]
     return Trainer(cfg, CPU, student, teacher, pad_token_id=tok.pad_token_id), episodes
 
 
 def test_loss_on_a_fixed_batch_decreases(trainer_and_batch):
     trainer, episodes = trainer_and_batch
-    losses = [trainer.step(episodes)["loss"] for _ in range(6)]
-    assert losses[-1] < 0.7 * losses[0], losses
+    losses = [trainer.step(episodes)["loss"] for _ in range(5)]
+    assert losses[-1] < 0.8 * losses[0], losses
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 
