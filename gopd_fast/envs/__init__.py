@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 
 from gopd_fast.envs.base import EnvError, Reset, StepResult, TextEnv, make, register, registered
+from gopd_fast.envs.evaluate import ORACLE, EvalReport, evaluate
+from gopd_fast.envs.pool import EnvPool, PoolStats
 
 # name -> module that registers it; imported lazily so optional packages are only needed when used.
 _BUILTIN = {
@@ -22,4 +24,7 @@ def _load_builtin(name: str) -> None:
         importlib.import_module(_BUILTIN[name])
 
 
-__all__ = ["EnvError", "Reset", "StepResult", "TextEnv", "make", "register", "registered"]
+__all__ = [
+    "ORACLE", "EnvError", "EnvPool", "EvalReport", "PoolStats", "Reset", "StepResult", "TextEnv", "evaluate", "make",
+    "register", "registered",
+]

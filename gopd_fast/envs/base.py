@@ -108,7 +108,11 @@ def make(name: str, **options: Any) -> TextEnv:
     alfworld...) only fails when that env is asked for, with a message that says what to install."""
     from gopd_fast.envs import _load_builtin  # registers the built-in envs on first use
 
+    if not isinstance(name, str):
+        raise TypeError(f"environment name must be a str, got {type(name).__name__}")
     _load_builtin(name)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown environment {name!r}; known: {', '.join(registered())}")
+        from gopd_fast.envs import _BUILTIN
+
+        raise ValueError(f"unknown environment {name!r}; known: {', '.join(sorted(set(_REGISTRY) | set(_BUILTIN)))}")
     return _REGISTRY[name](**options)
