@@ -1,0 +1,77 @@
+"""Trainer benchmarks on CPU: one optimizer step's time by phase, and whole-episode scoring vs per-turn re-prefill.
+
+Data: household expert episodes (oracle turns, tokenised with the locally trained tokenizer through the rollout's
+append-only history), tiny local Qwen3 student and teacher built on first use.
+
+1. ``test_train_step``: ``Trainer.step`` on 8 episodes (pack -> student + teacher forward -> fused KL -> backward
+   -> AdamW). ``extra_info`` holds the mean seconds per phase (forward, loss, backward, optim).
+2. ``test_episode_scoring``: scoring one batch of episodes with both models, as ONE forward per episode (packed)
+   vs one forward per turn with the whole history re-prefilled. ``extra_info`` holds the positions each model
+   scores per step for both; positions grow O(turns) vs O(turns^2).
+
+    .venv/bin/python -m pytest bench/test_bench_train.py --benchmark-enable -s
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gopd_fast.config import load_config
+from gopd_fast.distributed import DistInfo
+from gopd_fast.packing import pack_episodes, per_turn_reprefill_tokens, whole_episode_tokens
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from gopd_fast.rollout.history import ChatFormat
+    from gopd_fast.train import Trainer, ensure_tiny_models, expert_episode, load_models, make_env
+
+    root = tmp_path_factory.mktemp("bench-train")
+    cfg = load_config(None, [f"model.student={root}/student", f"model.teacher={root}/teacher", "env.max_turns=12",
+                             "packing.max_tokens_per_row=1024"])
+    ensure_tiny_models(cfg, CPU)
+    student, teacher, tok = load_models(cfg, CPU)
+    env = make_env(cfg)
+    episodes = [expert_episode(env, t, ChatFormat(tok), tok.eos_token_id) for t in env.tasks("train")[:8]]
+    return Trainer(cfg, CPU, student, teacher, pad_token_id=tok.pad_token_id), episodes, tok
+
+
+def test_train_step(benchmark, setup):
+    trainer, episodes, _ = setup
+    records = []
+    benchmark.pedantic(lambda: records.append(trainer.step(episodes)), rounds=3, iterations=1, warmup_rounds=1)
+    phases = ("time_forward", "time_loss", "time_backward", "time_optim")
+    mean = {k: sum(r[k] for r in records) / len(records) for k in phases}
+    benchmark.extra_info.update(mean, tokens_scored=records[-1]["tokens_scored"],
+                                loss_tokens=records[-1]["loss_tokens"], episodes=len(episodes))
+    print("\ntrain step phases (s):", {k: round(v, 4) for k, v in mean.items()},
+          "tokens scored:", records[-1]["tokens_scored"])
+
+
+@pytest.mark.parametrize("mode", ["whole_episode", "per_turn_reprefill"])
+def test_episode_scoring(benchmark, setup, mode):
+    trainer, episodes, tok = setup
+    models = (trainer.student.model, trainer.teacher.model)
+
+    @torch.no_grad()
+    def whole():
+        batch = pack_episodes(episodes, 1024, tok.pad_token_id)
+        for m in models:
+            m(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+
+    @torch.no_grad()
+    def per_turn():
+        for ep in episodes:
+            for _, end in ep.turn_spans:
+                ids = torch.tensor([ep.token_ids[:end]])
+                for m in models:
+                    m(input_ids=ids, use_cache=False)
+
+    benchmark.pedantic(whole if mode == "whole_episode" else per_turn, rounds=3, iterations=1, warmup_rounds=1)
+    scored = sum(whole_episode_tokens(e) if mode == "whole_episode" else per_turn_reprefill_tokens(e)
+                 for e in episodes)
+    turns = sum(len(e.turn_spans) for e in episodes)
+    benchmark.extra_info.update(positions_per_model=scored, episodes=len(episodes), turns=turns)
+    print(f"\n{mode}: {scored} positions per model for {len(episodes)} episodes / {turns} turns")
