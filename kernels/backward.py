@@ -6,10 +6,16 @@ Two schedules with the same math (``logit_tiles.grad_logit_tile``):
   its student and teacher logit tiles once, forms dz, and adds dz @ W_s[tile] into grad_h and dz^T @ h_s[tile]
   into grad_W with fp32 atomics (``tl.atomic_add``). Programs are grouped GROUP_N token tiles at a time so that the
   weight tiles they share stay in L2. Summation order varies run to run, so results vary in the last bits.
-* ``deterministic``: no atomics. The vocabulary is walked in chunks; a kernel writes dz for all N tokens x one
-  chunk (at most ``tiling.DETERMINISTIC_CHUNK_BYTES``), then two matmuls finish the chunk: grad_W[chunk] =
-  dz^T @ h_s (the whole token reduction in one GEMM, written once) and grad_h += dz @ W_s[chunk] (chunks added in
-  a fixed order). Same-shape GEMMs are deterministic, so repeated runs agree bit for bit.
+* ``deterministic``: no atomics and no fp32 gradient accumulators. Two passes, each writing every gradient
+  element once from a complete reduction done by one GEMM: pass 1 walks token chunks, a kernel writes dz for the
+  chunk x all V (16-bit operand dtype) and grad_h[chunk] = dz @ W_s; pass 2 walks vocabulary chunks, a kernel
+  writes dz for all N x the chunk (fp32, for the bias sum) and grad_W[chunk] = dz^T @ h_s, grad_b[chunk] =
+  sum_i dz. Each dz buffer stays within ``tiling.DETERMINISTIC_CHUNK_BYTES`` (64 MiB), so the extra memory is
+  below 1% of the N x V fp32 logits at the benchmark's large shapes, at the price of recomputing the logit tiles
+  twice. Same-shape GEMMs are deterministic, so repeated runs agree bit for bit.
+
+The atomic schedule recomputes the logits once but accumulates grad_h [N, Ds] and grad_W [V, Ds] in fp32 buffers
+(extra memory (N + V) x Ds x 4 bytes): faster in FLOPs, heavier in memory.
 
 dz is rounded to the input dtype only as an operand of the gradient matmuls (as in every bf16 backward); the
 logits and dz themselves are fp32. Tiles whose gradient is negligible are not skipped (CCE's filter): for a KL the
@@ -98,19 +104,21 @@ def _backward_atomic_kernel(
 def _grad_logits_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
     lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr, dz_ptr,
-    N, V, Ds, Dt, v_lo, width, inv_temp, log_beta, log_one_minus_beta,
+    N, V, Ds, Dt, n_lo, height, v_lo, width, inv_temp, log_beta, log_one_minus_beta,
     stride_hs, stride_ws, stride_ht, stride_wt,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, IS_JSD: tl.constexpr,
     PREC_S: tl.constexpr, PREC_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dz[:, j] = dL/dz[:, v_lo + j] for j < width, written to a contiguous [N, width] fp32 buffer."""
+    """dz[i, j] = dL/dz[n_lo + i, v_lo + j] for i < height, j < width, into a contiguous [height, width] buffer
+    (stored in the buffer's dtype)."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows = n_lo + local_rows
     cols = v_lo + local
-    row_mask = rows < N
+    row_mask = (local_rows < height) & (rows < N)
     col_mask = (local < width) & (cols < V)
     zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_mask, col_mask, Ds, stride_hs, stride_ws,
                     inv_temp, HAS_BS, BLOCK_N, BLOCK_V, BLOCK_D, PREC_S)
@@ -125,21 +133,12 @@ def _grad_logits_kernel(
         tl.load(kl_ptr + rows, mask=row_mask, other=0.0),
         log_beta, log_one_minus_beta, IS_JSD,
     )
-    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * width + local[None, :], dz,
+    tl.store(dz_ptr + local_rows.to(tl.int64)[:, None] * width + local[None, :], dz,
              mask=row_mask[:, None] & col_mask[None, :])
 
 
 _backward_atomic = autotuned(_backward_atomic_kernel, reset_to_zero=["grad_h_ptr", "grad_w_ptr", "grad_b_ptr"])
 _grad_logits = autotuned(_grad_logits_kernel)
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result that was never rounded to a 16-bit dtype."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
 
 
 def kl_backward(
@@ -207,37 +206,56 @@ def kl_backward(
     )
 
 
-def deterministic_chunk(n_tokens: int, vocab: int) -> int:
-    """Vocabulary columns per deterministic chunk: fp32 dz plus its 16-bit copy fit the chunk byte budget."""
-    align = tiling.INTERPRETER_CONFIG.block_v if tiling.interpreting() else tiling.SPLIT_ALIGN
-    columns = tiling.DETERMINISTIC_CHUNK_BYTES // (6 * max(n_tokens, 1))
-    return min(max(align, columns // align * align), vocab)
+def _chunk(budget_bytes: int, bytes_per_unit: int, align: int, limit: int) -> int:
+    """Largest multiple of ``align`` (at least ``align``) units within the byte budget, capped at ``limit``."""
+    units = budget_bytes // max(bytes_per_unit, 1)
+    return min(max(align, units // align * align), limit)
+
+
+def deterministic_chunks(n_tokens: int, vocab: int, operand_bytes: int) -> tuple[int, int]:
+    """(tokens per pass-1 chunk, vocabulary columns per pass-2 chunk) within ``tiling.DETERMINISTIC_CHUNK_BYTES``."""
+    config = tiling.INTERPRETER_CONFIG if tiling.interpreting() else None
+    align_n = config.block_n if config else max(c.block_n for c in tiling.GPU_CONFIGS)
+    align_v = config.block_v if config else tiling.SPLIT_ALIGN
+    budget = tiling.DETERMINISTIC_CHUNK_BYTES
+    rows = _chunk(budget, vocab * operand_bytes, align_n, n_tokens)
+    columns = _chunk(budget, n_tokens * (4 + (0 if operand_bytes == 4 else operand_bytes)), align_v, vocab)
+    return rows, columns
 
 
 def _backward_deterministic(tensors, strides, flags, scalars, n_tokens, vocab, ds, dt,
                             need_grad_h, need_grad_w, need_grad_b):
     student_hidden, student_weight = tensors[0], tensors[1]
-    device = student_hidden.device
-    chunk = deterministic_chunk(n_tokens, vocab)
-    dz_buffer = new_output((n_tokens * chunk,), torch.float32, device)
-    grad_h = torch.zeros((n_tokens, ds), dtype=torch.float32, device=device) if need_grad_h else None
-    grad_w = new_output((vocab, ds), student_weight.dtype, device) if need_grad_w else None
-    grad_b = new_output((vocab,), torch.float32, device) if need_grad_b else None
-    for v_lo in range(0, vocab, chunk):
-        width = min(chunk, vocab - v_lo)
-        dz = dz_buffer[: n_tokens * width].view(n_tokens, width)
+    device, op_dtype = student_hidden.device, student_hidden.dtype
+    rows, columns = deterministic_chunks(n_tokens, vocab, student_hidden.element_size())
 
-        def grid(cfg, width=width):
-            return (triton.cdiv(n_tokens, cfg["BLOCK_N"]), triton.cdiv(width, cfg["BLOCK_V"]))
+    def grad_logits(dz, n_lo, height, v_lo, width):
+        def grid(cfg):
+            return (triton.cdiv(height, cfg["BLOCK_N"]), triton.cdiv(width, cfg["BLOCK_V"]))
 
-        _grad_logits[grid](
-            *tensors, dz, n_tokens, vocab, ds, dt, v_lo, width, *scalars, *strides, **flags, **launch_meta(),
-        )
-        dz_op = dz.to(student_hidden.dtype)
-        if need_grad_b:
-            grad_b[v_lo: v_lo + width] = dz.sum(0)
-        if need_grad_w:
-            grad_w[v_lo: v_lo + width] = _mm_fp32(dz_op.T, student_hidden)
-        if need_grad_h:
-            grad_h += _mm_fp32(dz_op, student_weight[v_lo: v_lo + width].to(student_hidden.dtype))
+        _grad_logits[grid](*tensors, dz, n_tokens, vocab, ds, dt, n_lo, height, v_lo, width, *scalars, *strides,
+                           **flags, **launch_meta())
+
+    grad_h = grad_w = grad_b = None
+    if need_grad_h:  # pass 1: token chunks x the whole vocabulary
+        grad_h = new_output((n_tokens, ds), op_dtype, device)
+        weight = student_weight if student_weight.dtype == op_dtype else student_weight.to(op_dtype)
+        buffer = new_output((rows * vocab,), op_dtype, device)
+        for n_lo in range(0, n_tokens, rows):
+            height = min(rows, n_tokens - n_lo)
+            dz = buffer[: height * vocab].view(height, vocab)
+            grad_logits(dz, n_lo, height, 0, vocab)
+            torch.mm(dz, weight, out=grad_h[n_lo: n_lo + height])
+    if need_grad_w or need_grad_b:  # pass 2: all tokens x vocabulary chunks
+        grad_w = new_output((vocab, ds), student_weight.dtype, device) if need_grad_w else None
+        grad_b = new_output((vocab,), torch.float32, device) if need_grad_b else None
+        buffer = new_output((n_tokens * columns,), torch.float32, device)
+        for v_lo in range(0, vocab, columns):
+            width = min(columns, vocab - v_lo)
+            dz = buffer[: n_tokens * width].view(n_tokens, width)
+            grad_logits(dz, 0, n_tokens, v_lo, width)
+            if need_grad_b:
+                grad_b[v_lo: v_lo + width] = dz.sum(0)
+            if need_grad_w:
+                grad_w[v_lo: v_lo + width] = dz.to(op_dtype).T @ student_hidden
     return grad_h, grad_w, grad_b

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from gopd_fast.kernels import tiling
-from gopd_fast.kernels.backward import deterministic_chunk
+from gopd_fast.kernels.backward import deterministic_chunks
 
 
 @pytest.mark.parametrize("n_tokens,vocab", [(1, 1), (37, 203), (1024, 151936), (16384, 151936), (5, 64)])
@@ -15,13 +15,15 @@ def test_vocab_splits_cover_vocab_without_empty_splits(n_tokens, vocab):
     assert (splits - 1) * per_split < vocab <= splits * per_split
 
 
-def test_deterministic_chunk_respects_budget(monkeypatch):
-    monkeypatch.setattr(tiling, "DETERMINISTIC_CHUNK_BYTES", 37 * 6 * 70)
-    align = tiling.INTERPRETER_CONFIG.block_v if tiling.interpreting() else tiling.SPLIT_ALIGN
-    chunk = deterministic_chunk(37, 10_000)
-    assert chunk % align == 0 and chunk >= align
-    assert chunk == align * max(1, 70 // align)
-    assert deterministic_chunk(37, 5) == 5
+def test_deterministic_chunks_respect_budget(monkeypatch):
+    monkeypatch.setattr(tiling, "DETERMINISTIC_CHUNK_BYTES", 2**20)
+    cfg = tiling.INTERPRETER_CONFIG if tiling.interpreting() else None
+    align_n = cfg.block_n if cfg else max(c.block_n for c in tiling.GPU_CONFIGS)
+    align_v = cfg.block_v if cfg else tiling.SPLIT_ALIGN
+    rows, columns = deterministic_chunks(n_tokens=10_000, vocab=3000, operand_bytes=2)
+    assert rows % align_n == 0 and rows * 3000 * 2 <= 2**20
+    assert columns % align_v == 0 and 10_000 * columns * 6 <= 2**20 or columns == align_v
+    assert deterministic_chunks(n_tokens=5, vocab=7, operand_bytes=4) == (5, 7)  # capped at the problem
 
 
 def test_dot_precision_keeps_fp32_exact():
