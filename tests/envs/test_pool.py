@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -203,3 +204,25 @@ def test_worker_dying_at_start_is_given_up_on(tmp_path):
         assert pool.stats().crashes == 3 and pool.stats().worker_restarts == 2   # max_failures + 2, then stop
         with pytest.raises(EnvError, match="in a row.*not restarted"):
             pool.step(0, "look").result(timeout=5)
+
+
+def test_interpreter_exit_without_close_leaks_nothing(tmp_path):
+    """A script that forgets close(): the pool's exit hook still stops the worker and the child it started."""
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "from gopd_fast.envs.pool import EnvPool\n"
+        "if __name__ == '__main__':\n"
+        f"    pool = EnvPool('test-flaky', {{'child_pid_file': {str(pid_file)!r}}}, num_workers=1,\n"
+        f"                   preload=[{HERE!r}], reset_timeout_s=120)\n"
+        "    pool.reset(0, 'count/0').result()\n"
+        "    print(pool.worker_pids()[0], flush=True)\n"
+    )
+    path = tmp_path / "forgetful.py"
+    path.write_text(script)
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, check=True)
+    worker, child = int(out.stdout.split()[-1]), int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while (_alive(child) or _alive(worker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker) and not _alive(child), out.stderr
+    assert "restarting" not in out.stderr      # the exit hook stopped the pool first, not crash recovery
