@@ -53,8 +53,8 @@ def render(rows: list[dict]) -> str:
     device = next((r.get("device") for r in rows if r.get("device")), "unknown device")
     lines = [f"Device: {device}. bf16 dense matmul rate (8192^3 torch.mm): "
              f"{_fmt(rate, '.0f')} TFLOP/s." if rate else f"Device: {device}. Matmul rate not measured.", ""]
-    lines += ["| N | Ds | Dt | objective | impl | median ms | useful TFLOP/s | x floor | peak extra MiB "
-              "| % of N·V·4 | x triton |",
+    lines += [("| N | Ds | Dt | objective | impl | median ms | useful TFLOP/s | x floor | peak extra MiB "
+               "| % of N·V·4 | x triton |"),
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     triton_ms = {tuple(r[k] for k in CASE_KEYS): r["median_ms"] for r in cases if r["impl"] == "triton"}
 

@@ -125,7 +125,9 @@ def run_case(benchmark, monkeypatch, impl, objective, n, ds, dt, vocab):
     def clear_grads():
         hs.grad = ws.grad = None
 
-    peak_extra = None
+    peak_extra, oom = None, None
+    if HAS_CUDA:
+        torch.cuda.empty_cache()
     try:
         step()  # compile / autotune outside the measurement
         clear_grads()
@@ -140,7 +142,11 @@ def run_case(benchmark, monkeypatch, impl, objective, n, ds, dt, vocab):
         benchmark.pedantic(step, setup=clear_grads, rounds=ROUNDS if HAS_CUDA else 1, iterations=1,
                            warmup_rounds=1 if HAS_CUDA else 0)
     except torch.cuda.OutOfMemoryError as err:
-        pytest.skip(f"out of memory: {str(err).splitlines()[0]}")
+        oom = str(err).splitlines()[0]  # skip outside the handler, so the traceback's tensors are freed first
+    if oom is not None:
+        clear_grads()
+        torch.cuda.empty_cache()
+        pytest.skip(f"out of memory: {oom}")
     info = {
         "impl": impl, "objective": objective, "N": n, "Ds": ds, "Dt": dt, "V": vocab,
         "dtype": str(dtype).removeprefix("torch."), "peak_extra_mib": peak_extra,
