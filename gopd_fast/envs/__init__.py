@@ -4,8 +4,6 @@ from __future__ import annotations
 import importlib
 
 from gopd_fast.envs.base import EnvError, Reset, StepResult, TextEnv, make, register, registered
-from gopd_fast.envs.evaluate import ORACLE, EvalReport, evaluate
-from gopd_fast.envs.pool import EnvPool, PoolStats
 
 # name -> module that registers it; imported lazily so optional packages are only needed when used.
 _BUILTIN = {
@@ -22,6 +20,21 @@ def _load_builtin(name: str) -> None:
 
     if name in _BUILTIN and name not in _REGISTRY:
         importlib.import_module(_BUILTIN[name])
+
+
+# Imported on first use, so ``python -m gopd_fast.envs.evaluate`` does not import its own module twice.
+_LAZY = {
+    "ORACLE": "gopd_fast.envs.evaluate", "EvalReport": "gopd_fast.envs.evaluate", "evaluate": "gopd_fast.envs.evaluate",
+    "EnvPool": "gopd_fast.envs.pool", "PoolStats": "gopd_fast.envs.pool",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gopd_fast.envs' has no attribute {name!r}")
 
 
 __all__ = [

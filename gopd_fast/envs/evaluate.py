@@ -415,3 +415,55 @@ def _run_pooled(
                 else:
                     needs_action.append(slot)
     return [logs[i] for i in range(len(ids))]
+
+
+class RandomPolicy:
+    """Uniform over the admissible actions (a baseline), seeded per (task, turn) so runs are reproducible."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def __call__(self, state: PolicyInput) -> str:
+        if not state.admissible_actions:
+            raise ValueError(f"RandomPolicy needs admissible actions; {state.task_id!r} has none")
+        import random
+
+        rng = random.Random(f"{self.seed}/{state.task_id}/{len(state.actions)}")
+        return rng.choice(state.admissible_actions)
+
+
+def main(argv: Sequence[str] | None = None) -> EvalReport:
+    """``python -m gopd_fast.envs.evaluate --env household --policy oracle --limit 50 [--workers 2] [--log x.jsonl]
+    [--option difficulty=hard ...]``: print the report of a baseline policy."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--env", default="household")
+    parser.add_argument("--policy", choices=[ORACLE, "random"], default=ORACLE)
+    parser.add_argument("--split", default="eval")
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--max-turns", type=int)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--log")
+    parser.add_argument("--option", action="append", default=[], help="env option key=value (value parsed as JSON)")
+    args = parser.parse_args(argv)
+    options: dict[str, Any] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--option must look like key=value, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    policy = ORACLE if args.policy == ORACLE else RandomPolicy()
+    report = evaluate(
+        args.env, policy, split=args.split, limit=args.limit, max_turns=args.max_turns, env_options=options,
+        log_path=args.log, num_workers=args.workers,
+    )
+    print(f"{args.env} {args.split} {args.policy}: {report}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

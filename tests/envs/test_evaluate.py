@@ -135,3 +135,13 @@ def test_env_failures_become_logged_errors(tmp_path):
                           log_path=tmp_path / "e.jsonl")
     assert report.errors == 2 and report.success_rate.mean == 0.0
     assert all(isinstance(e, EpisodeLog) and "failed" in e.error and e.env_failures == 2 for e in report.episodes)
+
+
+def test_cli_baselines(tmp_path, capsys):
+    from gopd_fast.envs.evaluate import main
+
+    oracle = main(["--limit", "5", "--option", "difficulty=easy", "--log", str(tmp_path / "o.jsonl")])
+    rand = main(["--policy", "random", "--limit", "5", "--option", "difficulty=easy", "--option", "seed=2"])
+    assert oracle.success_rate.mean == 1.0 and rand.rounds.mean > oracle.rounds.mean
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 5
+    assert "household eval oracle: Score 100.0" in capsys.readouterr().out
