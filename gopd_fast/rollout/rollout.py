@@ -10,10 +10,16 @@ An episode ends when the env says ``done``, after ``max_turns`` generated turns,
 full response would not fit in ``max_prompt_tokens`` (``info["finish"]`` says which). The final observation is
 not appended: nothing after the last action is trained on.
 
-Env failures (``EnvError`` from reset or step, hangs included): the env is restarted and the episode starts over
-from its task's reset with an empty history (``env_failures`` counts them on the Episode). After
-``max_env_restarts`` failures the episode is dropped and counted in ``metrics["episodes_dropped"]``: a
-partially rolled-out episode from a crashed env is never handed to the trainer.
+Envs are reached through an ``EnvSlots`` (rollout/envs.py): ``gopd_fast.envs.pool.EnvPool`` (worker processes,
+the production path) or ``ThreadedEnvs`` (in-process, built here from an env factory). Env failures:
+* An ``EnvPool`` survives a worker crash or hang by replaying the episode's actions in a fresh worker; the
+  rollout only sees a slower future, and the replay count (``info["env_failures"]``) is added to the episode's
+  ``env_failures`` (the history is unaffected: the replayed env is in the same state).
+* An ``EnvError`` from a reset or step future (a pool that gave up, a ``ThreadedEnvs`` env that crashed, or no
+  answer within ``env_timeout_s``): the slot is restarted and the episode starts over from its task's reset with
+  an empty history (counted in ``env_failures``; the discarded turns in ``metrics["wasted_turns"]``). After
+  ``max_env_restarts`` such restarts the episode is dropped and counted in ``metrics["episodes_dropped"]``: a
+  partially rolled-out episode from a crashed env is never handed to the trainer.
 """
 from __future__ import annotations
 
@@ -39,7 +45,8 @@ class RolloutOptions:
     top_p: float = 1.0
     max_in_flight: int = 64             # episodes generated together
     max_env_restarts: int = 2           # per episode, before it is dropped
-    env_timeout_s: float | None = 120.0  # a step/reset slower than this counts as a hung env
+    env_timeout_s: float | None = 600.0  # a reset/step slower than this counts as a hung env (EnvPool also
+    #                                      detects hangs itself, with its own timeouts, and replays the episode)
     action_pattern: str = DEFAULT_ACTION_PATTERN
     seed: int = 0
 
@@ -73,7 +80,8 @@ class _Live:
     actions: list[str] = field(default_factory=list)
     parsed: list[bool] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
-    env_failures: int = 0
+    env_failures: int = 0       # failures that restarted the episode here
+    replayed: int = 0           # failures an EnvPool survived by replaying this attempt (its info["env_failures"])
     score: float = 0.0
     success: bool = False
 
@@ -86,6 +94,7 @@ class _Counters:
         self.generate_seconds = 0.0
         self.env_wait_seconds = 0.0
         self.env_failures = 0
+        self.env_replays = 0
         self.dropped = 0
         self.wasted_turns = 0   # turns thrown away by restarts
 
@@ -158,6 +167,7 @@ class _Rollout:
                 if self._fail(st):
                     retry.append(st)
                 continue
+            st.replayed = int(first.info.get("env_failures", 0))
             st.history = History(self.chat.initial_prompt(first.observation))
             st.actions, st.parsed, st.finish_reasons = [], [], []
             started.append(st)
@@ -166,7 +176,8 @@ class _Rollout:
 
     def _fail(self, st: _Live) -> bool:
         """Record an env failure; restart the slot. True if the episode should be retried, False if dropped."""
-        st.env_failures += 1
+        st.env_failures += 1 + st.replayed
+        st.replayed = 0
         self.counters.env_failures += 1
         if st.history is not None:
             self.counters.wasted_turns += len(st.history.turn_spans)
@@ -184,10 +195,12 @@ class _Rollout:
         self.done[st.index] = Episode(
             task_id=st.task_id, token_ids=h.token_ids, roles=h.roles, logprobs=h.logprobs,
             turn_spans=h.turn_spans, turn_roles=h.turn_roles, actions=st.actions, score=st.score,
-            success=st.success, rounds=len(h.turn_spans), beta=self.beta, env_failures=st.env_failures,
+            success=st.success, rounds=len(h.turn_spans), beta=self.beta,
+            env_failures=st.env_failures + st.replayed,
             info={"finish": finish, "truncated": finish != "done", "parsed_actions": st.parsed,
                   "finish_reasons": st.finish_reasons},
         )
+        self.counters.env_replays += st.replayed
         self.free_slots.append(st.slot)
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -247,6 +260,7 @@ class _Rollout:
                     retry.append(st)
                 continue
             st.score, st.success = float(res.score), bool(res.success)
+            st.replayed = max(st.replayed, int(res.info.get("env_failures", 0)))
             h = st.history
             assert h is not None
             if res.done:
@@ -273,6 +287,7 @@ class _Rollout:
         teacher_turns = sum(r == Role.TEACHER for e in eps for r in e.turn_roles)
         m = {
             "episodes": float(len(eps)), "episodes_dropped": float(c.dropped), "env_failures": float(c.env_failures),
+            "env_replays": float(c.env_replays),
             "wasted_turns": float(c.wasted_turns), "rounds": float(rounds),
             "turns": float(turns), "teacher_turn_fraction": teacher_turns / turns if turns else 0.0,
             "success_rate": sum(e.success for e in eps) / len(eps) if eps else 0.0,

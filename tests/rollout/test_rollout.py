@@ -197,3 +197,49 @@ def test_bad_arguments(hf_student, tokenizer):
         RolloutOptions(max_new_tokens=100, max_prompt_tokens=50)
     with pytest.raises(ValueError, match="max_turns"):
         RolloutOptions(max_turns=0)
+
+
+CRASHY_ENV = '''
+import os
+from gopd_fast.envs.base import register
+from gopd_fast.envs.household.env import HouseholdEnv
+
+MARKER = {marker!r}
+
+
+@register("crashy-household")
+class CrashyHousehold(HouseholdEnv):
+    """The household env whose worker process dies once, on the second step of the first episode that gets
+    there (a marker file makes it happen exactly once across worker restarts)."""
+
+    def step(self, action):
+        if self.turns == 1 and not os.path.exists(MARKER):
+            open(MARKER, "w").close()
+            os._exit(1)
+        return super().step(action)
+'''
+
+
+def test_rollout_through_env_pool_survives_a_worker_crash(hf_student, hf_teacher, tokenizer, tmp_path):
+    """Greedy rollouts are deterministic, so the same tasks rolled out (a) in-process and (b) through an EnvPool
+    whose worker is killed mid-episode must give token-identical episodes; (b) reports the replayed failure."""
+    pytest.importorskip("gopd_fast.envs.household.env")
+    from gopd_fast.envs.pool import EnvPool
+
+    env_file = tmp_path / "crashy.py"
+    env_file.write_text(CRASHY_ENV.format(marker=str(tmp_path / "crashed")))
+    opts = RolloutOptions(max_turns=4, max_new_tokens=10, max_prompt_tokens=2048, temperature=0.0, seed=2)
+    chat = ChatFormat(tokenizer)
+    tasks = gym.make("household", seed=0).tasks("train")[:4]
+    reference = run_rollout(tasks, student=hf_student, teacher=hf_teacher, chat=chat, beta=0.5, options=opts,
+                            envs=lambda: gym.make("household", seed=0, max_turns=10))
+    with EnvPool("crashy-household", {"seed": 0, "max_turns": 10}, num_workers=2, preload=[str(env_file)]) as pool:
+        pooled = run_rollout(tasks, student=hf_student, teacher=hf_teacher, chat=chat, beta=0.5, options=opts,
+                             envs=pool)
+        assert pool.stats().crashes == 1
+    assert (tmp_path / "crashed").exists()
+    for a, b in zip(reference.episodes, pooled.episodes):
+        assert (a.task_id, a.token_ids, a.roles, a.actions, a.score) == (b.task_id, b.token_ids, b.roles, b.actions,
+                                                                        b.score)
+    assert sum(e.env_failures for e in pooled.episodes) >= 1 and pooled.metrics["env_replays"] >= 1
+    assert pooled.metrics["episodes_dropped"] == 0 and pooled.metrics["wasted_turns"] == 0
