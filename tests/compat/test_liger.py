@@ -97,3 +97,16 @@ def test_rejects_bad_arguments():
     x_s, w_s, x_t, w_t, labels, _b_s, _b_t = _inputs(seed=9, v=90, vt=80, bias=False)
     with pytest.raises(ValueError, match="teacher_weight"):
         LigerFusedLinearJSDLoss()(x_s, w_s, x_t, w_t, labels)
+
+
+@pytest.mark.gpu
+def test_cuda_triton_backend_matches_liger():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (the Triton backend of fused_linear_kl)")
+    inputs = [t.cuda() if t is not None else None for t in _inputs(seed=11)]
+    args = {"beta": 0.3, "temperature": 1.2, "weight_hard_loss": 0.4, "weight_soft_loss": 0.6}
+    ref_out, ref_grads = _run(liger.LigerFusedLinearJSDLoss(compiled=False, **args), *inputs)
+    out, grads = _run(LigerFusedLinearJSDLoss(backend="triton", **args), *inputs)
+    torch.testing.assert_close(out.detach(), ref_out.detach(), rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)

@@ -102,3 +102,20 @@ def test_rejects_bad_inputs():
         fused_linear_logprob(hidden, weight, targets.float())
     with pytest.raises(ValueError, match="temperature"):
         fused_linear_logprob(hidden, weight, targets, temperature=0.0)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_float64_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    hidden, weight, bias, targets = _inputs(n=300, d=64, v=5000)
+    cuda = [t.detach().cuda().requires_grad_() for t in (hidden, weight, bias)]
+    lp, ent = fused_linear_logprob(cuda[0], cuda[1], targets.cuda(), bias=cuda[2], return_entropy=True,
+                                   chunk_size=1024)
+    grads = torch.autograd.grad(lp.sum() + ent.sum(), cuda)
+    ref_params = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    ref_lp, ref_ent = _reference(*ref_params, targets, 1.0)
+    ref_grads = torch.autograd.grad(ref_lp.sum() + ref_ent.sum(), ref_params)
+    torch.testing.assert_close(lp.double().cpu(), ref_lp, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-3, atol=1e-4)
