@@ -13,16 +13,32 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
+
+try:
+    import tomllib
+except ModuleNotFoundError:   # Python 3.10
+    import tomli as tomllib
 
 __all__ = [
-    "Config", "ConfigError", "RunConfig", "ModelConfig", "EnvConfig", "RolloutConfig", "CurriculumConfig",
-    "ObjectiveConfig", "OptimConfig", "PackingConfig", "load_config", "apply_overrides", "config_to_dict",
+    "Config",
+    "ConfigError",
+    "CurriculumConfig",
+    "EnvConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "PackingConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "load_config",
 ]
 
 

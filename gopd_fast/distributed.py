@@ -104,8 +104,8 @@ def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | Non
     A no-op in a single process."""
     if not info.distributed:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)

@@ -39,7 +39,7 @@ class MetricsLogger:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.jsonl"
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "a")  # noqa: SIM115  (kept open for the run; closed in close())
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from gopd_fast.config import ObjectiveConfig
 from gopd_fast.rollout.episode import Role
 
-__all__ = ["TokenWeights", "token_weights", "LossOutput", "DistillationObjective", "STAT_KEYS"]
+__all__ = ["STAT_KEYS", "DistillationObjective", "LossOutput", "TokenWeights", "token_weights"]
 
 
 @dataclass(frozen=True)

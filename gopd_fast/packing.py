@@ -17,8 +17,8 @@ token t+1 and the last token of each episode (and padding) predicts nothing (``R
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -48,7 +48,7 @@ class PackedBatch:
     def num_loss_tokens(self) -> int:
         return int(self.loss_mask.sum())
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
+    def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(*(getattr(self, f).to(device) for f in
                              ("input_ids", "position_ids", "target_ids", "target_roles", "sample_logprobs",
                               "episode_index")), num_episodes=self.num_episodes)

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -46,15 +46,22 @@ from gopd_fast.checkpoint import CheckpointManager, export_hf, full_state_dict
 from gopd_fast.config import Config, ConfigError, OptimConfig, config_to_dict, load_config
 from gopd_fast.curriculum import BetaSchedule, TaskCursor
 from gopd_fast.distributed import (
-    DistInfo, GatheredHead, all_reduce_sums, apply_activation_checkpointing, barrier, init_distributed, reshard, shard_model,
+    DistInfo,
+    GatheredHead,
+    all_reduce_sums,
+    apply_activation_checkpointing,
+    barrier,
+    init_distributed,
+    reshard,
+    shard_model,
     shutdown,
 )
 from gopd_fast.logging_utils import MetricsLogger
 from gopd_fast.objectives import STAT_KEYS, DistillationObjective, LossOutput
-from gopd_fast.packing import pack_episodes, per_turn_reprefill_tokens, shard_episodes
+from gopd_fast.packing import pack_episodes, per_turn_reprefill_tokens
 from gopd_fast.rollout.episode import Episode, Role
 
-__all__ = ["run", "RunResult", "Trainer", "EpisodeSource", "ExpertSource", "expert_episode", "cli", "main"]
+__all__ = ["EpisodeSource", "ExpertSource", "RunResult", "Trainer", "cli", "expert_episode", "main", "run"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -77,7 +77,9 @@ def test_file_errors(tmp_path):
 
 def test_config_is_frozen():
     c = Config()
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.optim.lr = 1.0  # type: ignore[misc]
 
 

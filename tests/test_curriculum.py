@@ -1,6 +1,7 @@
 """Guidance schedules against their closed forms, and the resumable task cursor."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -21,7 +22,7 @@ def test_cosine_matches_the_paper_formula():
     assert s(0) == 1.0 and s(200) == pytest.approx(0.0, abs=1e-12) and s(249) == 0.0
     assert s(100) == pytest.approx(0.5)   # half-way through the 200-step window
     betas = [s(k) for k in range(250)]
-    assert all(a >= b for a, b in zip(betas, betas[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(betas))
 
 
 def test_cosine_with_custom_endpoints():

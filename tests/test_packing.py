@@ -7,7 +7,11 @@ import torch
 from gopd_fast.config import load_config
 from gopd_fast.distributed import DistInfo
 from gopd_fast.packing import (
-    pack_episodes, per_turn_reprefill_tokens, plan_rows, shard_episodes, whole_episode_tokens,
+    pack_episodes,
+    per_turn_reprefill_tokens,
+    plan_rows,
+    shard_episodes,
+    whole_episode_tokens,
 )
 from gopd_fast.rollout.episode import Role
 
@@ -90,7 +94,7 @@ def test_whole_episode_scoring_is_linear_in_turns_reprefill_quadratic(tiny):
 
 
 def test_bad_input(tiny):
-    _, tok, episodes = tiny
+    tok = tiny[1]
     with pytest.raises(ValueError, match="at least one episode"):
         pack_episodes([], 64, tok.pad_token_id)
     with pytest.raises(ValueError, match="max_tokens_per_row"):

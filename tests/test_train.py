@@ -6,6 +6,7 @@ resume test restarts from; short engine-backed runs cover Guided-OPD, vanilla OP
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -52,7 +53,7 @@ def expert_runs(models, tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "gopd_fast.train", *_expert_overrides(models, root / "dp2")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     single = run(load_config(None, _expert_overrides(models, root / "dp1")))
     return root, _records(root / "dp2"), single
@@ -146,7 +147,7 @@ def test_loss_on_a_fixed_batch_decreases(trainer_and_batch):
     trainer, episodes = trainer_and_batch
     losses = [trainer.step(episodes)["loss"] for _ in range(5)]
     assert losses[-1] < 0.8 * losses[0], losses
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
 
 
 def test_non_finite_loss_skips_the_update_and_is_counted(trainer_and_batch):
