@@ -22,7 +22,7 @@ float32 (float64 for float64 inputs). Contract: ``gopd_fast.ops`` (module docstr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -33,6 +33,10 @@ from gopd_fast.ops.naive import accumulation_dtype
 _TILE_ELEMENTS = 1 << 22
 _MIN_CHUNK = 256
 _MAX_CHUNK = 8192
+# Logit cache of the scalar (grad_scale) path: both models' [block, V] logits. 256 MiB holds ~200 tokens at
+# V=151936 in fp32; blocks under _MIN_CACHE_BLOCK tokens are not worth it (skinny weight-gradient matmuls).
+DEFAULT_CACHE_BYTES = 256 << 20
+_MIN_CACHE_BLOCK = 64
 
 
 def default_chunk_size(n_tokens: int, vocab_size: int) -> int:
@@ -52,24 +56,34 @@ class _Operands:
     w_t: Tensor
     b_t: Tensor | None
     chunk: int
+    # None: every sweep recomputes its tiles. A list: the first sweep appends its (z_s, z_t) tiles, later sweeps
+    # read them back instead of recomputing (only the last sweep, the gradient one, may modify them in place).
+    cache: list[tuple[Tensor, Tensor]] | None = None
 
     @property
     def vocab(self) -> int:
         return self.w_s.shape[0]
 
     def tiles(self):
-        for lo in range(0, self.vocab, self.chunk):
-            yield lo, min(lo + self.chunk, self.vocab)
+        for i, lo in enumerate(range(0, self.vocab, self.chunk)):
+            yield i, lo, min(lo + self.chunk, self.vocab)
 
     def student_weight_tile(self, lo: int, hi: int) -> Tensor:
         return self.w_s[lo:hi].to(self.h_s.dtype)
 
-    def logits(self, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Student and teacher logit tiles [N, hi-lo] (already / tau), and the student weight tile in acc dtype."""
-        w_s = self.student_weight_tile(lo, hi)
-        z_s = _affine(self.h_s, w_s, self.b_s, lo, hi)
+    def logits(self, i: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """Student and teacher logit tiles [N, hi-lo] (already / tau)."""
+        if self.cache is not None and i < len(self.cache):
+            return self.cache[i]
+        z_s = _affine(self.h_s, self.student_weight_tile(lo, hi), self.b_s, lo, hi)
         z_t = _affine(self.h_t, self.w_t[lo:hi].to(self.h_t.dtype), self.b_t, lo, hi)
-        return z_s, z_t, w_s
+        if self.cache is not None:
+            self.cache.append((z_s, z_t))
+        return z_s, z_t
+
+    def rows(self, start: int, stop: int, cached: bool) -> _Operands:
+        """The same problem restricted to tokens [start, stop), optionally with a fresh logit cache."""
+        return replace(self, h_s=self.h_s[start:stop], h_t=self.h_t[start:stop], cache=[] if cached else None)
 
 
 def _affine(h: Tensor, w: Tensor, b: Tensor | None, lo: int, hi: int) -> Tensor:
@@ -115,8 +129,8 @@ def _stats_sweep(ops: _Operands, need_forward_kl: bool, need_entropy: bool) -> _
     l_s, l_t, acc_a = zeros(), zeros(), zeros()
     acc_b = zeros() if need_forward_kl else None
     acc_e = zeros() if need_entropy else None
-    for lo, hi in ops.tiles():
-        z_s, z_t, _ = ops.logits(lo, hi)
+    for i, lo, hi in ops.tiles():
+        z_s, z_t = ops.logits(i, lo, hi)  # read-only here: they may be cached for later sweeps
         new_m_s = torch.maximum(m_s, z_s.amax(1))
         new_m_t = torch.maximum(m_t, z_t.amax(1))
         rescale_s, rescale_t = torch.exp(m_s - new_m_s), torch.exp(m_t - new_m_t)
@@ -125,7 +139,7 @@ def _stats_sweep(ops: _Operands, need_forward_kl: bool, need_entropy: bool) -> _
         e_t = torch.exp(z_t - m_t[:, None])
         if acc_e is not None:
             acc_e = acc_e * rescale_s + (e_s * z_s).sum(1)
-        diff = z_s.sub_(z_t)  # z_s - z_t; z_s is not needed any more
+        diff = z_s - z_t
         l_s = l_s * rescale_s + e_s.sum(1)
         l_t = l_t * rescale_t + e_t.sum(1)
         acc_a = acc_a * rescale_s + (e_s * diff).sum(1)
@@ -149,9 +163,9 @@ def _log_mixture(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
 def _jsd_sweep(ops: _Operands, st: _Stats, beta: float) -> tuple[Tensor, Tensor]:
     """Second sweep for JSD (needs both lse): per-token JSD_beta and KL(p_s || M) (the latter for the gradient)."""
     jsd, kl_s_m = ops.h_s.new_zeros(ops.h_s.shape[0]), ops.h_s.new_zeros(ops.h_s.shape[0])
-    for lo, hi in ops.tiles():
-        z_s, z_t, _ = ops.logits(lo, hi)
-        logp_s, logp_t = z_s.sub_(st.lse_s[:, None]), z_t.sub_(st.lse_t[:, None])
+    for i, lo, hi in ops.tiles():
+        z_s, z_t = ops.logits(i, lo, hi)
+        logp_s, logp_t = z_s - st.lse_s[:, None], z_t - st.lse_t[:, None]
         log_m = _log_mixture(logp_s, logp_t, beta)
         term_s = (logp_s.exp() * (logp_s - log_m)).sum(1)
         kl_s_m += term_s
@@ -166,22 +180,30 @@ class _Grads:
     bias: Tensor | None
 
 
+def _grad_buffers(ops: _Operands, need: tuple[bool, bool, bool], out_dtypes: tuple) -> _Grads:
+    """Zeroed gradient buffers: hidden in acc dtype (accumulated over tiles), weight/bias in the output dtype."""
+    need_h, need_w, need_b = need
+    device = ops.h_s.device
+    return _Grads(
+        hidden=torch.zeros_like(ops.h_s) if need_h else None,
+        weight=torch.zeros(ops.w_s.shape, dtype=out_dtypes[1], device=device) if need_w else None,
+        bias=torch.zeros(ops.vocab, dtype=out_dtypes[2], device=device) if need_b else None,
+    )
+
+
 def _grad_sweep(ops: _Operands, st: _Stats, coef_r: Tensor, coef_f: Tensor | None, jsd_beta: float | None,
-                kl_s_m: Tensor | None, need: tuple[bool, bool, bool], out_dtypes: tuple) -> _Grads:
-    """Gradient sweep: recompute each tile, form dLoss/dz_s, push it through the linear layer.
+                kl_s_m: Tensor | None, out: _Grads, accumulate: bool) -> None:
+    """Gradient sweep: get each tile (recomputed or cached), form dLoss/dz_s, push it through the linear layer.
 
     coef_r[i] / coef_f[i] are the per-token multipliers of the reverse / forward (or JSD) terms, upstream
-    gradient included. ``need`` = which of (hidden, weight, bias) want a gradient.
+    gradient included. ``out.hidden`` holds the rows of ``ops`` (added to); ``out.weight`` / ``out.bias`` are
+    overwritten tile by tile, or added to when ``accumulate`` (token blocks; then they are in acc dtype).
     """
-    need_h, need_w, need_b = need
-    dtype, device = ops.h_s.dtype, ops.h_s.device
-    grad_h = torch.zeros_like(ops.h_s) if need_h else None
-    grad_w = torch.empty(ops.w_s.shape, dtype=out_dtypes[1], device=device) if need_w else None
-    grad_b = torch.empty(ops.vocab, dtype=out_dtypes[2], device=device) if need_b else None
+    dtype = ops.h_s.dtype
     c_r = coef_r.to(dtype)[:, None]
     c_f = None if coef_f is None else coef_f.to(dtype)[:, None]
-    for lo, hi in ops.tiles():
-        z_s, z_t, w_s = ops.logits(lo, hi)
+    for i, lo, hi in ops.tiles():
+        z_s, z_t = ops.logits(i, lo, hi)  # last reader: free to work in place
         logp_s, logp_t = z_s.sub_(st.lse_s[:, None]), z_t.sub_(st.lse_t[:, None])
         p_s = logp_s.exp()
         if jsd_beta is not None:
@@ -197,13 +219,20 @@ def _grad_sweep(ops: _Operands, st: _Stats, coef_r: Tensor, coef_f: Tensor | Non
             g.mul_(p_s)
             if c_f is not None:
                 g.addcmul_(p_t, c_f, value=-1.0)
-        if need_h:
-            grad_h.addmm_(g, w_s)
-        if need_w:
-            grad_w[lo:hi] = g.T @ ops.h_s  # h_s is h / tau: the 1/tau chain factor is already in
-        if need_b:
-            grad_b[lo:hi] = g.sum(0)
-    return _Grads(hidden=grad_h, weight=grad_w, bias=grad_b)
+        if ops.cache is not None:
+            ops.cache[i] = None  # release the tile as soon as it is used
+        if out.hidden is not None:
+            out.hidden.addmm_(g, ops.student_weight_tile(lo, hi))
+        if out.weight is not None:  # h_s is h / tau: the 1/tau chain factor is already in
+            if accumulate:
+                out.weight[lo:hi].addmm_(g.T, ops.h_s)
+            else:
+                out.weight[lo:hi] = g.T @ ops.h_s
+        if out.bias is not None:
+            if accumulate:
+                out.bias[lo:hi] += g.sum(0)
+            else:
+                out.bias[lo:hi] = g.sum(0)
 
 
 def _finish_grads(grads: _Grads, temperature: float, hidden_dtype: torch.dtype) -> _Grads:
@@ -219,10 +248,13 @@ def _finish_grads(grads: _Grads, temperature: float, hidden_dtype: torch.dtype) 
 # ----------------------------------------------------------------------------------------------------------------
 # Forward helpers shared by both Functions
 # ----------------------------------------------------------------------------------------------------------------
+def _uses_forward(forward_weight: Tensor, jsd_beta: float | None) -> bool:
+    return jsd_beta is None and bool((forward_weight != 0).any())
+
+
 def _values(ops: _Operands, reverse_weight: Tensor, forward_weight: Tensor, jsd_beta: float | None,
-            return_stats: bool) -> tuple[Tensor, _Stats, Tensor | None, bool]:
-    """Per-token loss [N] (acc dtype), the stats, KL(p_s||M) for JSD, and whether the forward term is used."""
-    use_forward = jsd_beta is None and bool((forward_weight != 0).any())
+            use_forward: bool, return_stats: bool) -> tuple[Tensor, _Stats, Tensor | None]:
+    """Per-token loss [N] (acc dtype), the stats, and KL(p_s||M) for JSD (needed by its gradient)."""
     st = _stats_sweep(ops, need_forward_kl=use_forward or return_stats, need_entropy=return_stats)
     dtype = ops.h_s.dtype
     kl_s_m = None
@@ -233,7 +265,34 @@ def _values(ops: _Operands, reverse_weight: Tensor, forward_weight: Tensor, jsd_
         loss = reverse_weight.to(dtype) * st.reverse_kl
         if use_forward:
             loss = loss + forward_weight.to(dtype) * st.forward_kl
-    return loss, st, kl_s_m, use_forward
+    return loss, st, kl_s_m
+
+
+def _cat_stats(parts: list[_Stats]) -> _Stats:
+    if len(parts) == 1:
+        return parts[0]
+    fields = {}
+    for name in ("lse_s", "lse_t", "reverse_kl", "forward_kl", "student_entropy"):
+        values = [getattr(p, name) for p in parts]
+        fields[name] = None if values[0] is None else torch.cat(values)
+    return _Stats(**fields)
+
+
+def _token_block(n_tokens: int, ops: _Operands, out_dtypes: tuple, cache_bytes: int) -> int | None:
+    """Tokens per block whose [block, V] logits of both models fit ``cache_bytes``; None: do not cache.
+
+    Several blocks accumulate the weight gradient across blocks, which needs it in the accumulation dtype, and
+    blocks too small would turn that accumulation into memory-bound skinny matmuls.
+    """
+    per_token = 2 * ops.vocab * ops.h_s.element_size()
+    fits = cache_bytes // per_token
+    if fits >= n_tokens:
+        return n_tokens
+    acc = ops.h_s.dtype
+    if fits < _MIN_CACHE_BLOCK or any(d is not None and d != acc for d in out_dtypes[1:]):
+        return None
+    n_blocks = -(-n_tokens // fits)
+    return -(-n_tokens // n_blocks)
 
 
 def _stats_dict(ops: _Operands, st: _Stats, target_ids: Tensor | None) -> dict[str, Tensor]:
@@ -256,27 +315,52 @@ def _out_dtypes(student_hidden, student_weight, student_bias):
 
 
 class _ChunkedKLScalar(torch.autograd.Function):
-    """grad_scale * sum_i loss_i, with the gradients computed in the forward pass (no recompute)."""
+    """grad_scale * sum_i loss_i, with the gradients computed in the forward pass.
+
+    Tokens are processed in blocks whose [block, V] logit tiles fit ``cache_bytes``: the value sweeps keep the
+    tiles and the gradient sweep reuses them, so each logit is computed once (as with materialised logits) while
+    memory stays bounded. When not even ``_MIN_CACHE_BLOCK`` tokens fit, the gradient sweep recomputes the tiles.
+    """
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                reverse_weight, forward_weight, jsd_beta, temperature, target_ids, grad_scale, return_stats, chunk):
+                reverse_weight, forward_weight, jsd_beta, temperature, target_ids, grad_scale, return_stats, chunk,
+                cache_bytes):
         ops = _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                        teacher_bias, temperature, chunk)
-        loss, st, kl_s_m, use_forward = _values(ops, reverse_weight, forward_weight, jsd_beta, return_stats)
+        n_tokens, dtype = ops.h_s.shape[0], ops.h_s.dtype
+        use_forward = _uses_forward(forward_weight, jsd_beta)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], student_bias is not None
                 and ctx.needs_input_grad[2])
-        grads = _Grads(None, None, None)
+        out_dtypes = _out_dtypes(student_hidden, student_weight, student_bias)
+        block = _token_block(n_tokens, ops, out_dtypes, cache_bytes) if any(need) else None
+        cached = block is not None
+        block = block or n_tokens
+        multi_block = block < n_tokens
+        grads = _grad_buffers(ops, need, out_dtypes) if any(need) else _Grads(None, None, None)
+        coef_r = reverse_weight.to(dtype) * grad_scale
+        coef_f = forward_weight.to(dtype) * grad_scale if use_forward else None
+        losses, parts = [], []
+        for start in range(0, n_tokens, block):
+            stop = min(start + block, n_tokens)
+            sub = ops.rows(start, stop, cached)
+            if cached and chunk is None:
+                sub = replace(sub, chunk=default_chunk_size(stop - start, ops.vocab))
+            loss, st, kl_s_m = _values(sub, reverse_weight[start:stop], forward_weight[start:stop], jsd_beta,
+                                       use_forward, return_stats)
+            if any(need):
+                out = replace(grads, hidden=None if grads.hidden is None else grads.hidden[start:stop])
+                _grad_sweep(sub, st, coef_r[start:stop], None if coef_f is None else coef_f[start:stop],
+                            jsd_beta, kl_s_m, out, accumulate=multi_block)
+            losses.append(loss)
+            parts.append(st)
         if any(need):
-            dtype = ops.h_s.dtype
-            coef_f = forward_weight.to(dtype) * grad_scale if use_forward else None
-            grads = _grad_sweep(ops, st, reverse_weight.to(dtype) * grad_scale, coef_f, jsd_beta, kl_s_m, need,
-                                _out_dtypes(student_hidden, student_weight, student_bias))
             grads = _finish_grads(grads, temperature, student_hidden.dtype)
         ctx.grads = grads
+        st = _cat_stats(parts)
         stats = _stats_dict(ops, st, target_ids) if return_stats else {}
         ctx.mark_non_differentiable(*stats.values())
-        return (loss.sum() * grad_scale, *stats.values())
+        return (torch.cat(losses).sum() * grad_scale, *stats.values())
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_stats):
@@ -291,7 +375,7 @@ class _ChunkedKLScalar(torch.autograd.Function):
                 return None
             return g if bool(grad_loss == 1) else g * grad_loss.to(g.dtype)
 
-        return (scaled(grads.hidden), scaled(grads.weight), scaled(grads.bias), *([None] * 11))
+        return (scaled(grads.hidden), scaled(grads.weight), scaled(grads.bias), *([None] * 12))
 
 
 class _ChunkedKLPerToken(torch.autograd.Function):
@@ -302,7 +386,8 @@ class _ChunkedKLPerToken(torch.autograd.Function):
                 reverse_weight, forward_weight, jsd_beta, temperature, target_ids, return_stats, chunk):
         ops = _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                        teacher_bias, temperature, chunk)
-        loss, st, kl_s_m, use_forward = _values(ops, reverse_weight, forward_weight, jsd_beta, return_stats)
+        use_forward = _uses_forward(forward_weight, jsd_beta)
+        loss, st, kl_s_m = _values(ops, reverse_weight, forward_weight, jsd_beta, use_forward, return_stats)
         stats = _stats_dict(ops, st, target_ids) if return_stats else {}
         ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                               teacher_bias, reverse_weight, forward_weight, st.lse_s, st.lse_t, st.reverse_kl,
@@ -325,8 +410,9 @@ class _ChunkedKLPerToken(torch.autograd.Function):
         st = _Stats(lse_s=lse_s, lse_t=lse_t, reverse_kl=reverse_kl, forward_kl=None, student_entropy=None)
         upstream = grad_loss.to(lse_s.dtype)
         coef_f = forward_weight.to(upstream.dtype) * upstream if use_forward else None
-        grads = _grad_sweep(ops, st, reverse_weight.to(upstream.dtype) * upstream, coef_f, jsd_beta, kl_s_m, need,
-                            _out_dtypes(student_hidden, student_weight, student_bias))
+        grads = _grad_buffers(ops, need, _out_dtypes(student_hidden, student_weight, student_bias))
+        _grad_sweep(ops, st, reverse_weight.to(upstream.dtype) * upstream, coef_f, jsd_beta, kl_s_m, grads,
+                    accumulate=False)
         grads = _finish_grads(grads, temperature, student_hidden.dtype)
         return (grads.hidden, grads.weight, grads.bias, *([None] * 10))
 
@@ -347,8 +433,13 @@ def fused_linear_kl_chunked(
     grad_scale: float | None,
     return_stats: bool,
     chunk_size: int | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
-    """Backend contract of ``gopd_fast.ops``; ``chunk_size`` is the vocabulary tile (default: ~4 Mi elements)."""
+    """Backend contract of ``gopd_fast.ops``.
+
+    ``chunk_size``: the vocabulary tile (default: ~4 Mi logits per tile). ``cache_bytes``: with ``grad_scale``,
+    the memory for keeping logit tiles between the value and gradient sweeps (0: always recompute).
+    """
     if jsd_beta == 0.0:  # endpoints of the TRL/Liger convention are plain KL
         reverse_weight, forward_weight, jsd_beta = torch.zeros_like(reverse_weight), reverse_weight, None
     elif jsd_beta == 1.0:
@@ -364,7 +455,7 @@ def fused_linear_kl_chunked(
     else:
         loss, *stat_values = _ChunkedKLScalar.apply(
             student_hidden, student_weight, student_bias, *teacher, reverse_weight, forward_weight, jsd_beta,
-            float(temperature), target_ids, float(grad_scale), return_stats, chunk_size)
+            float(temperature), target_ids, float(grad_scale), return_stats, chunk_size, cache_bytes)
     if not return_stats:
         return loss, None
     keys = ["reverse_kl", "forward_kl", "student_entropy"]

@@ -77,9 +77,11 @@ class _LargestOutput(TorchDispatchMode):
 def test_never_materialises_n_by_v(rng, grad_scale, jsd_beta):
     n, d, v, chunk = 96, 8, 600, 50
     args = _inputs(rng, n=n, ds=d, dt=d, v=v, dtype=torch.float32)
-    with _LargestOutput() as probe:
-        loss, _ = _call(args, torch.ones(n), torch.ones(n) if jsd_beta is None else torch.zeros(n), grad_scale,
-                        chunk=chunk, jsd_beta=jsd_beta)
+    fw = torch.ones(n) if jsd_beta is None else torch.zeros(n)
+    with _LargestOutput() as probe:  # cache_bytes=0: the scalar path's optional logit cache is off
+        loss, _ = fused_linear_kl_chunked(*args, torch.ones(n), fw, jsd_beta=jsd_beta, temperature=1.0,
+                                          target_ids=None, grad_scale=grad_scale, return_stats=True,
+                                          chunk_size=chunk, cache_bytes=0)
         loss.sum().backward()
     # the biggest tensors are one [n, chunk] tile and the [v, d] weight gradient, never [n, v]
     assert probe.largest <= max(n * chunk, v * d) < n * v // 8
@@ -89,3 +91,24 @@ def test_default_chunk_size():
     assert default_chunk_size(2048, 151936) * 2048 <= 1 << 22
     assert default_chunk_size(1, 100) == 100  # never larger than the vocabulary
     assert default_chunk_size(10**7, 151936) == 256  # a floor keeps the matmuls efficient
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 70 * 2 * 50 * 8, 1 << 30])  # recompute, 3 token blocks, one block
+@pytest.mark.parametrize("jsd_beta", [None, 0.4])
+def test_scalar_path_logit_cache(rng, reference_loss, cache_bytes, jsd_beta):
+    n, v = 200, 50
+    args = _inputs(rng, n=n, ds=6, dt=5, v=v)
+    rw = torch.rand(n, generator=rng, dtype=torch.float64)
+    fw = torch.rand(n, generator=rng, dtype=torch.float64) if jsd_beta is None else torch.zeros(n, dtype=torch.float64)
+    targets = torch.randint(0, v, (n,), generator=rng)
+    loss, stats = fused_linear_kl_chunked(*args, rw, fw, jsd_beta=jsd_beta, temperature=1.1, target_ids=targets,
+                                          grad_scale=0.3, return_stats=True, chunk_size=16, cache_bytes=cache_bytes)
+    h_s, w_s, h_t, w_t, b_s, b_t = args
+    ref, ref_stats = reference_loss(h_s, w_s, h_t, w_t, rw=rw, fw=fw, jsd_beta=jsd_beta, temperature=1.1, b_s=b_s,
+                                    b_t=b_t, targets=targets)
+    ref = 0.3 * ref.sum()
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for key in ref_stats:
+        torch.testing.assert_close(stats[key], ref_stats[key], rtol=1e-10, atol=1e-12)
+    for g, w in zip(torch.autograd.grad(loss, (h_s, w_s, b_s)), torch.autograd.grad(ref, (h_s, w_s, b_s))):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
