@@ -4,7 +4,8 @@
 # on a CUDA machine that has torch + triton but no internet. Before the call, on a machine with internet:
 #     bash bench/fetch_wheels.sh          # fills bench/wheels/ (git-ignored, hence carried explicitly)
 # Writes to $OUT (default ./bench-out): rows.jsonl (one line per finished case, survives a time-out),
-# bench-<stage>.json (pytest-benchmark), stage logs, env.txt, and results.md, the markdown table also printed last.
+# bench-<stage>.json (pytest-benchmark), stage logs, env.txt, accuracy.md (bf16/fp32 errors vs float64), and
+# results.md, the markdown table also printed last.
 # Stages run most-important first, each under the time left of GOPD_BENCH_BUDGET_S (default 540 s, so the
 # call ends inside the device tool's 600 s limit even if a stage is cut short).
 set -uo pipefail
@@ -69,6 +70,11 @@ run_stage() {  # name, pytest -k expression
     tail -n 25 "$OUT/stage-$name.log"
     log "stage $name exit code $rc"
 }
+log "accuracy vs float64 on the GPU (bf16 and fp32), at most 90 s"
+timeout 90 $PY bench/kernels_accuracy.py --dtypes bfloat16,float32 --n 2048 --vocab 32768 --ds 1024 --dt 2048 \
+    > "$OUT/accuracy.md" 2>&1
+log "accuracy exit code $?"; cat "$OUT/accuracy.md"
+
 TARGET="N16384-Ds4096-Dt4096"
 run_stage target "matmul_rate or $TARGET"
 run_stage n1024 "gpu and reverse and N1024-"
