@@ -41,10 +41,11 @@ def fused_linear_kl_naive(
     logp_s = _log_probs(student_hidden, student_weight, student_bias, temperature, dtype)
     with torch.no_grad():
         logp_t = _log_probs(teacher_hidden, teacher_weight, teacher_bias, temperature, dtype)
-    p_s, p_t = logp_s.exp(), logp_t.exp()
+    p_s = logp_s.exp()
     reverse_kl = (p_s * (logp_s - logp_t)).sum(-1)
     rw, fw = reverse_weight.to(dtype), forward_weight.to(dtype)
     use_forward = jsd_beta == 0.0 or (jsd_beta is None and bool((fw != 0).any()))
+    p_t = logp_t.exp() if use_forward or return_stats or jsd_beta is not None else None
     forward_kl = (p_t * (logp_t - logp_s)).sum(-1) if use_forward or return_stats else None
 
     if jsd_beta is None or jsd_beta in (0.0, 1.0):
