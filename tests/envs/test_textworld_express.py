@@ -29,7 +29,19 @@ def env():
 
 
 def _pid_alive(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_gone(pid: int, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _pid_alive(pid)
 
 
 def _java_children() -> set[int]:
@@ -168,8 +180,22 @@ def test_interpreter_exit_kills_the_jvm(tmp_path):
               "print(e.jvm.pid)\n")
     out = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
-    pid = int(out.stdout.split()[-1])
-    deadline = time.monotonic() + 5
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _pid_alive(pid)
+    assert _wait_gone(int(out.stdout.split()[-1]))
+
+
+def test_sigkilled_owner_takes_its_jvm_down():
+    # What the env pool relies on when it kills a hung worker: no atexit runs, yet the JVM must not leak
+    # (py4j's die_on_exit: the JVM exits when its stdin, held by the dead owner, closes).
+    script = ("import time\nfrom gopd_fast.envs import make\n"
+              "e = make('textworld-express', games=['coin'])\n"
+              "e.reset(e.tasks('train')[0])\n"
+              "print(e.jvm.pid, flush=True)\ntime.sleep(120)\n")
+    owner = subprocess.Popen([os.sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        jvm_pid = int(owner.stdout.readline())
+        assert _pid_alive(jvm_pid)
+    finally:
+        owner.kill()
+        owner.wait()
+        owner.stdout.close()
+    assert _wait_gone(jvm_pid)
