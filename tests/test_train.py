@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,8 +50,11 @@ def expert_runs(models, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("expert")
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # The two-process run also takes the micro-batch path (one packed row per forward/backward, ranks padded to
+    # the same count) and activation checkpointing: neither may change the result.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "gopd_fast.train", *_expert_overrides(models, root / "dp2")]
+           "-m", "gopd_fast.train", *_expert_overrides(models, root / "dp2"),
+           "packing.rows_per_micro_batch=1", "model.activation_checkpointing=true"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     single = run(load_config(None, _expert_overrides(models, root / "dp1")))
@@ -74,20 +76,37 @@ def test_two_processes_equal_one_process(expert_runs):
     assert dp1[0]["loss"] > dp1[-1]["loss"]
 
 
-def test_resume_from_a_checkpoint_reproduces_the_next_step(expert_runs, models, tmp_path):
-    """A run killed after its step-2 checkpoint and restarted gives the same step-3 loss as the run that went on."""
+def test_kill_and_resume_reproduces_the_uninterrupted_run(expert_runs, models, tmp_path):
+    """SIGKILL a training process once its first checkpoint exists (possibly mid-step or mid-save), restart it
+    with the same command: it resumes from the newest complete checkpoint and its next losses equal the
+    uninterrupted run's."""
+    import signal
+    import time
+
     from gopd_fast.train import run
 
-    root, _, single = expert_runs
-    out = tmp_path / "resumed"
-    (out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(root / "dp1" / "checkpoints" / "step-00000002", out / "checkpoints" / "step-00000002")
-    resumed = run(load_config(None, _expert_overrides(models, out)))
-    assert resumed.resumed_from.name == "step-00000002"
-    assert [r["step"] for r in resumed.history] == [3]
-    uninterrupted = single.history[2]
-    assert resumed.history[0]["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-6)
-    assert resumed.history[0]["grad_norm"] == pytest.approx(uninterrupted["grad_norm"], rel=1e-5)
+    _, _, single = expert_runs
+    out = tmp_path / "killed"
+    overrides = [*_expert_overrides(models, out)[:-1], "run.save_every=1", "run.export_hf=false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, "-m", "gopd_fast.train", *overrides], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints" / "step-00000001" / "COMPLETE").exists():
+            assert proc.poll() is None, "the training process ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    resumed = run(load_config(None, overrides))
+    start = int(resumed.resumed_from.name.split("-")[1])
+    assert start in (1, 2), "killed after its last step: nothing left to compare"
+    assert [r["step"] for r in resumed.history] == list(range(start + 1, 4))
+    for got, want in zip(resumed.history, single.history[start:]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
 
 
 def _engine_run(models, out, *extra):
