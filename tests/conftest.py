@@ -49,3 +49,12 @@ def _reference_loss(h_s, w_s, h_t, w_t, *, rw=None, fw=None, jsd_beta=None, temp
 @pytest.fixture
 def reference_loss():
     return _reference_loss
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test of tiny tensors on one intra-op thread (much faster on a loaded 2-core box), then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

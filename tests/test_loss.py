@@ -9,6 +9,8 @@ import torch
 from gopd_fast import KLStats, fused_linear_kl
 from gopd_fast.loss import resolve_backend
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 BACKENDS = ["naive", "chunked"]
 # Odd sizes: N, V and the chunk are not multiples of each other; student and teacher hidden sizes differ.
 N, DS, DT, V, CHUNK = 37, 19, 23, 101, 13

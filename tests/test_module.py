@@ -12,6 +12,8 @@ from torch import nn
 
 from gopd_fast import FusedLinearKL, fused_linear_kl
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 D_S, D_T, V, N = 12, 10, 37, 15
 
 

@@ -7,6 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gopd_fast.ops.chunked import default_chunk_size, fused_linear_kl_chunked
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _inputs(rng, n, ds, dt, v, dtype=torch.float64, scale=1.0):
     def randn(*shape):

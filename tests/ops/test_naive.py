@@ -6,6 +6,8 @@ import torch
 
 from gopd_fast.ops.naive import accumulation_dtype, fused_linear_kl_naive
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _inputs(rng, n=9, ds=6, dt=5, v=17, dtype=torch.float64):
     def randn(*shape):
