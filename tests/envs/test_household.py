@@ -1,6 +1,7 @@
 """household: protocol, determinism, grammar, score, and the oracle checked against an unpruned search."""
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections import deque
@@ -183,3 +184,20 @@ def test_snapshot_restore_branches_exactly(env):
         env.step(action)
         env.restore(snap)
     assert env.step("look").observation == obs and env.turns == 2
+
+
+@pytest.mark.parametrize("options", [{"difficulty": "hard"}, {"locked_doors": 2, "goals": 1}])
+def test_score_reaches_100_exactly_at_success(options):
+    """Along the oracle's path the score never decreases, rises only at sub-goals, and every required door, pick
+    and delivery is worth the same share."""
+    env = envs.make("household", seed=0, max_turns=40, **options)
+    for tid in env.tasks("eval")[:10]:
+        env.reset(tid)
+        scores = [0.0]
+        while env.expert_action() is not None:
+            scores.append(env.step(env.expert_action()).score)
+        steps = sorted(set(scores))
+        n_subgoals = len(env._required_doors) + 2 * len(env.world.goals)
+        assert scores == sorted(scores) and scores[-1] == 100.0 and scores[-2] < 100.0
+        assert len(steps) == n_subgoals + 1
+        assert all(abs(b - a - 100.0 / n_subgoals) < 0.02 for a, b in itertools.pairwise(steps))

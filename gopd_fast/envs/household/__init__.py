@@ -10,8 +10,11 @@ tens of tokens over a small closed vocabulary, e.g.
 
 Task ids look like "household/train/17"; ``tasks(split)`` lists them in index order. A task's world is generated
 from a stable hash of (seed, split, index), so splits are deterministic for a seed and train and eval worlds are
-distinct draws. Score: 0-100, equal credit per sub-goal (each locked door unlocked, each goal item picked up, each
-goal item delivered); success when every goal item is in its target. ``max_turns`` defaults to 20.
+distinct draws. Score: 0-100, equal credit per sub-goal (each locked door that every solution must open, each goal
+item picked up, each goal item delivered); success when every goal item is in its target, and the score is 100
+exactly then. ``max_turns`` defaults to 20; the worlds never depend on it. Difficulty presets ("easy", "medium" =
+default, "hard") and every knob of ``WorldConfig`` (rooms, locked_doors, goals, distractors, closables, chutes,
+hand_capacity) are options of ``envs.make("household", ...)``; generation places goal item k behind locked door k.
 
 Oracle: ``expert_action()`` is the next step of a shortest plan found by search over the true state from the
 CURRENT state, so it labels recovery actions after any mistake; ``expert_distance()`` is that plan's length.

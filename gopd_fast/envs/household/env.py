@@ -7,7 +7,7 @@ from typing import Any
 
 from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
 from gopd_fast.envs.household import engine
-from gopd_fast.envs.household.oracle import Oracle
+from gopd_fast.envs.household.oracle import Oracle, shortest_plan
 from gopd_fast.envs.household.world import PRESETS, World, WorldConfig, generate
 
 SPLITS = ("train", "eval")
@@ -17,6 +17,18 @@ def world_seed(seed: int, split: str, index: int, attempt: int) -> int:
     """A stable 64-bit seed per task (Python's hash() is salted per process, so it is not used)."""
     digest = hashlib.blake2b(f"household/{seed}/{split}/{index}/{attempt}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
+
+
+def required_doors(world: World) -> frozenset[int]:
+    """Locked doors that every solution unlocks: with the door's key made useless, no plan exists."""
+    start = engine.State.initial(world).key()
+    required = set()
+    for d, door in enumerate(world.doors):
+        if door.color is not None:
+            blocked = replace(world, key_door=tuple(-1 if k == d else k for k in world.key_door))
+            if shortest_plan(blocked, start) is None:
+                required.add(d)
+    return frozenset(required)
 
 
 @register("household")
@@ -61,7 +73,8 @@ class HouseholdEnv(TextEnv):
         self.seed = seed
         self.config = replace(PRESETS[difficulty], **world_options)
         self.split_sizes = {"train": num_train, "eval": num_eval}
-        self._worlds: dict[str, tuple[World, Oracle]] = {}   # task id -> world and its (caching) oracle
+        # task id -> (world, its caching oracle, the doors every solution must unlock)
+        self._worlds: dict[str, tuple[World, Oracle, frozenset[int]]] = {}
         self.world: World | None = None
         self.task_id: str | None = None
         self.done = False
@@ -76,7 +89,7 @@ class HouseholdEnv(TextEnv):
         """The world of ``task_id`` (generated once, then cached)."""
         return self._load(task_id)[0]
 
-    def _load(self, task_id: str) -> tuple[World, Oracle]:
+    def _load(self, task_id: str) -> tuple[World, Oracle, frozenset[int]]:
         cached = self._worlds.get(task_id)
         if cached is not None:
             return cached
@@ -100,12 +113,12 @@ class HouseholdEnv(TextEnv):
             raise ValueError(f"no world with an oracle solution of <= {self.max_solution} steps for {self.config}")
         if len(self._worlds) > 4096:
             self._worlds.clear()
-        self._worlds[task_id] = (world, oracle)
-        return world, oracle
+        self._worlds[task_id] = loaded = (world, oracle, required_doors(world))
+        return loaded
 
     # ---------------------------------------------------------------- episode
     def reset(self, task_id: str) -> Reset:
-        self.world, self.oracle = self._load(task_id)
+        self.world, self.oracle, self._required_doors = self._load(task_id)
         self.task_id = task_id
         self.state = engine.State.initial(self.world)
         self.turns = 0
@@ -147,12 +160,12 @@ class HouseholdEnv(TextEnv):
         return StepResult(observation, score, self.done, success, tuple(self._admissible), info)
 
     def _partial_score(self) -> float:
-        """Sub-goals, equally weighted: every locked door unlocked, every goal item picked up, every goal item
-        delivered (the last one is current state: taking a delivered item out again loses its credit)."""
+        """Sub-goals, equally weighted: every locked door that every solution must open unlocked, every goal item
+        picked up, every goal item delivered (the last one is current state: taking a delivered item out again
+        loses its credit). 100 exactly when solved."""
         world, loc = self.world, self.state.loc
-        n_locked = sum(d.color is not None for d in world.doors)
-        total = n_locked + 2 * len(world.goals)
-        done = len(self._unlocked)
+        total = len(self._required_doors) + 2 * len(world.goals)
+        done = len(self._unlocked & self._required_doors)
         for i, c in world.goals:
             done += (i in self._ever_held or loc[i] == c) + (loc[i] == c)
         return round(100.0 * done / total, 2)

@@ -151,10 +151,13 @@ def generate(seed: int, config: WorldConfig) -> World:
     start_loc: list[int] = []
     all_containers = list(range(len(containers)))
     locked_ids = [d for d, door in enumerate(door_list) if door.color is not None]
-    deep_rooms = [r for r in range(n) if locks_of_room[r]]
+
+    def behind(d: int) -> list[int]:
+        return [r for r in range(n) if d in locks_of_room[r]]
+
     for g in range(config.goals):
-        # The first goal object sits behind a locked door when there is one, so the keys matter.
-        pool = containers_in(deep_rooms) if (g == 0 and deep_rooms) else all_containers
+        # Goal object g sits behind locked door g, so every locked door (with enough goals) must be opened.
+        pool = containers_in(behind(locked_ids[g])) if g < len(locked_ids) else all_containers
         start_loc.append(rng.choice(pool))
     for _ in range(config.distractors):
         start_loc.append(rng.choice(all_containers))
@@ -168,7 +171,10 @@ def generate(seed: int, config: WorldConfig) -> World:
 
     goals = []
     for g in range(config.goals):
-        target = rng.choice([c for c in all_containers if c != start_loc[g]])
+        # Doors beyond the number of goals guard a goal's target instead.
+        extra = [d for k, d in enumerate(locked_ids) if k >= config.goals and (k - config.goals) % config.goals == g]
+        pool = containers_in(behind(extra[0])) if extra else all_containers
+        target = rng.choice([c for c in pool if c != start_loc[g]] or [c for c in all_containers if c != start_loc[g]])
         goals.append((g, target))
 
     chute: list[int | None] = [None] * n
