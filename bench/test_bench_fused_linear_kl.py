@@ -1,7 +1,7 @@
 """Forward + backward of the fused linear KL: gopd-fast's Triton kernels vs the tools people use.
 
 Implementations (all bf16 inputs, student hidden and weight get gradients, mean over tokens):
-    triton, triton_det    gopd_fast.fused_linear_kl(backend="triton"), atomic / deterministic backward
+    triton, triton_atomic gopd_fast.fused_linear_kl(backend="triton"), deterministic (default) / atomic backward
     chunked               gopd_fast.fused_linear_kl(backend="chunked")
     torch, torch_compile  the KL a user writes in plain torch (bf16 matmul -> fp32 logits -> log_softmax), eager
                           and torch.compile(dynamic=True)
@@ -32,8 +32,8 @@ import gopd_fast
 VOCAB = 151936
 GPU_SHAPES = [(n, ds, dt) for n in (1024, 4096, 16384) for ds in (1024, 4096) for dt in (2048, 4096)]
 CPU_SHAPE = (32, 48, 40, 500)  # N, Ds, Dt, V: tiny, for CI only
-IMPLS = ["triton", "triton_det", "chunked", "torch", "torch_compile", "liger_jsd", "liger_jsd_loss", "cce"]
-CPU_IMPLS = {"triton", "triton_det", "chunked", "torch"}
+IMPLS = ["triton", "triton_atomic", "chunked", "torch", "torch_compile", "liger_jsd", "liger_jsd_loss", "cce"]
+CPU_IMPLS = {"triton", "triton_atomic", "chunked", "torch"}
 TEMPERATURE = 1.0
 ROUNDS = int(os.environ.get("GOPD_BENCH_ROUNDS", "5"))
 
@@ -64,9 +64,9 @@ def make_loss_fn(impl: str, objective: str, n: int, device: torch.device, monkey
     ones, zeros = torch.ones(n, device=device), torch.zeros(n, device=device)
     rw, fw = (ones, zeros) if objective == "reverse" else (zeros, ones)
     beta = 1.0 if objective == "reverse" else 0.0
-    if impl in ("triton", "triton_det", "chunked"):
+    if impl in ("triton", "triton_atomic", "chunked"):
         backend = "chunked" if impl == "chunked" else "triton"
-        monkeypatch.setenv("GOPD_DETERMINISTIC", "1" if impl == "triton_det" else "0")
+        monkeypatch.setenv("GOPD_DETERMINISTIC", "0" if impl == "triton_atomic" else "1")
 
         def fn(hs, ws, ht, wt, targets):
             return gopd_fast.fused_linear_kl(hs, ws, ht, wt, reverse_weight=rw, forward_weight=fw,

@@ -2,11 +2,11 @@
 
 Two schedules with the same math (``logit_tiles.grad_logit_tile``):
 
-* ``atomic`` (default, Cut Cross-Entropy style): grid over (token tile x vocabulary tile). Each program recomputes
+* ``atomic`` (Cut Cross-Entropy style, ``deterministic=False``): grid over (token tile x vocabulary tile). Each program recomputes
   its student and teacher logit tiles once, forms dz, and adds dz @ W_s[tile] into grad_h and dz^T @ h_s[tile]
   into grad_W with fp32 atomics (``tl.atomic_add``). Programs are grouped GROUP_N token tiles at a time so that the
   weight tiles they share stay in L2. Summation order varies run to run, so results vary in the last bits.
-* ``deterministic``: no atomics and no fp32 gradient accumulators. Two passes, each writing every gradient
+* ``deterministic`` (the default): no atomics and no fp32 gradient accumulators. Two passes, each writing every gradient
   element once from a complete reduction done by one GEMM: pass 1 walks token chunks, a kernel writes dz for the
   chunk x all V (16-bit operand dtype) and grad_h[chunk] = dz @ W_s; pass 2 walks vocabulary chunks, a kernel
   writes dz for all N x the chunk (fp32, for the bias sum) and grad_W[chunk] = dz^T @ h_s, grad_b[chunk] =
@@ -14,8 +14,11 @@ Two schedules with the same math (``logit_tiles.grad_logit_tile``):
   below 1% of the N x V fp32 logits at the benchmark's large shapes, at the price of recomputing the logit tiles
   twice. Same-shape GEMMs are deterministic, so repeated runs agree bit for bit.
 
-The atomic schedule recomputes the logits once but accumulates grad_h [N, Ds] and grad_W [V, Ds] in fp32 buffers
-(extra memory (N + V) x Ds x 4 bytes): faster in FLOPs, heavier in memory.
+The atomic schedule recomputes the logits once (1.5x the useful FLOPs at Ds = Dt, against 2x) but accumulates
+grad_h [N, Ds] and grad_W [V, Ds] in fp32 buffers: (N + V) x Ds x 4 bytes extra (2.6 GiB, 28% of the fp32 logits
+at N=16384, Ds=4096, V=151936), and each element of them takes V/BLOCK_V resp. N/BLOCK_N fp32 atomic adds (about
+640 GB of L2 atomic traffic at that shape). The deterministic schedule is therefore the default; which one is
+faster on a given GPU is for bench/test_bench_fused_linear_kl.py (``triton`` vs ``triton_atomic``) to say.
 
 dz is rounded to the input dtype only as an operand of the gradient matmuls (as in every bf16 backward); the
 logits and dz themselves are fp32. Tiles whose gradient is negligible are not skipped (CCE's filter): for a KL the

@@ -24,8 +24,9 @@ DETERMINISTIC_ENV = "GOPD_DETERMINISTIC"
 
 
 def deterministic_default() -> bool:
-    """``GOPD_DETERMINISTIC=1`` selects the atomic-free backward when the caller does not choose."""
-    return os.environ.get(DETERMINISTIC_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    """The backward schedule when the caller does not choose: the two-pass deterministic one, unless
+    ``GOPD_DETERMINISTIC=0`` selects the atomic one (see ``backward`` for the trade-off)."""
+    return os.environ.get(DETERMINISTIC_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def check_triton_runnable(*tensors: Tensor | None) -> None:
@@ -120,7 +121,8 @@ def fused_linear_kl_triton(
     return_stats: bool,
     deterministic: bool | None = None,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
-    """Triton backend; see ``gopd_fast.ops`` for the contract. ``deterministic=None`` reads GOPD_DETERMINISTIC.
+    """Triton backend; see ``gopd_fast.ops`` for the contract. ``deterministic=None`` reads GOPD_DETERMINISTIC
+    (default: the deterministic two-pass backward; ``GOPD_DETERMINISTIC=0`` or ``deterministic=False``: atomics).
 
     jsd_beta = 0 or 1 are the TRL/Liger endpoints: forward KL resp. reverse KL, weighted by reverse_weight.
     target_ids must lie in [0, V) (``gopd_fast.loss`` validates them).

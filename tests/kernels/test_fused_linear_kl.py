@@ -83,6 +83,8 @@ def test_every_output_element_is_written(problem, monkeypatch, deterministic):
 
 def test_deterministic_env_var(monkeypatch):
     monkeypatch.delenv("GOPD_DETERMINISTIC", raising=False)
+    assert deterministic_default() is True
+    monkeypatch.setenv("GOPD_DETERMINISTIC", "0")
     assert deterministic_default() is False
     monkeypatch.setenv("GOPD_DETERMINISTIC", "1")
     assert deterministic_default() is True
