@@ -1,8 +1,10 @@
 """EnvPool: many environments stepped concurrently in worker processes, surviving crashes and hangs.
 
 Episodes live in numbered *slots*; slot ``s`` is served by worker ``s % num_workers``, which keeps one env per
-slot, so many episodes are in flight at once and env steps overlap with whatever the caller does meanwhile
-(generation). Every call returns a ``concurrent.futures.Future`` at once; ``reset_many`` / ``step_many`` are the
+slot (created on the slot's first request and reused by its later episodes; for a JVM env that is one JVM per slot,
+so use about as many slots as episodes in flight). Many episodes are in flight at once, the workers step them in
+parallel, and env steps overlap with whatever the caller does meanwhile (generation). A worker serves its requests
+in order; requests for one slot are therefore answered in the order they were made. Every call returns a ``concurrent.futures.Future`` at once; ``reset_many`` / ``step_many`` are the
 blocking batched forms. The slot API (``reset``, ``step``, ``restart``, ``close``) is the rollout's ``EnvSlots``.
 
     with EnvPool("household", {"seed": 0}, num_workers=2) as pool:
