@@ -120,8 +120,11 @@ class DistillationObjective(nn.Module):
         from gopd_fast.module import effective_head
         from gopd_fast.ops.token_logprob import fused_linear_logprob
 
-        def logprob(head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        def logprob(head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float,
+                    vocab: int | None = None) -> Tensor:
             h, w, b = effective_head(head, hidden)   # gathers FSDP2 shards, folds LoRA
+            if vocab is not None and w.shape[0] > vocab:   # padded teacher vocabulary: its first rows are shared
+                w, b = w[:vocab], None if b is None else b[:vocab]
             return fused_linear_logprob(h, w, targets, bias=b, temperature=temperature).float()
 
         if not normalizer > 0:
@@ -153,7 +156,8 @@ class DistillationObjective(nn.Module):
             idx = (w.sampled > 0).nonzero().squeeze(-1)
             logp_s = logprob(self.student_head, student_hidden[idx], target_ids[idx], temperature)
             with torch.no_grad():
-                logp_t = logprob(self.teacher_head, teacher_hidden[idx], target_ids[idx], temperature)
+                logp_t = logprob(self.teacher_head, teacher_hidden[idx], target_ids[idx], temperature,
+                                 vocab=self.student_head.weight.shape[0])
             k1 = (logp_s - logp_t).detach()
             # value k1 (the sampled reverse-KL estimate), gradient k1 * d log p_s(x)
             surrogate = k1 + k1 * (logp_s - logp_s.detach())

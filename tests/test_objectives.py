@@ -111,3 +111,17 @@ def test_bad_arguments():
         obj(hs[:-1], ht, targets, roles, 1.0)
     with pytest.raises(ValueError, match="teacher_hidden"):
         obj(hs, None, targets, roles, 1.0)
+
+
+@pytest.mark.parametrize("student", ["reverse_kl", "sampled_kl"])
+def test_padded_teacher_vocabulary_uses_its_first_rows(student):
+    """Qwen-style padded vocabularies (e.g. 152064 teacher rows vs 151936): only the shared rows count."""
+    hs, ht, s_head, t_head, roles, targets = _problem(2)
+    padded = nn.Linear(DT, V + 8, bias=False).double().requires_grad_(False)
+    with torch.no_grad():
+        padded.weight[:V] = t_head.weight
+        padded.weight[V:] = 5.0   # large logits that would dominate if the padding rows were used
+    cfg = ObjectiveConfig(student_tokens=student, teacher_tokens="forward_kl")
+    got = DistillationObjective(cfg, s_head, padded)(hs, ht, targets, roles, 9.0)
+    want = DistillationObjective(cfg, s_head, t_head)(hs, ht, targets, roles, 9.0)
+    assert float(got.loss.detach()) == pytest.approx(float(want.loss.detach()), rel=1e-6)
