@@ -10,7 +10,7 @@ Two schedules with the same math (``logit_tiles.grad_logit_tile``):
   element once from a complete reduction done by one GEMM: pass 1 walks token chunks, a kernel writes dz for the
   chunk x all V (16-bit operand dtype) and grad_h[chunk] = dz @ W_s; pass 2 walks vocabulary chunks, a kernel
   writes dz for all N x the chunk (fp32, for the bias sum) and grad_W[chunk] = dz^T @ h_s, grad_b[chunk] =
-  sum_i dz. Each dz buffer stays within ``tiling.DETERMINISTIC_CHUNK_BYTES`` (64 MiB), so the extra memory is
+  sum_i dz. Each dz buffer stays within ``tiling.DETERMINISTIC_CHUNK_BYTES`` (80 MiB), so the extra memory is
   below 1% of the N x V fp32 logits at the benchmark's large shapes, at the price of recomputing the logit tiles
   twice. Same-shape GEMMs are deterministic, so repeated runs agree bit for bit.
 
@@ -215,22 +215,26 @@ def _chunk(budget_bytes: int, bytes_per_unit: int, align: int, limit: int) -> in
     return min(max(align, units // align * align), limit)
 
 
-def deterministic_chunks(n_tokens: int, vocab: int, operand_bytes: int) -> tuple[int, int]:
-    """(tokens per pass-1 chunk, vocabulary columns per pass-2 chunk) within ``tiling.DETERMINISTIC_CHUNK_BYTES``."""
+def deterministic_chunks(n_tokens: int, vocab: int, operand_bytes: int, fp32_columns: bool) -> tuple[int, int]:
+    """(tokens per pass-1 chunk, vocabulary columns per pass-2 chunk) within ``tiling.DETERMINISTIC_CHUNK_BYTES``.
+
+    Pass 1 holds dz [rows, V] in the operand dtype; pass 2 holds dz [N, columns] in the operand dtype, or in fp32
+    plus an operand-dtype copy when the bias gradient needs an fp32 column sum (``fp32_columns``).
+    """
     config = tiling.INTERPRETER_CONFIG if tiling.interpreting() else None
     align_n = config.block_n if config else max(c.block_n for c in tiling.GPU_CONFIGS)
     align_v = config.block_v if config else tiling.SPLIT_ALIGN
     budget = tiling.DETERMINISTIC_CHUNK_BYTES
     rows = _chunk(budget, vocab * operand_bytes, align_n, n_tokens)
-    columns = _chunk(budget, n_tokens * (4 + (0 if operand_bytes == 4 else operand_bytes)), align_v, vocab)
+    column_bytes = (4 + (0 if operand_bytes == 4 else operand_bytes)) if fp32_columns else operand_bytes
+    columns = _chunk(budget, n_tokens * column_bytes, align_v, vocab)
     return rows, columns
 
 
 def _backward_deterministic(tensors, strides, flags, scalars, n_tokens, vocab, ds, dt,
                             need_grad_h, need_grad_w, need_grad_b):
-    student_hidden, student_weight = tensors[0], tensors[1]
-    device, op_dtype = student_hidden.device, student_hidden.dtype
-    rows, columns = deterministic_chunks(n_tokens, vocab, student_hidden.element_size())
+    student_hidden = tensors[0]
+    rows, columns = deterministic_chunks(n_tokens, vocab, student_hidden.element_size(), fp32_columns=need_grad_b)
 
     def grad_logits(dz, n_lo, height, v_lo, width):
         def grid(cfg):
@@ -239,26 +243,42 @@ def _backward_deterministic(tensors, strides, flags, scalars, n_tokens, vocab, d
         _grad_logits[grid](*tensors, dz, n_tokens, vocab, ds, dt, n_lo, height, v_lo, width, *scalars, *strides,
                            **flags, **launch_meta())
 
-    grad_h = grad_w = grad_b = None
-    if need_grad_h:  # pass 1: token chunks x the whole vocabulary
-        grad_h = new_output((n_tokens, ds), op_dtype, device)
-        weight = student_weight if student_weight.dtype == op_dtype else student_weight.to(op_dtype)
-        buffer = new_output((rows * vocab,), op_dtype, device)
-        for n_lo in range(0, n_tokens, rows):
-            height = min(rows, n_tokens - n_lo)
-            dz = buffer[: height * vocab].view(height, vocab)
-            grad_logits(dz, n_lo, height, 0, vocab)
-            torch.mm(dz, weight, out=grad_h[n_lo: n_lo + height])
-    if need_grad_w or need_grad_b:  # pass 2: all tokens x vocabulary chunks
-        grad_w = new_output((vocab, ds), student_weight.dtype, device) if need_grad_w else None
-        grad_b = new_output((vocab,), torch.float32, device) if need_grad_b else None
-        buffer = new_output((n_tokens * columns,), torch.float32, device)
-        for v_lo in range(0, vocab, columns):
-            width = min(columns, vocab - v_lo)
-            dz = buffer[: n_tokens * width].view(n_tokens, width)
-            grad_logits(dz, 0, n_tokens, v_lo, width)
-            if need_grad_b:
-                grad_b[v_lo: v_lo + width] = dz.sum(0)
-            if need_grad_w:
-                grad_w[v_lo: v_lo + width] = dz.to(op_dtype).T @ student_hidden
+    grad_h = _grad_hidden_pass(tensors, grad_logits, n_tokens, vocab, ds, rows) if need_grad_h else None
+    grad_w, grad_b = None, None
+    if need_grad_w or need_grad_b:
+        grad_w, grad_b = _grad_weight_pass(tensors, grad_logits, n_tokens, vocab, ds, columns, need_grad_w,
+                                           need_grad_b)
     return grad_h, grad_w, grad_b
+
+
+def _grad_hidden_pass(tensors, grad_logits, n_tokens, vocab, ds, rows):
+    """Pass 1: token chunks x the whole vocabulary; grad_h[chunk] = dz @ W_s, one GEMM per chunk."""
+    student_hidden, student_weight = tensors[0], tensors[1]
+    op_dtype, device = student_hidden.dtype, student_hidden.device
+    weight = student_weight if student_weight.dtype == op_dtype else student_weight.to(op_dtype)
+    grad_h = new_output((n_tokens, ds), op_dtype, device)
+    buffer = new_output((rows * vocab,), op_dtype, device)
+    for n_lo in range(0, n_tokens, rows):
+        height = min(rows, n_tokens - n_lo)
+        dz = buffer[: height * vocab].view(height, vocab)
+        grad_logits(dz, n_lo, height, 0, vocab)
+        torch.mm(dz, weight, out=grad_h[n_lo: n_lo + height])
+    return grad_h
+
+
+def _grad_weight_pass(tensors, grad_logits, n_tokens, vocab, ds, columns, need_grad_w, need_grad_b):
+    """Pass 2: all tokens x vocabulary chunks; grad_W[chunk] = dz^T @ h_s and grad_b[chunk] = column sums."""
+    student_hidden, student_weight = tensors[0], tensors[1]
+    op_dtype, device = student_hidden.dtype, student_hidden.device
+    grad_w = new_output((vocab, ds), student_weight.dtype, device) if need_grad_w else None
+    grad_b = new_output((vocab,), torch.float32, device) if need_grad_b else None
+    buffer = new_output((n_tokens * columns,), torch.float32 if need_grad_b else op_dtype, device)
+    for v_lo in range(0, vocab, columns):
+        width = min(columns, vocab - v_lo)
+        dz = buffer[: n_tokens * width].view(n_tokens, width)
+        grad_logits(dz, 0, n_tokens, v_lo, width)
+        if need_grad_b:
+            grad_b[v_lo: v_lo + width] = dz.sum(0)
+        if need_grad_w:
+            grad_w[v_lo: v_lo + width] = dz.to(op_dtype).T @ student_hidden
+    return grad_w, grad_b

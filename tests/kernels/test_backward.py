@@ -66,3 +66,15 @@ def test_only_requested_grads_without_bias(problem, ref, rel_err):
     ref(hs64, p["ws"], p["ht"], p["wt"], None, None, p["rw"], p["fw"], jsd_beta=None,
         temperature=1.0)[0].sum().backward()
     assert rel_err(hs.grad, hs64.grad) < 2e-5
+
+
+def test_deterministic_chunks_without_bias_fp16(problem, ref, rel_err, monkeypatch):
+    """Pass 2 keeps dz in the 16-bit operand dtype when there is no bias; several chunks in both passes."""
+    monkeypatch.setattr(tiling, "DETERMINISTIC_CHUNK_BYTES", 203 * 2 * 16)
+    p = problem(dtype=torch.float16, bias=False)
+    upstream = torch.ones(37, device=p["hs"].device)
+    got = run_triton(p, jsd_beta=None, temperature=1.0, deterministic=True, upstream=upstream)
+    want = run_reference(ref, p, jsd_beta=None, temperature=1.0, upstream=upstream)
+    assert got[3] is None
+    for g, w in zip(got[1:3], want[1:3]):
+        assert rel_err(g, w) < GRAD_TOL[torch.float16]

@@ -20,10 +20,12 @@ def test_deterministic_chunks_respect_budget(monkeypatch):
     cfg = tiling.INTERPRETER_CONFIG if tiling.interpreting() else None
     align_n = cfg.block_n if cfg else max(c.block_n for c in tiling.GPU_CONFIGS)
     align_v = cfg.block_v if cfg else tiling.SPLIT_ALIGN
-    rows, columns = deterministic_chunks(n_tokens=10_000, vocab=3000, operand_bytes=2)
+    rows, columns = deterministic_chunks(n_tokens=1_000, vocab=3000, operand_bytes=2, fp32_columns=True)
     assert rows % align_n == 0 and rows * 3000 * 2 <= 2**20
-    assert columns % align_v == 0 and 10_000 * columns * 6 <= 2**20 or columns == align_v
-    assert deterministic_chunks(n_tokens=5, vocab=7, operand_bytes=4) == (5, 7)  # capped at the problem
+    assert columns % align_v == 0 and 1_000 * columns * 6 <= 2**20
+    _, more_columns = deterministic_chunks(n_tokens=1_000, vocab=3000, operand_bytes=2, fp32_columns=False)
+    assert more_columns % align_v == 0 and more_columns > columns and 1_000 * more_columns * 2 <= 2**20
+    assert deterministic_chunks(n_tokens=5, vocab=7, operand_bytes=4, fp32_columns=True) == (5, 7)  # capped
 
 
 def test_dot_precision_keeps_fp32_exact():
