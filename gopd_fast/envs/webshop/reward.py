@@ -14,6 +14,7 @@ Two building blocks are reimplemented without extra dependencies (differences ar
 from __future__ import annotations
 
 import functools
+import importlib.util
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -91,11 +92,12 @@ def normalize_color(value: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _spacy_model() -> Any:
-    try:
-        import spacy
-    except ImportError:
+    # Look for the model package before importing spaCy: the import alone takes seconds.
+    if importlib.util.find_spec("en_core_web_lg") is None:
         return None
-    return spacy.load("en_core_web_lg") if spacy.util.is_package("en_core_web_lg") else None
+    import spacy
+
+    return spacy.load("en_core_web_lg")
 
 
 @functools.lru_cache(maxsize=65536)
