@@ -201,3 +201,22 @@ def test_score_reaches_100_exactly_at_success(options):
         assert scores == sorted(scores) and scores[-1] == 100.0 and scores[-2] < 100.0
         assert len(steps) == n_subgoals + 1
         assert all(abs(b - a - 100.0 / n_subgoals) < 0.02 for a, b in itertools.pairwise(steps))
+
+
+def test_required_doors_match_search():
+    """The structural rule (something needed lies behind the door) equals the definition: with the door's key
+    made useless, no plan exists."""
+    from dataclasses import replace
+
+    from gopd_fast.envs.household.env import required_doors
+
+    for options in ({"difficulty": "hard"}, {"rooms": 6, "locked_doors": 3, "goals": 1, "distractors": 1}):
+        env = envs.make("household", seed=0, **options)
+        for tid in env.tasks("train")[:12]:
+            world = env.world_of(tid)
+            start = engine.State.initial(world).key()
+            by_search = {
+                d for d, door in enumerate(world.doors) if door.color is not None and shortest_plan(
+                    replace(world, key_door=tuple(-1 if k == d else k for k in world.key_door)), start) is None
+            }
+            assert required_doors(world) == by_search, tid

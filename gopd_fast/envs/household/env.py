@@ -7,10 +7,11 @@ from typing import Any
 
 from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
 from gopd_fast.envs.household import engine
-from gopd_fast.envs.household.oracle import Oracle, shortest_plan
+from gopd_fast.envs.household.oracle import Oracle
 from gopd_fast.envs.household.world import PRESETS, World, WorldConfig, generate
 
 SPLITS = ("train", "eval")
+PRESET_LIMITS = {"easy": (20, 15), "medium": (20, 15), "hard": (30, 24)}   # default (max_turns, max_solution)
 
 
 def world_seed(seed: int, split: str, index: int, attempt: int) -> int:
@@ -20,15 +21,28 @@ def world_seed(seed: int, split: str, index: int, attempt: int) -> int:
 
 
 def required_doors(world: World) -> frozenset[int]:
-    """Locked doors that every solution unlocks: with the door's key made useless, no plan exists."""
-    start = engine.State.initial(world).key()
-    required = set()
-    for d, door in enumerate(world.doors):
-        if door.color is not None:
-            blocked = replace(world, key_door=tuple(-1 if k == d else k for k in world.key_door))
-            if shortest_plan(blocked, start) is None:
-                required.add(d)
-    return frozenset(required)
+    """Locked doors that every solution unlocks. The rooms form a tree and chutes land in the start region, so the
+    only way into the rooms behind a door is through it: a door is required iff a goal item, a goal target or the
+    key of a required door lies behind it (a fixpoint). tests/envs/test_household.py checks this against search."""
+    locks: dict[int, frozenset[int]] = {world.start_room: frozenset()}
+    frontier = [world.start_room]
+    while frontier:
+        room = frontier.pop()
+        for d, other in world.exits[room]:
+            if other not in locks:
+                crossed = {d} if world.doors[d].color is not None else set()
+                locks[other] = locks[room] | crossed
+                frontier.append(other)
+    room_of = world.container_room
+    required: set[int] = set()
+    for item, target in world.goals:
+        required |= locks[room_of[world.start_loc[item]]] | locks[room_of[target]]
+    while True:
+        keys = [i for i, d in enumerate(world.key_door) if d in required]
+        grown = required.union(*(locks[room_of[world.start_loc[i]]] for i in keys))
+        if grown == required:
+            return frozenset(required)
+        required = grown
 
 
 @register("household")
@@ -37,9 +51,10 @@ class HouseholdEnv(TextEnv):
 
     Options: ``seed`` (which worlds the task ids map to), ``difficulty`` ("easy", "medium", "hard") and any
     ``WorldConfig`` field to override it (rooms, locked_doors, goals, distractors, closables, chutes,
-    hand_capacity), ``max_turns`` (default 20), ``num_train`` / ``num_eval`` (split sizes), ``max_solution``
-    (worlds whose oracle solution is longer are regenerated; default 15, so 20 turns leave slack). The worlds
-    depend on seed and the world options only, never on max_turns, so one task can be run at any turn limit.
+    hand_capacity), ``max_turns`` (default 20; "hard": 30), ``num_train`` / ``num_eval`` (split sizes),
+    ``max_solution`` (worlds whose oracle solution is longer are regenerated; default 15, "hard": 24, so the default
+    turn limit leaves slack). The worlds depend on the seed, the difficulty and the world options only, never on
+    max_turns, so one task can be run at any turn limit.
     """
 
     name = "household"
@@ -48,17 +63,19 @@ class HouseholdEnv(TextEnv):
         self,
         seed: int = 0,
         difficulty: str = "medium",
-        max_turns: int = 20,
+        max_turns: int | None = None,
         num_train: int = 1000,
         num_eval: int = 200,
-        max_solution: int = 15,
+        max_solution: int | None = None,
         **world_options: Any,
     ) -> None:
-        super().__init__(max_turns)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if difficulty not in PRESETS:
             raise ValueError(f"difficulty must be one of {sorted(PRESETS)}, got {difficulty!r}")
+        default_turns, default_solution = PRESET_LIMITS[difficulty]
+        super().__init__(default_turns if max_turns is None else max_turns)
+        max_solution = default_solution if max_solution is None else max_solution
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         unknown = set(world_options) - set(WorldConfig.__dataclass_fields__)
         if unknown:
             known = ["seed", "difficulty", "max_turns", "num_train", "num_eval", "max_solution"]

@@ -19,46 +19,66 @@ from gopd_fast.envs.household.world import HAND, USED, World
 Key = tuple  # State.key(): (room, loc, opened, locked)
 
 
-def _successors(world: World, key: Key) -> list[tuple[Op, Key]]:
+class _Rules:
+    """Per-world lookups the search uses at every node, computed once."""
+
+    def __init__(self, world: World) -> None:
+        self.exits = world.exits
+        self.chute = world.chute
+        self.room_containers = world.room_containers
+        self.capacity = world.hand_capacity
+        self.goals = world.goals
+        self.target = tuple(dict(world.goals).get(i, -1) for i in range(len(world.items)))
+        self.key_door = world.key_door
+        self.door_rooms = tuple((d.a, d.b) for d in world.doors)
+        self.items = range(len(world.items))
+
+
+def _successors(rules: _Rules, key: Key) -> list[tuple[Op, Key]]:
     room, loc, opened, locked = key
-    goal_target = dict(world.goals)
+    target, key_door = rules.target, rules.key_door
     out: list[tuple[Op, Key]] = []
-
-    def needed(i: int) -> bool:
-        if i in goal_target:
-            return loc[i] != goal_target[i]
-        d = world.key_door[i]
-        return d >= 0 and locked[d]
-
-    for d, other in world.exits[room]:
+    for d, other in rules.exits[room]:
         if not locked[d]:
             out.append(((GO, other), (other, loc, opened, locked)))
-    if world.chute[room] is not None:
-        out.append(((CHUTE, world.chute[room]), (world.chute[room], loc, opened, locked)))
+    landing = rules.chute[room]
+    if landing is not None:
+        out.append(((CHUTE, landing), (landing, loc, opened, locked)))
 
-    here = world.room_containers[room]
-    held = [i for i, where in enumerate(loc) if where == HAND]
-    full = len(held) >= world.hand_capacity
+    held: list[int] = []
+    needed_at: set[int] = set()       # containers holding an item a goal or a locked door still needs
+    for i in rules.items:
+        where = loc[i]
+        if where == HAND:
+            held.append(i)
+        elif where >= 0:
+            t = target[i]
+            if (t != where) if t >= 0 else (key_door[i] >= 0 and locked[key_door[i]]):
+                needed_at.add(where)
+    full = len(held) >= rules.capacity
+    here = rules.room_containers[room]
+    drop = -1
     for c in here:
         if not opened[c]:
-            if any(where == c and needed(i) for i, where in enumerate(loc)) or any(
-                t == c and loc[i] != t for i, t in world.goals
-            ):
-                new_opened = opened[:c] + (True,) + opened[c + 1:]
-                out.append(((OPEN, c), (room, loc, new_opened, locked)))
-        elif not full:
-            for i, where in enumerate(loc):
-                if where == c and needed(i):
-                    out.append(((TAKE, i, c), (room, loc[:i] + (HAND,) + loc[i + 1:], opened, locked)))
-    drop = next((c for c in here if opened[c]), None)
+            if c in needed_at or any(t == c and loc[i] != t for i, t in rules.goals):
+                out.append(((OPEN, c), (room, loc, opened[:c] + (True,) + opened[c + 1:], locked)))
+            continue
+        if drop < 0:
+            drop = c
+        if not full and c in needed_at:
+            for i in rules.items:
+                if loc[i] == c:
+                    t = target[i]
+                    if (t != c) if t >= 0 else (key_door[i] >= 0 and locked[key_door[i]]):
+                        out.append(((TAKE, i, c), (room, loc[:i] + (HAND,) + loc[i + 1:], opened, locked)))
     for i in held:
-        t = goal_target.get(i)
-        if t is not None and world.container_room[t] == room and opened[t]:
+        t = target[i]
+        if t >= 0 and t in here and opened[t]:
             out.append(((PUT, i, t), (room, loc[:i] + (t,) + loc[i + 1:], opened, locked)))
-        elif full and drop is not None:
+        elif full and drop >= 0:
             out.append(((PUT, i, drop), (room, loc[:i] + (drop,) + loc[i + 1:], opened, locked)))
-        d = world.key_door[i]
-        if d >= 0 and locked[d] and room in (world.doors[d].a, world.doors[d].b):
+        d = key_door[i]
+        if d >= 0 and locked[d] and room in rules.door_rooms[d]:
             new_locked = locked[:d] + (False,) + locked[d + 1:]
             out.append(((UNLOCK, d, i), (room, loc[:i] + (USED,) + loc[i + 1:], opened, new_locked)))
     return out
@@ -69,26 +89,28 @@ def is_goal(world: World, key: Key) -> bool:
     return all(loc[i] == c for i, c in world.goals)
 
 
-def shortest_plan(world: World, start: Key, max_states: int = 200_000) -> list[tuple[Op, Key]] | None:
+def shortest_plan(world: World, start: Key, max_states: int = 500_000) -> list[tuple[Op, Key]] | None:
     """The operations of one shortest plan from ``start`` with the state after each, or None if the goal is
-    unreachable (cannot happen for generated worlds) or the search exceeds ``max_states``."""
-    if is_goal(world, start):
+    unreachable or the search exceeds ``max_states``."""
+    goals = world.goals
+    if all(start[1][i] == c for i, c in goals):
         return []
+    rules = _Rules(world)
     parent: dict[Key, tuple[Key, Op] | None] = {start: None}
     frontier = deque([start])
     while frontier:
         key = frontier.popleft()
-        for op, nxt in _successors(world, key):
+        for op, nxt in _successors(rules, key):
             if nxt in parent:
                 continue
             parent[nxt] = (key, op)
-            if is_goal(world, nxt):
+            loc = nxt[1]
+            if all(loc[i] == c for i, c in goals):
                 plan = []
                 node = nxt
-                while parent[node] is not None:
-                    prev, prev_op = parent[node]
-                    plan.append((prev_op, node))
-                    node = prev
+                while (link := parent[node]) is not None:
+                    plan.append((link[1], node))
+                    node = link[0]
                 return plan[::-1]
             if len(parent) > max_states:
                 return None
