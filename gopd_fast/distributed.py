@@ -80,6 +80,15 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj

@@ -15,8 +15,9 @@ Keys of a training record (``"kind": "train"``); means are over the GLOBAL batch
     tokens_scored        positions each model scored (whole-episode packing); tokens_per_s: tokens_scored / step time
     time_rollout, time_forward, time_loss, time_backward, time_optim, time_sync, time_step   seconds per phase
 
-Evaluation records (``"kind": "eval"``) carry ``step`` and ``eval/score``, ``eval/success_rate``, ``eval/rounds``,
-``eval/episodes``. TensorBoard gets every numeric key under the same name (``train/<key>`` for train records).
+Evaluation records (``"kind": "eval"``) carry ``step``, ``eval/episodes`` and ``eval/score``, ``eval/success_rate``,
+``eval/rounds``, each with its 95% interval as ``<key>_low`` / ``<key>_high`` (Student's t for Score and Rounds,
+Wilson for the Success Rate; NaN bounds with a single episode). TensorBoard gets every numeric key under the same name (``train/<key>`` for train records).
 """
 from __future__ import annotations
 

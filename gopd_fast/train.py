@@ -48,6 +48,7 @@ from gopd_fast.curriculum import BetaSchedule, TaskCursor
 from gopd_fast.distributed import (
     DistInfo,
     GatheredHead,
+    all_gather_objects,
     all_reduce_sums,
     apply_activation_checkpointing,
     barrier,
@@ -475,9 +476,17 @@ def evaluate_student(cfg: Config, source: EpisodeSource, env: Any, info: DistInf
     mine = tasks[info.rank::info.world_size]
     episodes = source.collect(mine, beta=0.0, temperature=cfg.rollout.eval_temperature,
                               seed=_rollout_seed(cfg, step, info) + 1) if mine else []
-    m = _episode_metrics(episodes, info)
-    return {"kind": "eval", "step": step, "eval/score": m["score"], "eval/success_rate": m["success_rate"],
-            "eval/rounds": m["rounds"], "eval/episodes": m["episodes"]}
+    from gopd_fast.envs.evaluate import t_interval, wilson_interval
+
+    per_rank = all_gather_objects([(e.score, bool(e.success), e.rounds) for e in episodes])
+    values = [v for part in per_rank for v in part]
+    record: dict[str, Any] = {"kind": "eval", "step": step, "eval/episodes": len(values)}
+    if values:   # means with 95% intervals: Student's t for Score and Rounds, Wilson for the Success Rate
+        score, rounds = t_interval([v[0] for v in values]), t_interval([float(v[2]) for v in values])
+        success = wilson_interval(sum(v[1] for v in values), len(values))
+        for name, iv in (("score", score), ("success_rate", success), ("rounds", rounds)):
+            record.update({f"eval/{name}": iv.mean, f"eval/{name}_low": iv.low, f"eval/{name}_high": iv.high})
+    return record
 
 
 def run(cfg: Config, source: EpisodeSource | None = None) -> RunResult:

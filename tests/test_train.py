@@ -131,7 +131,9 @@ def test_guided_opd_end_to_end_with_eval_logging_and_export(models, tmp_path):
         assert key in train[1], key
     assert train[1]["loss_teacher"] is None and train[1]["loss_student"] > 0
     assert [e["step"] for e in evals] == [1, 2]
-    assert {"eval/score", "eval/success_rate", "eval/rounds"} <= set(evals[0])
+    assert {"eval/score", "eval/success_rate", "eval/rounds", "eval/score_low", "eval/success_rate_high",
+            "eval/rounds_high"} <= set(evals[0])
+    assert evals[0]["eval/episodes"] == 2
     assert any((tmp_path / "gopd" / "tensorboard").iterdir())
     assert AutoModelForCausalLM.from_pretrained(result.export_dir).config.vocab_size > 0
     assert result.checkpoint.name == "step-00000002"
