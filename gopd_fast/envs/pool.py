@@ -277,6 +277,7 @@ class EnvPool:
         self._check_slot(slot)
         with self._lock:
             self._episodes.pop(slot, None)
+            self._pending_failures.pop(slot, None)
         self._submit(slot, _DROP, None, self.step_timeout_s)
 
     def reset_many(self, task_ids: Sequence[str], slots: Sequence[int] | None = None) -> list[Reset]:
