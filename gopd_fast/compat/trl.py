@@ -137,8 +137,9 @@ class FusedGKDMixin:
                                          num_items_in_batch)
         else:
             loss = self._fused_gkd_loss(unwrapped, inputs, num_items_in_batch)
-        # GKDTrainer returns the model outputs (with logits) on request; here there are no logits to return
-        return (loss, None) if return_outputs else loss
+        # GKDTrainer returns the model outputs (with logits) on request; there are no logits here, and a dict
+        # without them is what Trainer.prediction_step handles (it reads the logits from the dict's other keys)
+        return (loss, {"loss": loss}) if return_outputs else loss
 
     def _fused_gkd_loss(self, student: nn.Module, inputs: dict[str, Tensor], num_items_in_batch) -> Tensor:
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}

@@ -57,10 +57,12 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def gkd(tiny):
-    args = GKDConfig(output_dir=tiny["out"], per_device_train_batch_size=2, max_length=64, report_to="none",
-                     beta=0.3, lmbda=0.0, use_cpu=True, max_steps=1, save_strategy="no")
+    args = GKDConfig(output_dir=tiny["out"], per_device_train_batch_size=2, per_device_eval_batch_size=2,
+                     max_length=64, report_to="none", beta=0.3, lmbda=0.0, use_cpu=True, max_steps=1,
+                     save_strategy="no")
+    rows = datasets.Dataset.from_list(tiny["rows"])
     return FusedGKDTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=args,
-                           processing_class=tiny["tok"], train_dataset=datasets.Dataset.from_list(tiny["rows"]))
+                           processing_class=tiny["tok"], train_dataset=rows, eval_dataset=rows)
 
 
 def _loss_and_grads(fn, model):
@@ -119,11 +121,13 @@ def test_gkd_peak_memory_is_lower_than_trl(gkd, tiny):
     assert ours_peak < trl_peak - 2 * logits_bytes
 
 
-def test_gkd_trainer_trains_one_step(gkd):
+def test_gkd_trainer_trains_one_step_and_evaluates(gkd):
     before = gkd.model.lm_head.weight.detach().clone()
     result = gkd.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(before, gkd.model.lm_head.weight.detach())
+    metrics = gkd.evaluate()  # Trainer.prediction_step asks compute_loss for outputs: there are no logits
+    assert metrics["eval_loss"] > 0 and torch.isfinite(torch.tensor(metrics["eval_loss"]))
 
 
 def test_distillation_trainer_matches_trl(tiny):
