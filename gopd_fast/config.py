@@ -90,7 +90,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class EnvConfig:
     name: str = "household"
-    max_turns: int = 12
+    max_turns: int = 20               # the household env's own default
     seed: int = 0
     train_split: str = "train"
     eval_split: str = "eval"
