@@ -13,7 +13,7 @@ Two autograd Functions share the sweeps:
 - ``_ChunkedKLScalar`` (``grad_scale=c``): forward runs every sweep including the gradient one and keeps the
   gradients (Liger-style); backward only multiplies them by the incoming scalar. Because the gradient sweep
   follows immediately, the tiles of the value sweep can be kept instead of recomputed: tokens are processed in
-  blocks whose [block, V] logits of both models fit ``cache_bytes`` (256 MiB by default, ~200 tokens at
+  blocks whose [block, V] logits of both models fit ``cache_bytes`` (128 MiB by default, ~110 tokens at
   V=151936), so every logit is computed once, as with materialised logits, at bounded memory. Several blocks
   add their weight gradients into one buffer; with ``cache_bytes=0`` (or fewer than 64 tokens fitting) the
   gradient sweep recomputes the tiles instead.
@@ -38,9 +38,9 @@ from gopd_fast.ops.naive import accumulation_dtype
 _TILE_ELEMENTS = 1 << 22
 _MIN_CHUNK = 256
 _MAX_CHUNK = 8192
-# Logit cache of the scalar (grad_scale) path: both models' [block, V] logits. 256 MiB holds ~200 tokens at
+# Logit cache of the scalar (grad_scale) path: both models' [block, V] logits. 128 MiB holds ~110 tokens at
 # V=151936 in fp32; blocks under _MIN_CACHE_BLOCK tokens are not worth it (skinny weight-gradient matmuls).
-DEFAULT_CACHE_BYTES = 256 << 20
+DEFAULT_CACHE_BYTES = 128 << 20
 _MIN_CACHE_BLOCK = 64
 
 
