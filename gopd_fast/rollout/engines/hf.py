@@ -7,6 +7,7 @@ call re-encodes its prompts). Per-token log-probs come from ``output_logits=True
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import time
 from typing import Any
@@ -21,6 +22,8 @@ from gopd_fast.rollout.engines.base import (
     check_prompts,
     iter_weights,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _as_id_list(value: Any) -> list[int]:
@@ -145,6 +148,7 @@ class HFEngine(GenerationEngine):
             raise ValueError(f"weights do not match the model: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]}")
         seconds = time.perf_counter() - t0
+        logger.info("%s: weight sync %d took %.3f s", type(self).__name__, self._stats.weight_syncs + 1, seconds)
         self._stats.weight_syncs += 1
         self._stats.sync_seconds += seconds
         return seconds

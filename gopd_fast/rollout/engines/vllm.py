@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -29,6 +30,8 @@ from gopd_fast.rollout.engines.base import (
     check_prompts,
     iter_weights,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def vllm_available() -> bool:
@@ -144,6 +147,7 @@ class VLLMEngine(GenerationEngine):
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp})
         self.reset_prefix_cache()
         seconds = time.perf_counter() - t0
+        logger.info("%s: weight sync %d took %.3f s", type(self).__name__, self._stats.weight_syncs + 1, seconds)
         self._stats.weight_syncs += 1
         self._stats.sync_seconds += seconds
         return seconds
