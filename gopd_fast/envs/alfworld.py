@@ -160,7 +160,11 @@ class ALFWorld(TextEnv):
         self._state, _, _ = self._env.step(command)  # an inadmissible command answers "Nothing happens."
         self.turns += 1
         if self._handcoded is not None:
-            self._handcoded_next = self._handcoded.act(self._state, 0, self._state["won"], command)
+            try:
+                self._handcoded_next = self._handcoded.act(self._state, 0, self._state["won"], command)
+            except Exception:  # noqa: BLE001 - a heuristic expert that gives up (timeout, unmodelled state)
+                self._handcoded_next = None  # must not end the agent's episode: it just has no advice
+
         success = bool(self._state["won"])
         truncated = not success and self.turns >= self.max_turns
         self._done = success or truncated

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import shutil
 import subprocess
 import threading
 import weakref
@@ -117,6 +118,8 @@ class JavaSimulator(Generic[H]):
         self._discard()
 
     def _start(self) -> None:
+        if shutil.which("java") is None:
+            raise RuntimeError(f"{self.name} needs a Java runtime (Java 17): no `java` on PATH")
         handle = self._launch()
         self._handle, self._proc = handle, self._process_of(handle)
         if self._started:

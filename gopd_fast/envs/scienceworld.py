@@ -108,6 +108,8 @@ class ScienceWorld(TextEnv):
 
     # ---- tasks ---------------------------------------------------------------------------------------------
     def tasks(self, split: str) -> list[str]:
+        """``"<task>:<variation>"`` ids of ``split``. The first listing of a task loads it in the JVM (once per
+        process), which ends an episode in progress; list splits before starting episodes."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; ScienceWorld splits: {', '.join(SPLITS)}")
         which = "test" if split == "eval" else split

@@ -82,6 +82,8 @@ class TextWorldExpress(TextEnv):
 
     # ---- tasks ---------------------------------------------------------------------------------------------
     def tasks(self, split: str) -> list[str]:
+        """``"<game>:<seed>"`` ids of ``split``. The first listing of a game loads it in the JVM (once per process
+        and game parameters), which ends an episode in progress; list splits before starting episodes."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; TextWorldExpress splits: {', '.join(SPLITS)}")
         fold = _FOLD_OF_SPLIT[split]

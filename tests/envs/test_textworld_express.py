@@ -199,3 +199,11 @@ def test_sigkilled_owner_takes_its_jvm_down():
         owner.wait()
         owner.stdout.close()
     assert _wait_gone(jvm_pid)
+
+
+def test_missing_java_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    e = make("textworld-express", games=["coin"])  # constructing starts nothing
+    with pytest.raises(RuntimeError, match="needs a Java runtime"):
+        e.reset("coin:3")  # (split lists may be cached by earlier envs; an episode always needs the JVM)
+    e.close()
