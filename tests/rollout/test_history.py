@@ -142,3 +142,26 @@ def test_bad_inputs(tokenizer):
         h.add_response([4, 5], [0.0], Role.STUDENT)
     with pytest.raises(ValueError, match="at least one"):
         h.add_response([], [], Role.STUDENT)
+
+
+@pytest.mark.parametrize("enable_thinking", [True, False])
+def test_official_qwen3_template(tokenizer, enable_thinking):
+    """Qwen3's own template (shipped with trl) gives the same pieces as the default Qwen3-style one."""
+    import importlib.resources
+
+    try:
+        official = (importlib.resources.files("trl") / "chat_templates" / "qwen3.jinja").read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        pytest.skip("trl's copy of the Qwen3 chat template is not installed")
+    default = ChatFormat(tokenizer, enable_thinking=enable_thinking, system_prompt="S")
+    original = tokenizer.chat_template
+    tokenizer.chat_template = official
+    try:
+        qwen3 = ChatFormat(tokenizer, enable_thinking=enable_thinking, system_prompt="S")
+        assert qwen3.initial_prompt(OBS[0]) == default.initial_prompt(OBS[0])
+        assert qwen3.observation_piece(OBS[1]) == default.observation_piece(OBS[1])
+        think = "" if enable_thinking else "<think>\n\n</think>\n\n"
+        assert tokenizer.decode(qwen3.observation_piece("o")) == (
+            "<|im_end|>\n<|im_start|>user\no<|im_end|>\n<|im_start|>assistant\n" + think)
+    finally:
+        tokenizer.chat_template = original
