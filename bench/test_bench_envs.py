@@ -3,7 +3,7 @@
 Cases (each records steps_per_s in benchmark.extra_info; run ``pytest bench/test_bench_envs.py --benchmark-enable``):
     household_step          env.step with a random admissible (or invalid, 1 in 8) action, resets included
     household_oracle_step   the same episodes driven by expert_action() (a shortest-plan search per new state)
-    household_hard_oracle_step  in-process reference for pool_oracle_step (same work, no pool)
+    inprocess[step|oracle_step]  the pool cases' exact work on envs in this process (the no-pool baseline)
     pool_step[w]            EnvPool with w workers, 16 episodes in flight, step_many of random actions
     pool_oracle_step[w]     EnvPool with w workers, 16 episodes of the "hard" preset on unseen tasks, each step
                             labelled by the oracle in the worker, 30% deviations (CPU-bound workers)
@@ -11,6 +11,7 @@ Cases (each records steps_per_s in benchmark.extra_info; run ``pytest bench/test
 from __future__ import annotations
 
 import random
+from concurrent.futures import Future
 
 import pytest
 
@@ -20,6 +21,7 @@ from gopd_fast.envs.pool import EnvPool
 STEPS = 20_000
 POOL_SLOTS = 16
 POOL_ROUNDS = 60
+ROUNDS = 5
 HARD = {"seed": 0, "difficulty": "hard", "max_turns": 30, "num_train": 100_000}
 
 
@@ -47,49 +49,56 @@ def _oracle_steps(env, n_steps: int, seed: int = 0) -> int:
     return steps
 
 
-def _hard_oracle_steps(env, n_steps: int, first_task: int) -> int:
-    """In-process reference for pool_oracle_step: unseen hard tasks, oracle labels, 30% random deviations."""
-    rng, steps, task = random.Random(first_task), 0, first_task
-    while steps < n_steps:
-        result = env.reset(f"household/train/{task}")
-        task, done = task + 1, False
-        while not done and steps < n_steps:
-            action = env.expert_action() or "look"
-            result = env.step(action)
-            steps, done = steps + 1, result.done
-            if not done and rng.random() < 0.3:
-                result = env.step(rng.choice(result.admissible_actions))
-                steps, done = steps + 1, result.done
-    return steps
-
-
 def _record(benchmark, steps: int, **extra) -> None:
     benchmark.extra_info.update(steps=steps, **extra)
-    if benchmark.stats is not None:
-        benchmark.extra_info["steps_per_s"] = steps / benchmark.stats.stats.mean
+    if benchmark.stats is not None:   # None when run with --benchmark-disable (the default: tests only)
+        stats = benchmark.stats.stats
+        benchmark.extra_info.update(steps_per_s=steps / stats.mean, steps_per_s_median=steps / stats.median)
 
 
 def test_household_step(benchmark):
     env = envs.make("household", seed=0)
     _random_steps(env, 2000)   # warm the world cache like a long run does
-    steps = benchmark.pedantic(_random_steps, args=(env, STEPS), rounds=3, iterations=1)
+    steps = benchmark.pedantic(_random_steps, args=(env, STEPS), rounds=ROUNDS, iterations=1)
     _record(benchmark, steps)
 
 
 def test_household_oracle_step(benchmark):
     env = envs.make("household", seed=0)
-    steps = benchmark.pedantic(_oracle_steps, args=(env, STEPS // 4), rounds=3, iterations=1)
+    steps = benchmark.pedantic(_oracle_steps, args=(env, STEPS // 4), rounds=ROUNDS, iterations=1)
     _record(benchmark, steps)
 
 
-def test_household_hard_oracle_step(benchmark):
-    env = envs.make("household", **HARD)
-    firsts = iter(range(50_000, 100_000, 5000))
-    steps = benchmark.pedantic(lambda: _hard_oracle_steps(env, 1000, next(firsts)), rounds=3, iterations=1)
-    _record(benchmark, steps)
+class _InProcess:
+    """The slice of EnvPool's API that _pool_rounds uses, on envs in this process (one per slot): the no-pool
+    baseline for exactly the same work."""
+
+    def __init__(self, options: dict) -> None:
+        self.options, self.envs = options, {}
+
+    def _env(self, slot: int):
+        if slot not in self.envs:
+            self.envs[slot] = envs.make("household", **self.options)
+        return self.envs[slot]
+
+    @staticmethod
+    def _done(value) -> Future:
+        future: Future = Future()
+        future.set_result(value)
+        return future
+
+    def reset_many(self, task_ids, slots=None):
+        slots = range(len(task_ids)) if slots is None else slots
+        return [self._env(s).reset(t) for s, t in zip(slots, task_ids)]
+
+    def step_many(self, actions):
+        return {s: self._env(s).step(a) for s, a in actions.items()}
+
+    def expert_action(self, slot):
+        return self._done(self._env(slot).expert_action())
 
 
-def _pool_rounds(pool: EnvPool, oracle: bool, first_task: int) -> int:
+def _pool_rounds(pool: EnvPool | _InProcess, oracle: bool, first_task: int) -> int:
     """POOL_ROUNDS rounds of batched calls over POOL_SLOTS episodes; finished episodes restart on unseen tasks."""
     rng, steps, next_task = random.Random(first_task), 0, first_task + POOL_SLOTS
     tasks = [f"household/train/{i}" for i in range(first_task, first_task + POOL_SLOTS)]
@@ -119,6 +128,16 @@ def _pool_rounds(pool: EnvPool, oracle: bool, first_task: int) -> int:
 
 
 @pytest.mark.parametrize("oracle", [False, True], ids=["step", "oracle_step"])
+def test_inprocess(benchmark, oracle):
+    """The same rounds as test_pool without a pool: the baseline of its speed-up."""
+    local = _InProcess(HARD if oracle else {"seed": 0, "num_train": 100_000})
+    rounds = iter(range(0, 100_000, 2000))
+    _pool_rounds(local, oracle, next(rounds))
+    steps = benchmark.pedantic(lambda: _pool_rounds(local, oracle, next(rounds)), rounds=ROUNDS, iterations=1)
+    _record(benchmark, steps, workers=0, slots=POOL_SLOTS)
+
+
+@pytest.mark.parametrize("oracle", [False, True], ids=["step", "oracle_step"])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_pool(benchmark, workers, oracle):
     """oracle_step runs the "hard" preset on unseen tasks: world generation and plan searches keep the workers'
@@ -127,6 +146,6 @@ def test_pool(benchmark, workers, oracle):
     rounds = iter(range(0, 100_000, 2000))
     with EnvPool("household", options, num_workers=workers, reset_timeout_s=120) as pool:
         _pool_rounds(pool, oracle, next(rounds))   # warm-up: workers started
-        steps = benchmark.pedantic(lambda: _pool_rounds(pool, oracle, next(rounds)), rounds=3, iterations=1)
+        steps = benchmark.pedantic(lambda: _pool_rounds(pool, oracle, next(rounds)), rounds=ROUNDS, iterations=1)
         _record(benchmark, steps, workers=workers, slots=POOL_SLOTS)
         assert pool.stats().worker_restarts == 0
