@@ -220,3 +220,14 @@ def test_required_doors_match_search():
                     replace(world, key_door=tuple(-1 if k == d else k for k in world.key_door)), start) is None
             }
             assert required_doors(world) == by_search, tid
+
+
+def test_expert_distance_reported_in_info():
+    env = envs.make("household", seed=0, report_distance=True)
+    first = env.reset("household/eval/3")
+    assert first.info["expert_distance"] == env.expert_distance() >= 1
+    result = env.step("look")
+    assert result.info["expert_distance"] == first.info["expert_distance"]
+    plain = envs.make("household", seed=0)
+    plain.reset("household/eval/3")
+    assert "expert_distance" not in plain.step("look").info

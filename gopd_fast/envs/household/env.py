@@ -53,7 +53,8 @@ class HouseholdEnv(TextEnv):
     ``WorldConfig`` field to override it (rooms, locked_doors, goals, distractors, closables, chutes,
     hand_capacity), ``max_turns`` (default 20; "hard": 30), ``num_train`` / ``num_eval`` (split sizes),
     ``max_solution`` (worlds whose oracle solution is longer are regenerated; default 15, "hard": 24, so the default
-    turn limit leaves slack). The worlds depend on the seed, the difficulty and the world options only, never on
+    turn limit leaves slack), ``report_distance`` (put ``expert_distance`` in every step's info; the reset's info
+    always has it). The worlds depend on the seed, the difficulty and the world options only, never on
     max_turns, so one task can be run at any turn limit.
     """
 
@@ -67,6 +68,7 @@ class HouseholdEnv(TextEnv):
         num_train: int = 1000,
         num_eval: int = 200,
         max_solution: int | None = None,
+        report_distance: bool = False,
         **world_options: Any,
     ) -> None:
         if difficulty not in PRESETS:
@@ -78,7 +80,7 @@ class HouseholdEnv(TextEnv):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         unknown = set(world_options) - set(WorldConfig.__dataclass_fields__)
         if unknown:
-            known = ["seed", "difficulty", "max_turns", "num_train", "num_eval", "max_solution"]
+            known = ["seed", "difficulty", "max_turns", "num_train", "num_eval", "max_solution", "report_distance"]
             known += list(WorldConfig.__dataclass_fields__)
             raise TypeError(f"unknown household option(s) {sorted(unknown)}; known: {known}")
         for name, value in (("num_train", num_train), ("num_eval", num_eval)):
@@ -90,6 +92,7 @@ class HouseholdEnv(TextEnv):
         self.seed = seed
         self.config = replace(PRESETS[difficulty], **world_options)
         self.split_sizes = {"train": num_train, "eval": num_eval}
+        self.report_distance = bool(report_distance)
         # task id -> (world, its caching oracle, the doors every solution must unlock)
         self._worlds: dict[str, tuple[World, Oracle, frozenset[int]]] = {}
         self.world: World | None = None
@@ -145,7 +148,8 @@ class HouseholdEnv(TextEnv):
         self._admissible = engine.admissible(self.world, self.state)
         task = self.world.task_text
         observation = f"{engine.describe_room(self.world, self.state)} Task: {task}"
-        return Reset(observation, task, tuple(self._admissible), {"task_id": task_id})
+        info = {"task_id": task_id, "expert_distance": self.expert_distance()}   # cached by generation: free
+        return Reset(observation, task, tuple(self._admissible), info)
 
     def step(self, action: str) -> StepResult:
         if self.world is None:
@@ -174,6 +178,8 @@ class HouseholdEnv(TextEnv):
         self.done = success or self.turns >= self.max_turns
         if self.done and not success:
             info["truncated"] = True
+        if self.report_distance:   # a search per new off-path state: opt-in, it costs more than the step
+            info["expert_distance"] = self.expert_distance()
         return StepResult(observation, score, self.done, success, tuple(self._admissible), info)
 
     def _partial_score(self) -> float:
