@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import gopd_fast.demo_env  # noqa: F401  registers "household-mapped" (the demo's env) for envs.make and the trainer
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -97,9 +99,9 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    env: str = "household"
+    env: str = "household-mapped"
     env_options: dict[str, Any] = field(default_factory=lambda: {"seed": 0})
-    max_turns: int = 20
+    max_turns: int = 15
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
     budget_s: float = 1200.0             # the wall-time target the plan is checked against
@@ -385,10 +387,25 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
 # Distillation (the trainer does the work)
 # ---------------------------------------------------------------------------------------------------------
 
+def toml_value(value: Any) -> str:
+    """A Python value as a TOML literal (for ``section.key=value`` trainer overrides)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)      # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} as a TOML value: {value!r}")
+
+
 def trainer_overrides(cfg: DemoConfig, method: str, seed: int, student_dir: Path, teacher_dir: Path,
                       out_dir: Path) -> list[str]:
     d = cfg.distill
-    opts = [f"env.options.{k}={json.dumps(v)}" for k, v in cfg.env_options.items() if k != "seed"]
+    opts = [f"env.options.{k}={toml_value(v)}" for k, v in cfg.env_options.items() if k != "seed"]
     return [
         f"run.output_dir={json.dumps(str(out_dir))}", f"run.seed={seed}", f"run.total_steps={d.total_steps}",
         f"run.eval_every={d.eval_every}", "run.eval_at_end=true", "run.resume=false", "run.export_hf=true",
@@ -427,13 +444,10 @@ def distill(cfg: DemoConfig, method: str, seed: int, student_dir: Path, teacher_
 # The pipeline
 # ---------------------------------------------------------------------------------------------------------
 
-def resolve_teacher(cfg: DemoConfig, run_dir: Path, rebuild: bool, log=print) -> tuple[Path, dict[str, Any]]:
+def resolve_teacher(cfg: DemoConfig, run_dir: Path, log=print) -> tuple[Path, dict[str, Any]]:
     """The committed teacher when it matches the env, else a freshly built one (in the run folder)."""
     asset = ASSETS_DIR / cfg.teacher.asset
     meta_path = asset / "demo_teacher.json"
-    if rebuild:
-        log(f"[demo] rebuilding the teacher into {asset}")
-        return asset, build_teacher(cfg, asset, log)
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         fp = env_fingerprint(cfg)
@@ -451,7 +465,7 @@ def resolve_teacher(cfg: DemoConfig, run_dir: Path, rebuild: bool, log=print) ->
     return out, build_teacher(cfg, out, log)
 
 
-def run_demo(cfg: DemoConfig, run_dir: Path, *, rebuild_teacher: bool = False) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
     import torch
 
     from gopd_fast import plots
@@ -466,7 +480,7 @@ def run_demo(cfg: DemoConfig, run_dir: Path, *, rebuild_teacher: bool = False) -
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "run_dir": str(run_dir)}
 
     with clock.phase("teacher"):
-        teacher_dir, teacher_meta = resolve_teacher(cfg, run_dir, rebuild_teacher)
+        teacher_dir, teacher_meta = resolve_teacher(cfg, run_dir)
         results["teacher"] = {"dir": str(teacher_dir), **teacher_meta}
     tokenizer = _tokenizer(teacher_dir)
     env = make_env(cfg)
@@ -609,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None, help="run folder (default runs/demo-<timestamp>)")
     p.add_argument("--seeds", type=_parse_seeds, default=None, help="a count (3) or a list (0,1,2)")
     p.add_argument("--rebuild-teacher", action="store_true",
-                   help="re-train the committed teacher in gopd_fast/assets/ (then run the demo with it)")
+                   help="re-train the committed teacher in gopd_fast/assets/<teacher.asset> and exit")
     args = p.parse_args(argv)
     path = args.config or REPO_DIR / "configs" / ("demo-quick.toml" if args.quick else "demo.toml")
     cfg = load_demo_config(path)
@@ -617,7 +631,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, seeds=args.seeds)
     run_dir = Path(args.out) if args.out else REPO_DIR / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run_demo(cfg, run_dir, rebuild_teacher=args.rebuild_teacher)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()   # "Loading weights" bars for every model load drown the demo's own log
+    if args.rebuild_teacher:
+        asset = ASSETS_DIR / cfg.teacher.asset
+        t0 = time.perf_counter()
+        info = build_teacher(cfg, asset)
+        print(f"[demo] teacher rebuilt in {asset} in {time.perf_counter() - t0:.0f} s: {json.dumps(info)}")
+        return {"teacher": {"dir": str(asset), **info}}
+    return run_demo(cfg, run_dir)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ def plot_learning_curves(
     for name, value in (reference or {}).items():
         ax.axhline(value, ls="--", lw=1.2, color=_color(name), label=name)
     ax.set_xlabel("training step")
+    ax.set_ylim(-2, 102)
     ax.set_ylabel("held-out Score (student only, T=0.4)")
     ax.set_title("Learning curves (mean +- 1 s.e. over seeds)")
     ax.grid(alpha=0.3)
@@ -121,6 +122,7 @@ def plot_score_vs_turn_limit(
                 lw=2, color=_color(method), label=method,
                 ls="--" if method in ("teacher", "zero-shot") else "-")
     ax.set_xlabel("turn limit")
+    ax.set_ylim(-2, 102)
     ax.set_ylabel("mean held-out Score")
     ax.set_title("Score vs turn limit")
     ax.grid(alpha=0.3)
@@ -171,14 +173,16 @@ def plot_failure_mode(diag: Mapping[str, object], out: str | Path) -> Path:
     axes[2].bar([x + 0.2 for x in xs], [r["teacher_oracle_agreement"] for r in by_dist], width=0.4,  # type: ignore
                 color="#9467bd", label="teacher P(oracle's action)")
     for x, r in zip(xs, by_dist):  # type: ignore[arg-type]
-        axes[2].text(x, 1.01, f"n={r['states']}", ha="center", fontsize=7)
+        axes[2].text(x, 1.02, f"n={r['states']}", ha="center", fontsize=7)
     axes[2].set_xticks(xs, labels)
-    axes[2].set_ylim(0, 1.1)
+    axes[2].set_ylim(0, 1.25)
     axes[2].set_xlabel("off-path distance: extra steps spent vs the oracle's shortest path")
     axes[2].set_title("Teacher reliability off the expert path")
+    for ax in axes[:2]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper right" if ax is axes[2] else "best")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
