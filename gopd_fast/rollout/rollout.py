@@ -133,8 +133,11 @@ def run_rollout(
     if teacher is not None and not isinstance(teacher, GenerationEngine):
         raise TypeError(f"teacher must be a GenerationEngine or None, got {type(teacher).__name__}")
     GuidanceCoin(beta, options.seed)  # validates beta early
-    owned = not hasattr(envs, "step")
-    slots: EnvSlots = ThreadedEnvs(envs, max_workers=min(options.max_in_flight, 8)) if owned else envs  # type: ignore[arg-type]
+    owned = not hasattr(envs, "step")   # a factory: the envs live (and die) with this call
+    if owned:
+        slots: EnvSlots = ThreadedEnvs(envs, max_workers=min(options.max_in_flight, 8))  # type: ignore[arg-type]
+    else:
+        slots = envs  # type: ignore[assignment]
     try:
         return _Rollout(tasks, student, teacher, chat, slots, beta, options).run()
     finally:

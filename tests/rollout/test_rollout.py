@@ -175,9 +175,9 @@ def test_env_failures_restart_or_drop(hf_student, tokenizer):
 
 
 def test_hung_env_is_a_failure(hf_student, tokenizer):
-    opts = RolloutOptions(max_turns=3, max_new_tokens=8, max_prompt_tokens=2048, env_timeout_s=0.3, seed=0)
+    opts = RolloutOptions(max_turns=3, max_new_tokens=8, max_prompt_tokens=2048, env_timeout_s=1.0, seed=0)
     res = run_rollout(["hang", "t0"], student=hf_student, teacher=None, chat=ChatFormat(tokenizer),
-                      envs=lambda: ScriptedEnv(solve_after=2, hang_s=1.0), beta=0.0, options=opts)
+                      envs=lambda: ScriptedEnv(solve_after=2, hang_s=3.0), beta=0.0, options=opts)
     # "hang" hangs on the first step of every attempt: restarted twice, then dropped.
     assert [e.task_id for e in res.episodes] == ["t0"]
     assert res.metrics["episodes_dropped"] == 1 and res.metrics["env_failures"] == 3
