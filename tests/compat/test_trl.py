@@ -6,7 +6,6 @@ loss+backward call are replayed in time order and the largest running total of l
 """
 import copy
 import os
-import tempfile
 import types
 
 import pytest
@@ -41,8 +40,8 @@ def peak_cpu_bytes(fn) -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    out = tempfile.mkdtemp(prefix="gopd_trl_")
+def tiny(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("gopd_trl"))
     tok = models.train_tokenizer(CORPUS, vocab_size=VOCAB)
     ids = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     # hidden 64, head_dim 32, 2 layers (student-tiny); the teacher is wider; both with a 512-row lm_head
