@@ -77,3 +77,14 @@ def test_result_types_are_frozen_with_defaults():
 def test_builtin_household_is_registered_lazily():
     env = envs.make("household")
     assert isinstance(env, TextEnv) and env.name == "household" and "household" in envs.registered()
+
+
+def test_envs_import_without_torch():
+    """household is pure Python: importing the envs, the pool and the harness must not pull in torch (pool workers
+    would each pay for it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gopd_fast.envs, gopd_fast.envs.household, gopd_fast.envs.pool, gopd_fast.envs.evaluate; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

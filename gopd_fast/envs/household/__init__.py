@@ -28,7 +28,10 @@ expert's path, because:
     until it is put down again;
   * a delivered item taken out again loses its credit, and the turn limit makes every wasted turn permanent.
 There are no dead ends (generation places every key before its door and lands the chute in the start region), so
-the oracle can always recover; tests/envs/test_household_compounding.py measures the cost of random mistakes.
+the oracle can always recover. tests/envs/test_household_compounding.py measures it on the default preset: one
+random non-optimal action after 0-2 expert steps costs 1.29 turns on average ("turns lost" = 1 + distance after -
+distance before, so 1 = only its own turn), 28% of such mistakes cost 2 or more (at most 3 here), 72% of the
+state-changing ones land in states the expert's trajectory never visits, and four mistakes in a row cost 4.4 turns.
 """
 from gopd_fast.envs.household.env import HouseholdEnv
 from gopd_fast.envs.household.world import PRESETS, World, WorldConfig, generate
