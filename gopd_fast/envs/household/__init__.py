@@ -21,8 +21,8 @@ CURRENT state, so it labels recovery actions after any mistake; ``expert_distanc
 
 Compounding errors by design. A mistake costs more than the turn it takes, and the states it leads to are off the
 expert's path, because:
-  * keys are single-use and the locks are far from where keys lie: a key taken along the wrong branch, or put down
-    in the wrong room, has to be fetched back;
+  * keys are single-use and lie somewhere reachable before their door, often rooms away from it: a key carried
+    along the wrong branch, or put down in the wrong room, has to be fetched back;
   * a one-way chute drops whoever enters it into the start region: entered by mistake it costs the whole walk back;
   * the hands hold ``hand_capacity`` (default 2) things: a picked-up distractor can block the item that matters
     until it is put down again;
