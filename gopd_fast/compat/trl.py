@@ -162,6 +162,10 @@ class FusedGKDMixin:
         )
 
 
+_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                    "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
 def _make_trainers() -> tuple[type, type]:
     from trl import DistillationTrainer
     from trl.experimental.gkd import GKDTrainer
@@ -182,16 +186,17 @@ def _make_trainers() -> tuple[type, type]:
             if "tool_mask" in inputs:
                 loss_mask = loss_mask * inputs["tool_mask"]
             logits_to_keep = inputs["completion_ids"].size(1)
+            multimodal = {k: inputs[k] for k in _MULTIMODAL_KEYS if k in inputs}  # VLM fields, as TRL passes them
             _head_config_check(unwrapped_student)
             student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask,
-                                                         logits_to_keep)
+                                                         logits_to_keep, **multimodal)
             self.teacher_model.eval()
             unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
             _head_config_check(unwrapped_teacher)
             with torch.no_grad():
                 teacher_hidden = self._forward_redirection(
                     self.teacher_model, unwrapped_teacher, self._get_last_hidden_state, unwrapped_teacher,
-                    input_ids, attention_mask, logits_to_keep,
+                    input_ids, attention_mask, logits_to_keep, **multimodal,
                 )
             h_s, w_s, b_s = effective_head(output_head(unwrapped_student), student_hidden)
             with torch.no_grad():
