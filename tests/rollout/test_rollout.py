@@ -195,6 +195,9 @@ def test_bad_arguments(hf_student, tokenizer):
         run_rollout(["t0"], student="hf", teacher=None, chat=chat, envs=ScriptedEnv, beta=0.0)
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         RolloutOptions(max_new_tokens=100, max_prompt_tokens=50)
+    with pytest.raises(ValueError, match="max_model_len"):
+        run_rollout(["t0"], student=hf_student, teacher=None, chat=chat, envs=ScriptedEnv, beta=0.0,
+                    options=RolloutOptions(max_prompt_tokens=hf_student.max_model_len + 1))
     with pytest.raises(ValueError, match="max_turns"):
         RolloutOptions(max_turns=0)
 
