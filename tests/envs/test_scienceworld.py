@@ -144,3 +144,20 @@ def test_constants_match_the_jar(env):
     handle = env.jvm.call(lambda h: h, restart=True)
     assert sorted(handle.get_task_names()) == env._all_task_names
     assert set(handle.get_possible_simplifications()) | {"easy"} == set(SIMPLIFICATIONS)
+
+
+def test_admissible_actions_on_request(env):
+    env.with_admissible = True
+    try:
+        first = env.reset(TASK)
+        actions = first.admissible_actions
+        assert actions == tuple(sorted(actions)) and len(actions) > 10
+        # The gold path's "go to" actions are valid combinations; its "open door" ones are not listed in the
+        # "easy" preset (doors start open) but still accepted by the parser, so only the former is asserted.
+        go = next(a for a in env.gold_actions if a.startswith("go to "))
+        assert go in actions and "fly to the moon" not in actions
+        step = env.step("look around")
+        assert step.admissible_actions and go in step.admissible_actions
+    finally:
+        env.with_admissible = False
+    assert env.reset(TASK).admissible_actions is None
