@@ -77,8 +77,11 @@ class ChatFormat:
             enable_thinking=self.enable_thinking,
         )
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
+        """Tokens of a text piece, without extra special tokens (the template writes its own)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    _encode = encode   # kept for callers written against the first version
 
     def _derive_observation_template(self) -> tuple[str, str]:
         text = self.render(self._messages(("user", _USER_SENTINEL), ("assistant", _ASSISTANT_SENTINEL),
