@@ -148,7 +148,14 @@ class FusedGKDMixin:
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         _head_config_check(teacher)
         with torch.no_grad():
-            teacher_hidden = backbone_hidden_states(teacher, **model_inputs)
+            if self.teacher_model is not teacher:  # wrapped (DeepSpeed/FSDP): let the wrapper gather its params
+                from trl.models.utils import _ForwardRedirection
+
+                teacher_hidden = _ForwardRedirection()(
+                    self.teacher_model, teacher, lambda **kw: backbone_hidden_states(teacher, **kw), **model_inputs
+                )
+            else:
+                teacher_hidden = backbone_hidden_states(teacher, **model_inputs)
         # the same causal shift as GKDTrainer.compute_loss: position i predicts token i + 1
         return fused_gkd_loss(
             student_hidden[:, :-1],
