@@ -166,3 +166,29 @@ def test_fused_gkd_loss_matches_generalized_jsd_loss_on_random_hidden_states():
                                               temperature=0.8)
         ours = fused_gkd_loss(h_s, h_t, student_head, teacher_head, labels, beta=beta, temperature=0.8)
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+
+
+class _CountingWrapper(torch.nn.Module):
+    """Stands in for DDP / FSDP / DeepSpeed wrappers: the loss must run through its forward (where their hooks are)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.calls = module, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.module(*args, **kwargs)
+
+
+def test_gkd_wrapped_models_go_through_the_wrapper_forward(gkd, tiny, monkeypatch):
+    batch = gkd.data_collator(tiny["rows"][:2])
+    plain = gkd.compute_loss(gkd.model, batch).detach()
+    student, teacher = _CountingWrapper(gkd.model), _CountingWrapper(gkd.teacher_model)
+    monkeypatch.setattr(gkd.accelerator, "unwrap_model", lambda m, **kw: m.module if isinstance(m, _CountingWrapper)
+                        else m)
+    monkeypatch.setattr(gkd, "teacher_model", teacher)
+    wrapped = gkd.compute_loss(student, batch)
+    assert student.calls == 1 and teacher.calls == 1
+    torch.testing.assert_close(wrapped.detach(), plain)
+    wrapped.backward()
+    assert gkd.model.lm_head.weight.grad is not None
