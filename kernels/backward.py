@@ -34,7 +34,7 @@ import triton.language as tl
 
 from . import tiling
 from .logit_tiles import grad_logit_tile, logit_tile
-from .tiling import autotuned, dot_precision, launch_meta, new_output
+from .tiling import BACKWARD_CONFIGS, autotuned, dot_precision, launch_meta, new_output
 
 # Token tiles that sweep the vocabulary together in the atomic schedule (L2 reuse of weight tiles).
 GROUP_N = 8
@@ -140,8 +140,9 @@ def _grad_logits_kernel(
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-_backward_atomic = autotuned(_backward_atomic_kernel, reset_to_zero=["grad_h_ptr", "grad_w_ptr", "grad_b_ptr"])
-_grad_logits = autotuned(_grad_logits_kernel)
+_backward_atomic = autotuned(_backward_atomic_kernel, BACKWARD_CONFIGS,
+                             reset_to_zero=["grad_h_ptr", "grad_w_ptr", "grad_b_ptr"])
+_grad_logits = autotuned(_grad_logits_kernel, BACKWARD_CONFIGS)
 
 
 def kl_backward(
@@ -222,7 +223,7 @@ def deterministic_chunks(n_tokens: int, vocab: int, operand_bytes: int, fp32_col
     plus an operand-dtype copy when the bias gradient needs an fp32 column sum (``fp32_columns``).
     """
     config = tiling.INTERPRETER_CONFIG if tiling.interpreting() else None
-    align_n = config.block_n if config else max(c.block_n for c in tiling.GPU_CONFIGS)
+    align_n = config.block_n if config else max(c.block_n for c in tiling.BACKWARD_CONFIGS)
     align_v = config.block_v if config else tiling.SPLIT_ALIGN
     budget = tiling.DETERMINISTIC_CHUNK_BYTES
     rows = _chunk(budget, vocab * operand_bytes, align_n, n_tokens)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .logit_tiles import logit_tile
-from .tiling import autotuned, dot_precision, launch_meta, new_output, vocab_splits
+from .tiling import FORWARD_CONFIGS, autotuned, dot_precision, launch_meta, new_output, vocab_splits
 
 # Rows of the partial-statistics buffer written by _kl_forward_kernel.
 M_S, L_S, M_T, L_T, A_SUM, B_SUM, E_SUM, ZS_TARGET, ZT_TARGET = range(9)
@@ -142,8 +142,8 @@ def _jsd_kernel(
     tl.store(out + num_splits * N, kl_s_m, mask=row_mask)
 
 
-_kl_forward = autotuned(_kl_forward_kernel)
-_jsd = autotuned(_jsd_kernel)
+_kl_forward = autotuned(_kl_forward_kernel, FORWARD_CONFIGS)
+_jsd = autotuned(_jsd_kernel, FORWARD_CONFIGS)
 
 
 def combine_partials(part: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,10 +1,10 @@
 """Tile sizes, launch configurations and buffer helpers shared by the fused linear-KL kernels.
 
-GPU configurations are autotuned from a short list chosen for an H100 (132 SMs, 228 KiB shared memory per SM,
-64 K 32-bit registers per SM). Each program holds two fp32 logit tiles (student and teacher) of
-BLOCK_N x BLOCK_V in registers, so BLOCK_N * BLOCK_V = 128 * 128 with 8 warps is the largest tile that does not
-spill (2 x 64 registers per thread); BLOCK_D = 64 with 3-4 pipeline stages keeps the bf16 operand tiles of both
-tl.dot operands in shared memory (3 x (128 + 128) x 64 x 2 B = 96 KiB).
+GPU configurations are autotuned from short lists chosen for an H100 (132 SMs, 228 KiB shared memory and 64 K
+32-bit registers per SM). They were checked without a GPU by compiling every kernel for sm_90a with Triton's
+bundled ptxas (``python bench/compile_sm90.py``): the forward keeps two fp32 logit tiles plus their exponentials
+live and spills at 128 x 128 with 8 warps (255 registers, ~0.9 KB of spills per thread), so its list favours
+64-row tiles, which fit without spilling; the backward kernels fit 128 x 128 with 8 warps.
 
 Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) autotuning would only multiply the already
 slow interpreted run time, so one small fixed configuration is used instead.
@@ -43,14 +43,22 @@ class TileConfig:
 # and vocabulary tiles, so masking, the split-vocabulary combine and atomics are all exercised.
 INTERPRETER_CONFIG = TileConfig(block_n=16, block_v=32, block_d=16)
 
-# H100 candidates for the forward (two logit tiles live) and the backward (two logit tiles + dz live).
-GPU_CONFIGS: tuple[TileConfig, ...] = (
+# H100 candidates (block_n, block_v, block_d, warps, stages). Forward: two logit tiles + online statistics.
+FORWARD_CONFIGS: tuple[TileConfig, ...] = (
+    TileConfig(64, 128, 64, num_warps=8, num_stages=3),
+    TileConfig(64, 64, 64, num_warps=8, num_stages=4),
+    TileConfig(64, 128, 32, num_warps=8, num_stages=4),
+    TileConfig(128, 64, 64, num_warps=8, num_stages=3),
     TileConfig(128, 128, 64, num_warps=8, num_stages=3),
-    TileConfig(64, 128, 64, num_warps=4, num_stages=3),
-    TileConfig(128, 64, 64, num_warps=4, num_stages=3),
-    TileConfig(64, 64, 64, num_warps=4, num_stages=4),
-    TileConfig(128, 128, 32, num_warps=8, num_stages=4),
 )
+# Backward (atomic and gradient-of-logits kernels): two logit tiles + dz.
+BACKWARD_CONFIGS: tuple[TileConfig, ...] = (
+    TileConfig(128, 128, 64, num_warps=8, num_stages=3),
+    TileConfig(128, 64, 64, num_warps=8, num_stages=3),
+    TileConfig(64, 128, 64, num_warps=8, num_stages=3),
+    TileConfig(64, 64, 64, num_warps=8, num_stages=4),
+)
+GPU_CONFIGS = FORWARD_CONFIGS + BACKWARD_CONFIGS
 
 # Every vocabulary split of the forward starts at a multiple of this, so it is a multiple of every BLOCK_V.
 SPLIT_ALIGN = max(c.block_v for c in GPU_CONFIGS)
@@ -63,12 +71,12 @@ DETERMINISTIC_CHUNK_BYTES = 80 * 2**20
 AUTOTUNE_KEY = ["Ds", "Dt", "V"]
 
 
-def autotuned(kernel, reset_to_zero: list[str] | None = None):
-    """Wrap a ``@triton.jit`` kernel in ``triton.autotune`` over ``GPU_CONFIGS`` (not under the interpreter)."""
+def autotuned(kernel, configs: tuple[TileConfig, ...], reset_to_zero: list[str] | None = None):
+    """Wrap a ``@triton.jit`` kernel in ``triton.autotune`` over ``configs`` (not under the interpreter)."""
     if interpreting():
         return kernel
     return triton.autotune(
-        configs=[c.as_triton() for c in GPU_CONFIGS], key=AUTOTUNE_KEY, reset_to_zero=reset_to_zero
+        configs=[c.as_triton() for c in configs], key=AUTOTUNE_KEY, reset_to_zero=reset_to_zero
     )(kernel)
 
 
@@ -93,7 +101,7 @@ def vocab_splits(n_tokens: int, vocab: int, device: torch.device) -> tuple[int, 
     132-SM H100); each split keeps its own online softmax statistics, merged afterwards in O(splits x N).
     """
     align = INTERPRETER_CONFIG.block_v if interpreting() else SPLIT_ALIGN
-    min_block_n = INTERPRETER_CONFIG.block_n if interpreting() else min(c.block_n for c in GPU_CONFIGS)
+    min_block_n = INTERPRETER_CONFIG.block_n if interpreting() else min(c.block_n for c in FORWARD_CONFIGS)
     token_tiles = triton.cdiv(n_tokens, min_block_n)
     wanted = triton.cdiv(4 * multiprocessor_count(device), token_tiles)
     splits = max(1, min(wanted, triton.cdiv(vocab, align)))

@@ -18,7 +18,7 @@ def test_vocab_splits_cover_vocab_without_empty_splits(n_tokens, vocab):
 def test_deterministic_chunks_respect_budget(monkeypatch):
     monkeypatch.setattr(tiling, "DETERMINISTIC_CHUNK_BYTES", 2**20)
     cfg = tiling.INTERPRETER_CONFIG if tiling.interpreting() else None
-    align_n = cfg.block_n if cfg else max(c.block_n for c in tiling.GPU_CONFIGS)
+    align_n = cfg.block_n if cfg else max(c.block_n for c in tiling.BACKWARD_CONFIGS)
     align_v = cfg.block_v if cfg else tiling.SPLIT_ALIGN
     rows, columns = deterministic_chunks(n_tokens=1_000, vocab=3000, operand_bytes=2, fp32_columns=True)
     assert rows % align_n == 0 and rows * 3000 * 2 <= 2**20
