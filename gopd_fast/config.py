@@ -112,7 +112,7 @@ class RolloutConfig:
     episodes_per_step: int = 8       # global batch: episodes ("sequences") per optimizer step, over all ranks
     temperature: float = 1.0         # rollouts (both models)
     eval_temperature: float = 0.4    # student-only evaluation
-    max_new_tokens: int = 48         # per turn
+    max_new_tokens: int = 24         # per turn (a household action is ~10 tokens)
     max_prompt_tokens: int = 2048    # history cap; an episode that would exceed it ends (truncated)
 
     def __post_init__(self) -> None:
