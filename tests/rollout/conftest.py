@@ -19,9 +19,10 @@ CORPUS = [
 ] * 20
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is ~40x faster than two contending ones."""
+    """Tiny models on a shared 2-core box: one intra-op thread is ~40x faster than two contending ones.
+    Module scope: the previous setting is back before any other area's tests run."""
     import torch
 
     previous = torch.get_num_threads()
@@ -60,9 +61,10 @@ def hf_teacher(model_dirs):
     return HFEngine.from_pretrained(model_dirs["teacher"])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_student(model_dirs):
-    """The session's only vLLM engine (start-up ~25 s on CPU with enforce_eager)."""
+    """The session's only vLLM engine (start-up ~25 s on CPU with enforce_eager): only test_vllm_engine.py uses
+    it, and module scope shuts it down (and undoes its process-wide side effects) right after that module."""
     from gopd_fast.rollout.engines.vllm import VLLMEngine, vllm_available
 
     if not vllm_available():
