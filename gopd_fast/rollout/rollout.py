@@ -3,7 +3,9 @@
 Each round, every live episode draws its guidance coin; the teacher-turn episodes are generated as one batch by
 the teacher engine, then the student-turn episodes as one batch by the student engine. The teacher batch's env
 steps are submitted as soon as it returns, so they run while the student batch generates (and the student
-batch's steps run while the loop collects results). Episodes that end free their slot for the next task, so the
+batch's steps run while the loop collects results). With ``generation_chunks=n`` each role's batch is split in n,
+so env steps overlap generation even when one role writes every turn (for envs whose step time grows with the
+number of episodes, e.g. an EnvPool with few workers). Episodes that end free their slot for the next task, so the
 batch stays full while tasks remain.
 
 An episode ends when the env says ``done``, after ``max_turns`` generated turns, or when the next prompt plus a
@@ -48,10 +50,11 @@ class RolloutOptions:
     env_timeout_s: float | None = 600.0  # a reset/step slower than this counts as a hung env (EnvPool also
     #                                      detects hangs itself, with its own timeouts, and replays the episode)
     action_pattern: str = DEFAULT_ACTION_PATTERN
+    generation_chunks: int = 1          # batches per role per turn (>1: env steps overlap more generation)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_turns", "max_new_tokens", "max_prompt_tokens", "max_in_flight"):
+        for name in ("max_turns", "max_new_tokens", "max_prompt_tokens", "max_in_flight", "generation_chunks"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -149,6 +152,12 @@ def run_rollout(
             slots.close()
 
 
+def _split(items: list, chunks: int) -> list[list]:
+    """``items`` in at most ``chunks`` contiguous, non-empty, near-equal parts."""
+    size = -(-len(items) // chunks) if items else 1
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 class _Rollout:
     def __init__(self, tasks, student, teacher, chat, slots, beta, options) -> None:
         self.tasks = list(tasks)
@@ -239,11 +248,13 @@ class _Rollout:
         groups: dict[Role, list[_Live]] = {Role.TEACHER: [], Role.STUDENT: []}
         for st in live:
             groups[st.coin.draw()].append(st)
+        # Teacher batch(es) first, then student: every batch's env steps are submitted as soon as it returns, so
+        # they run while the later batches generate. ``generation_chunks`` > 1 splits each role's batch to get
+        # that overlap even when one role writes every turn (smaller batches: worth it only for slow envs).
+        batches = [(role, chunk) for role in (Role.TEACHER, Role.STUDENT)
+                   for chunk in _split(groups[role], self.opt.generation_chunks)]
         pending = []
-        for role in (Role.TEACHER, Role.STUDENT):   # teacher first: its env steps overlap the student batch
-            group = groups[role]
-            if not group:
-                continue
+        for role, group in batches:
             prompts = [st.history.prompt() for st in group]  # type: ignore[union-attr]
             t0 = time.perf_counter()
             gens = self.engines[role].generate(prompts, self.sampling)

@@ -246,3 +246,47 @@ def test_rollout_through_env_pool_survives_a_worker_crash(hf_student, hf_teacher
                                                                         b.score)
     assert sum(e.env_failures for e in pooled.episodes) >= 1 and pooled.metrics["env_replays"] >= 1
     assert pooled.metrics["episodes_dropped"] == 0 and pooled.metrics["wasted_turns"] == 0
+
+
+def test_generation_chunks_overlap_env_steps_with_generation(tokenizer):
+    """With generation_chunks=2 the first chunk's env steps are already running while the second chunk
+    generates (the timeline is recorded, not timed against a threshold); the episodes are unchanged."""
+    from gopd_fast.rollout.engines.base import Generation, GenerationEngine
+
+    events: list[tuple[str, float]] = []
+    response = tokenizer("Action: look", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+    class SlowEngine(GenerationEngine):
+        max_model_len = 4096
+
+        def generate(self, prompts, sampling):
+            events.append(("gen_start", time.perf_counter()))
+            time.sleep(0.2)
+            events.append(("gen_end", time.perf_counter()))
+            return [Generation(list(response), [-1.0] * len(response), "stop") for _ in prompts]
+
+        def sync_weights(self, weights):
+            return 0.0
+
+    class SlowEnv(ScriptedEnv):
+        def step(self, action):
+            events.append(("step_start", time.perf_counter()))
+            time.sleep(0.2)
+            return super().step(action)
+
+    def run(chunks):
+        events.clear()
+        opts = RolloutOptions(max_turns=3, max_new_tokens=8, max_prompt_tokens=512, generation_chunks=chunks)
+        return run_rollout(["t0", "t1", "t2", "t3"], student=SlowEngine(), teacher=None, chat=ChatFormat(tokenizer),
+                           envs=lambda: SlowEnv(solve_after=1), beta=0.0, options=opts)
+
+    one = run(1)
+    assert [e for e, _ in events] == ["gen_start", "gen_end"] + ["step_start"] * 4
+    two = run(2)
+    gen_ends = [t for e, t in events if e == "gen_end"]
+    steps = sorted(t for e, t in events if e == "step_start")
+    assert len(gen_ends) == 2 and len(steps) == 4
+    assert steps[0] < gen_ends[1], "chunk 1's env steps must start before chunk 2 finishes generating"
+    assert [e.token_ids for e in one.episodes] == [e.token_ids for e in two.episodes]
+    with pytest.raises(ValueError, match="generation_chunks"):
+        RolloutOptions(generation_chunks=0)
