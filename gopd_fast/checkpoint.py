@@ -129,8 +129,11 @@ class CheckpointManager:
         return torch.load(path / "trainer.pt", weights_only=False)
 
 
-def full_state_dict(model: nn.Module, cpu_offload: bool = True) -> dict[str, torch.Tensor]:
-    """The whole (unsharded) model state dict on every rank (FSDP2 shards are all-gathered)."""
+def full_state_dict(model: nn.Module, cpu_offload: bool = False) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) model state dict (FSDP2 shards are all-gathered; every rank must call it).
+
+    ``cpu_offload=False``: every rank gets the full tensors on its device (what each rank's rollout engine needs).
+    ``cpu_offload=True``: only rank 0 gets them, on the CPU; other ranks get an empty dict (export)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
 
 

@@ -524,7 +524,7 @@ def _run(cfg: Config, info: DistInfo, source: EpisodeSource | None) -> RunResult
         cursor.load_state_dict(state["cursor"])
         trainer.skipped_steps = state["skipped_steps"]
         start, resumed_from = int(state["step"]), latest
-        source.sync_weights(full_state_dict(student))
+        source.sync_weights(full_state_dict(student, cpu_offload=False))
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         import json
@@ -552,7 +552,7 @@ def _run(cfg: Config, info: DistInfo, source: EpisodeSource | None) -> RunResult
             time_rollout = time.perf_counter() - t0
             metrics = trainer.step(episodes)
             t0 = time.perf_counter()
-            source.sync_weights(full_state_dict(student))
+            source.sync_weights(full_state_dict(student, cpu_offload=False))
             time_sync = time.perf_counter() - t0
             ep = _episode_metrics(episodes, info)
             time_step = time.perf_counter() - t_step

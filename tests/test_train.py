@@ -118,13 +118,24 @@ def _engine_run(models, out, *extra):
     return run(load_config(None, overrides))
 
 
-def test_guided_opd_end_to_end_with_eval_logging_and_export(models, tmp_path):
+def test_guided_opd_two_processes_end_to_end_with_eval_logging_and_export(models, tmp_path):
+    """Guided-OPD under torchrun: per-rank rollout engines, weight sync after each FSDP2 update (every rank
+    needs the full weights), evaluation gathered over ranks, checkpoint and export."""
     from transformers import AutoModelForCausalLM
 
-    result = _engine_run(models, tmp_path / "gopd", "run.eval_every=1")
-    train, evals = _records(tmp_path / "gopd"), _records(tmp_path / "gopd", "eval")
+    out = tmp_path / "gopd"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    overrides = models + [f"run.output_dir={out}", "run.total_steps=2", "rollout.episodes_per_step=4",
+                          "env.max_turns=2", "rollout.max_new_tokens=8", "env.eval_episodes=3",
+                          "run.eval_every=1", "run.progress_bar=false"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "gopd_fast.train", *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    train, evals = _records(out), _records(out, "eval")
     assert [r["beta"] for r in train] == [1.0, 0.0]      # cosine window int(2 * 0.8) = 1 step
     assert train[0]["teacher_turn_fraction"] == 1.0 and train[1]["teacher_turn_fraction"] == 0.0
+    assert [r["episodes"] for r in train] == [4, 4]       # both ranks' episodes are counted
     for key in ("loss", "loss_student", "loss_teacher", "reverse_kl", "forward_kl", "grad_norm", "lr",
                 "tokens_per_s", "time_rollout", "time_forward", "time_loss", "time_backward", "time_sync",
                 "prefix_cache_hit_rate", "score", "success_rate", "rounds"):
@@ -133,10 +144,10 @@ def test_guided_opd_end_to_end_with_eval_logging_and_export(models, tmp_path):
     assert [e["step"] for e in evals] == [1, 2]
     assert {"eval/score", "eval/success_rate", "eval/rounds", "eval/score_low", "eval/success_rate_high",
             "eval/rounds_high"} <= set(evals[0])
-    assert evals[0]["eval/episodes"] == 2
-    assert any((tmp_path / "gopd" / "tensorboard").iterdir())
-    assert AutoModelForCausalLM.from_pretrained(result.export_dir).config.vocab_size > 0
-    assert result.checkpoint.name == "step-00000002"
+    assert evals[0]["eval/episodes"] == 3                 # 2 on rank 0, 1 on rank 1
+    assert any((out / "tensorboard").iterdir())
+    assert (out / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+    assert AutoModelForCausalLM.from_pretrained(out / "student-hf").config.vocab_size > 0
 
 
 def test_vanilla_opd_and_sft_baselines(models, tmp_path):
