@@ -72,7 +72,17 @@ def test_weight_sync_changes_and_restores_outputs(vllm_student, hf_student, toke
         hf_student.sync_weights(original)
     vllm_student.sync_weights(original)
     assert [g.token_ids for g in vllm_student.generate(prompts, GREEDY)] == before
-    assert vllm_student.stats().weight_syncs >= 2
+    # The path a multiprocess engine core takes (weights written once to a temporary safetensors directory,
+    # reloaded from weights_path), exercised on the same engine.
+    vllm_student.in_process = False
+    try:
+        vllm_student.sync_weights(perturbed)
+        assert [g.token_ids for g in vllm_student.generate(prompts, GREEDY)] == [g.token_ids for g in after]
+        vllm_student.sync_weights(original)
+        assert [g.token_ids for g in vllm_student.generate(prompts, GREEDY)] == before
+    finally:
+        vllm_student.in_process = True
+    assert vllm_student.stats().weight_syncs >= 4
 
 
 def test_bad_inputs(vllm_student):
