@@ -109,6 +109,21 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(expert_runs, models, t
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
 
 
+def test_resume_on_a_different_number_of_processes(expert_runs, models, tmp_path):
+    """The two-process run's step-2 checkpoint (FSDP2 shards) resumed by one process (DCP reshards on load)."""
+    import shutil
+
+    from gopd_fast.train import run
+
+    root, dp2, _ = expert_runs
+    out = tmp_path / "resharded"
+    shutil.copytree(root / "dp2" / "checkpoints" / "step-00000002", out / "checkpoints" / "step-00000002")
+    resumed = run(load_config(None, _expert_overrides(models, out)))
+    assert [r["step"] for r in resumed.history] == [3]
+    assert resumed.history[0]["loss"] == pytest.approx(dp2[2]["loss"], rel=1e-5)
+    assert resumed.history[0]["grad_norm"] == pytest.approx(dp2[2]["grad_norm"], rel=1e-4)
+
+
 def _engine_run(models, out, *extra):
     from gopd_fast.train import run
 
