@@ -85,6 +85,7 @@ class _Live:
     finish_reasons: list[str] = field(default_factory=list)
     env_failures: int = 0       # failures that restarted the episode here
     replayed: int = 0           # failures an EnvPool survived by replaying this attempt (its info["env_failures"])
+    restarts: int = 0           # EnvErrors that restarted this episode (decides when it is dropped)
     score: float = 0.0
     success: bool = False
 
@@ -194,12 +195,13 @@ class _Rollout:
         """Record an env failure; restart the slot. True if the episode should be retried, False if dropped."""
         st.env_failures += 1 + st.replayed
         st.replayed = 0
+        st.restarts += 1
         self.counters.env_failures += 1
         if st.history is not None:
             self.counters.wasted_turns += len(st.history.turn_spans)
         st.history = None
         self.slots.restart(st.slot)
-        if st.env_failures > self.opt.max_env_restarts:
+        if st.restarts > self.opt.max_env_restarts:
             self.counters.dropped += 1
             self.free_slots.append(st.slot)
             return False
