@@ -114,6 +114,9 @@ class RolloutConfig:
     eval_temperature: float = 0.4    # student-only evaluation
     max_new_tokens: int = 24         # per turn (a household action is ~10 tokens)
     max_prompt_tokens: int = 2048    # history cap; an episode that would exceed it ends (truncated)
+    # vLLM on GPU: the fraction of the GPU each engine (student, teacher) may take; they share the GPU with the
+    # trainer's sharded models, so the two engines and training must fit together.
+    gpu_memory_utilization: float = 0.25
 
     def __post_init__(self) -> None:
         _check(self.episodes_per_step >= 1, "rollout.episodes_per_step", "an int >= 1", self.episodes_per_step)
@@ -122,6 +125,8 @@ class RolloutConfig:
             _check(v >= 0 and math.isfinite(v), f"rollout.{k}", "a finite float >= 0", v)
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "an int >= 1", self.max_new_tokens)
         _check(self.max_prompt_tokens >= 16, "rollout.max_prompt_tokens", "an int >= 16", self.max_prompt_tokens)
+        _check(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "a float in (0, 1)",
+               self.gpu_memory_utilization)
 
 
 @dataclass(frozen=True)

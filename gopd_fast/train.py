@@ -156,8 +156,11 @@ class RolloutSource:
 
         dtype = "bfloat16" if _dtypes(self.cfg, info.device)[1] is not None else "float32"
         if self.cfg.rollout.engine == "vllm":
+            extra = {"gpu_memory_utilization": self.cfg.rollout.gpu_memory_utilization} \
+                if info.device.type == "cuda" else {}
             return VLLMEngine(path, dtype=dtype, seed=self.cfg.run.seed + info.rank,
-                              max_model_len=self.cfg.rollout.max_prompt_tokens + self.cfg.rollout.max_new_tokens)
+                              max_model_len=self.cfg.rollout.max_prompt_tokens + self.cfg.rollout.max_new_tokens,
+                              **extra)
         return HFEngine.from_pretrained(path, dtype=dtype, device=str(info.device))
 
     def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]:
@@ -311,7 +314,9 @@ class Trainer:
         # FSDP2's mixed-precision policy casts to bf16 when sharded; a single GPU process autocasts instead.
         autocast = self.compute_dtype is not None and not self.info.distributed
         with torch.autocast(self.info.device.type, dtype=self.compute_dtype) if autocast else nullcontext():
-            return model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            hidden = model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        # the fused loss wants hidden states and head weights in one dtype (RMSNorm may promote to fp32)
+        return hidden if self.compute_dtype is None else hidden.to(self.compute_dtype)
 
     def step(self, episodes: Sequence[Episode]) -> dict[str, float]:
         """Pack this rank's ``episodes``, compute the loss, update. Every rank must call it (collectives)."""
