@@ -280,6 +280,10 @@ def _grad_weight_pass(tensors, grad_logits, n_tokens, vocab, ds, columns, need_g
         grad_logits(dz, 0, n_tokens, v_lo, width)
         if need_grad_b:
             grad_b[v_lo: v_lo + width] = dz.sum(0)
-        if need_grad_w:
-            grad_w[v_lo: v_lo + width] = dz.to(op_dtype).T @ student_hidden
+        if need_grad_w:  # straight into the gradient when dtypes allow: no [width, Ds] temporary
+            dz_op = dz.to(op_dtype).T
+            if grad_w.dtype == op_dtype:
+                torch.mm(dz_op, student_hidden, out=grad_w[v_lo: v_lo + width])
+            else:
+                grad_w[v_lo: v_lo + width] = dz_op @ student_hidden
     return grad_w, grad_b
