@@ -49,6 +49,7 @@ from gopd_fast.distributed import (
     DistInfo,
     GatheredHead,
     all_gather_objects,
+    all_reduce_max,
     all_reduce_sums,
     apply_activation_checkpointing,
     barrier,
@@ -329,7 +330,7 @@ class Trainer:
         per_micro = cfg.packing.rows_per_micro_batch or rows
         counts = all_reduce_sums({"loss_tokens": batch.num_loss_tokens, "tokens": batch.num_tokens}, info.device)
         # every rank must run the same number of forward/backward passes under FSDP
-        n_micro = _max_over_ranks(math.ceil(rows / per_micro), info)
+        n_micro = int(all_reduce_max(float(math.ceil(rows / per_micro)), info.device))
         normalizer = max(counts["loss_tokens"], 1.0)
         sums = dict.fromkeys(STAT_KEYS, 0.0)
         self.optimizer.zero_grad(set_to_none=True)
@@ -383,16 +384,6 @@ class Trainer:
         metrics.update(times, grad_norm=grad_norm, lr=lr, skipped=0 if finite else 1,
                        skipped_steps=self.skipped_steps, tokens_scored=counts["tokens"])
         return metrics
-
-
-def _max_over_ranks(value: int, info: DistInfo) -> int:
-    if not info.distributed:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.int64, device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 def _clip_grad_norm(model: nn.Module, max_norm: float) -> float:
