@@ -46,15 +46,23 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    global _OWNS_GROUP
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        _OWNS_GROUP = True
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+_OWNS_GROUP = False   # a caller's own process group is left alone by shutdown()
+
+
 def shutdown() -> None:
-    if dist.is_initialized():
+    """Destroy the process group if ``init_distributed`` created it."""
+    global _OWNS_GROUP
+    if _OWNS_GROUP and dist.is_initialized():
         dist.destroy_process_group()
+    _OWNS_GROUP = False
 
 
 def barrier() -> None:
