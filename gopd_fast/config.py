@@ -125,6 +125,9 @@ class RolloutConfig:
             _check(v >= 0 and math.isfinite(v), f"rollout.{k}", "a finite float >= 0", v)
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "an int >= 1", self.max_new_tokens)
         _check(self.max_prompt_tokens >= 16, "rollout.max_prompt_tokens", "an int >= 16", self.max_prompt_tokens)
+        if self.max_prompt_tokens <= self.max_new_tokens:
+            raise ConfigError(f"rollout.max_prompt_tokens ({self.max_prompt_tokens}) must exceed "
+                              f"rollout.max_new_tokens ({self.max_new_tokens}): a prompt plus one response must fit")
         _check(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "a float in (0, 1)",
                self.gpu_memory_utilization)
 

@@ -52,6 +52,7 @@ def test_overrides_parse_toml_values_and_bare_strings():
     (["optim.betas=[0.9]"], ["optim.betas"]),
     (["objective.student_tokens=none", "objective.teacher_tokens=none"], ["nothing to train"]),
     (["run.algorithm=sft", "objective.teacher_tokens=none"], ["run.algorithm='sft'", "teacher_tokens"]),
+    (["rollout.max_new_tokens=4096"], ["rollout.max_prompt_tokens", "must exceed", "rollout.max_new_tokens"]),
     (["lr=1e-5"], ["dotted", "section.key"]),
     (["optim.lr"], ["section.key=value"]),
 ])
