@@ -324,7 +324,8 @@ class Trainer:
         info, cfg = self.info, self.cfg
         times = {"time_forward": 0.0, "time_loss": 0.0, "time_backward": 0.0}
         if not episodes:
-            raise ValueError(f"rank {info.rank} got no episodes; rollout.episodes_per_step must be >= world_size")
+            raise ValueError(f"rank {info.rank} has no episodes this step (every rollout of its share was dropped "
+                             "after env failures, or rollout.episodes_per_step < world_size)")
         batch = pack_episodes(episodes, cfg.packing.max_tokens_per_row, self.pad_token_id).to(info.device)
         rows = batch.input_ids.shape[0]
         per_micro = cfg.packing.rows_per_micro_batch or rows
