@@ -1,8 +1,9 @@
 """Run the Triton kernels with Triton's CPU interpreter when there is no CUDA device.
 
 TRITON_INTERPRET must be set before triton is first imported anywhere in the process (triton's own jit'd
-library functions are created at import time), so the repository's tests/conftest.py sets it too; this file sets it
-for runs of tests/kernels alone and fails loudly if triton was imported without it.
+library functions are created at import time). Other test areas import triton at collection (through liger, trl,
+vllm), so tests/kernels runs in its own pytest process (see the Makefile) or after a tests/conftest.py that sets the
+variable first; this file sets it for its own process and fails loudly if triton was imported without it.
 """
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ INTERPRETER_DTYPES = (torch.float32, torch.float16)
 @pytest.fixture(autouse=True)
 def _triton_runnable():
     if not _INTERPRETER_OK:
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; set it at the top of tests/conftest.py")
+        pytest.fail("triton was imported (e.g. by liger/vllm/trl tests collected earlier) before TRITON_INTERPRET=1 "
+                    "was set, so the interpreter cannot run; run tests/kernels in its own pytest process "
+                    "(pytest tests --ignore=tests/kernels && pytest tests/kernels) or set the variable at the top of "
+                    "tests/conftest.py")
 
 
 def reference(hs, ws, ht, wt, bs, bt, rw, fw, *, jsd_beta, temperature, target_ids=None):
