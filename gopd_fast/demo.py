@@ -56,13 +56,13 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    asset: str = "household-teacher"     # gopd_fast/assets/<asset>: the committed checkpoint + tokenizer
+    asset: str = "household-mapped-teacher"     # gopd_fast/assets/<asset>: the committed checkpoint + tokenizer
     size: str = "teacher-tiny"
     vocab_size: int = 512
     tokenizer_tasks: int = 400           # train tasks whose (noisy) oracle text trains the tokenizer
     sft_episodes: int = 1000             # oracle episodes the teacher is trained on
     noise: float = 0.1                   # fraction of random (non-expert) turns in its data: it sees some recovery
-    sft_steps: int = 300
+    sft_steps: int = 250
     batch_size: int = 16
     lr: float = 3e-3
     seed: int = 0
@@ -81,20 +81,20 @@ class StudentSpec:
 @dataclass(frozen=True)
 class DistillSpec:
     trainer_config: str = "configs/demo-trainer.toml"
-    total_steps: int = 24
+    total_steps: int = 8
     episodes_per_step: int = 8
     lr: float = 1e-3
-    eval_every: int = 6                  # learning-curve points
-    curve_eval_episodes: int = 24        # held-out tasks per learning-curve point
+    eval_every: int = 4                  # learning-curve points
+    curve_eval_episodes: int = 16        # held-out tasks per learning-curve point
     extra_overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    tasks: int = 100                     # held-out (eval split) tasks per evaluation
+    tasks: int = 48                      # held-out (eval split) tasks per evaluation
     temperature: float = 0.4
     max_new_tokens: int = 24
-    diagnostic_tasks: int = 24
+    diagnostic_tasks: int = 12
 
 
 @dataclass(frozen=True)
@@ -482,7 +482,7 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
     with clock.phase("teacher"):
         teacher_dir, teacher_meta = resolve_teacher(cfg, run_dir)
         results["teacher"] = {"dir": str(teacher_dir), **teacher_meta}
-    tokenizer = _tokenizer(teacher_dir)
+        tokenizer = _tokenizer(teacher_dir)
     env = make_env(cfg)
     eval_tasks = env.tasks("eval")[:cfg.eval.tasks]
     env.close()

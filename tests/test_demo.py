@@ -1,6 +1,6 @@
 """`make demo` at minutes scale (``--quick``): the whole pipeline runs, writes its artefacts, and its numbers are sane.
 
-The quick run uses the committed teacher (gopd_fast/assets/household-teacher) and tiny budgets, so it checks the
+The quick run uses the committed teacher (gopd_fast/assets/household-mapped-teacher) and tiny budgets, so it checks the
 plumbing and the invariants, not the paper's claim (that is docs/results.md, from the full run).
 """
 from __future__ import annotations
