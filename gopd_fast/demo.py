@@ -25,13 +25,14 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
-import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+import tomllib
 
 import gopd_fast.demo_env  # noqa: F401  registers "household-mapped" (the demo's env) for envs.make and the trainer
 
@@ -168,7 +169,7 @@ class PhaseClock:
             print(f"[demo]   {name:<14} {sec:7.0f} s")
         print(f"[demo]   {'total':<14} {total:7.0f} s")
 
-    def phase(self, name: str) -> "_Phase":
+    def phase(self, name: str) -> _Phase:
         return _Phase(self, name)
 
     def elapsed(self) -> float:
@@ -184,7 +185,7 @@ class _Phase:
     def __init__(self, clock: PhaseClock, name: str) -> None:
         self.clock, self.name = clock, name
 
-    def __enter__(self) -> "_Phase":
+    def __enter__(self) -> _Phase:  # noqa: PYI034
         self.t = time.perf_counter()
         print(f"[demo] {time.strftime('%H:%M:%S')} phase {self.name} (planned "
               f"{self.clock.plan.get(self.name, float('nan')):.0f} s)", flush=True)
@@ -374,11 +375,12 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
     """Markdown table: one row per method, mean [95% CI] over the episodes pooled across seeds."""
     lines = ["| Method | Score | Success Rate (%) | Rounds | Score per seed | Episodes |",
              "|---|---|---|---|---|---|"]
+    def cell(s: dict[str, Any], k: str, fmt: str = ".1f") -> str:
+        return f"{s[k]['mean']:{fmt}} [{s[k]['low']:{fmt}}, {s[k]['high']:{fmt}}]"
+
     for name, s in rows.items():
-        def cell(k: str, fmt: str = ".1f") -> str:
-            return f"{s[k]['mean']:{fmt}} [{s[k]['low']:{fmt}}, {s[k]['high']:{fmt}}]"
         seeds = " / ".join(f"{x:.1f}" for x in s["score"]["per_seed"])
-        lines.append(f"| {name} | {cell('score')} | {cell('success_rate')} | {cell('rounds', '.2f')} | "
+        lines.append(f"| {name} | {cell(s, 'score')} | {cell(s, 'success_rate')} | {cell(s, 'rounds', '.2f')} | "
                      f"{seeds} | {s['episodes']} |")
     return "\n".join(lines)
 
@@ -469,8 +471,8 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
     import torch
 
     from gopd_fast import plots
-    from gopd_fast.curriculum import BetaSchedule
     from gopd_fast.config import load_config
+    from gopd_fast.curriculum import BetaSchedule
 
     run_dir.mkdir(parents=True, exist_ok=True)
     clock = PhaseClock(cfg.plan_s, cfg.budget_s)
@@ -556,8 +558,7 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
         with open(run_dir / "episodes.jsonl", "w") as f:
             for m, by_seed in records.items():
                 for seed, recs in by_seed.items():
-                    for r in recs:
-                        f.write(json.dumps({"method": m, "seed": seed, **r}) + "\n")
+                    f.writelines(json.dumps({"method": m, "seed": seed, **r}) + "\n" for r in recs)
 
     results["timing"] = clock.table()
     results["wall_seconds"] = round(clock.elapsed(), 1)

@@ -18,8 +18,9 @@ Everything is aggregated by turn index and source (student vs teacher rollouts) 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 

@@ -5,6 +5,7 @@ plumbing and the invariants, not the paper's claim (that is docs/results.md, fro
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -70,7 +71,7 @@ def test_schedules_and_diagnostic(quick_run):
     assert all(b == 0.0 for b in betas["opd"]) and all(b == 1.0 for b in betas["sft"])
     assert all(b == 0.5 for b in betas["constant-0.5"])
     g = betas["guided-opd"]
-    assert g[0] == 1.0 and g[-1] == 0.0 and all(a >= b for a, b in zip(g, g[1:]))
+    assert g[0] == 1.0 and g[-1] == 0.0 and all(a >= b for a, b in itertools.pairwise(g))
     diag = data["failure_mode"]
     for source in ("student", "teacher"):
         rows = diag["by_turn"][source]

@@ -49,7 +49,7 @@ def test_replay_counts_extra_steps_off_the_path(setup):
 
 
 def test_turn_signals_match_a_float64_reference(setup):
-    env, tok, chat, student, teacher = setup
+    env, _, chat, student, teacher = setup
     ep = oracle_episodes(env, env.tasks("eval")[:1], chat)[0]
     sig = turn_signals(student, teacher, ep)
     ids = torch.tensor([ep.token_ids])

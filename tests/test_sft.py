@@ -65,7 +65,7 @@ def test_noise_turns_are_student_role_and_recovered(setup):
 def test_collate_masks_roles_and_padding(setup):
     env, tok, chat = setup
     eps = oracle_episodes(env, env.tasks("train")[:3], chat, noise=0.3, seed=2)
-    ids, mask, labels = collate(eps, tok.pad_token_id, train_roles=(Role.TEACHER,))
+    _, mask, labels = collate(eps, tok.pad_token_id, train_roles=(Role.TEACHER,))
     for row, ep in enumerate(eps):
         n = len(ep.token_ids)
         assert mask[row, :n].all() and not mask[row, n:].any()
