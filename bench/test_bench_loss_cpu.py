@@ -11,8 +11,10 @@ Shapes: the default is small (N=256, D=256, V=32000) so that a plain ``pytest be
 case runs once) takes seconds. ``GOPD_BENCH_FULL=1`` runs the issue's shapes N=2048, D=1024, V in {32000, 151936};
 the naive case then needs about 6 GiB of RAM and each case takes minutes on 2 cores (one timed round each):
 
-    GOPD_BENCH_FULL=1 .venv/bin/python -m pytest bench/test_bench_loss_cpu.py --benchmark-enable \
-        --benchmark-json=bench/loss_cpu.json
+    OMP_NUM_THREADS=1 GOPD_BENCH_FULL=1 .venv/bin/python -m pytest bench/test_bench_loss_cpu.py --benchmark-enable -s
+
+(one thread: on a shared, oversubscribed 2-core box, 2 OpenMP threads slowed the chunked path's many short
+parallel regions far more than naive's few long ones; figures in bench/RESULTS.md, section "loss (CPU)").
 
 Memory: measured in its own run before the timed rounds, as the growth of the process's peak resident set size
 (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` after ``malloc_trim``) over the resident size just before
