@@ -138,12 +138,17 @@ def fused_linear_kl(
         stats_active = None
         zero = _connected_zero(student_hidden, student_weight, student_bias).to(out_dtype)
     else:
+        # Eager gradients only pay off when a backward will follow (not under no_grad, e.g. evaluation).
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias))
         run = _backend_fn(args.backend, chunk_size)
         loss_active, stats_active = run(
             h_s, student_weight, h_t, w_t, student_bias, b_t, rw, fw,
-            jsd_beta=args.jsd_beta, temperature=float(temperature), target_ids=targets, grad_scale=grad_scale,
-            return_stats=return_stats,
+            jsd_beta=args.jsd_beta, temperature=float(temperature), target_ids=targets,
+            grad_scale=grad_scale if needs_grad else None, return_stats=return_stats,
         )
+        if grad_scale is not None and not needs_grad:
+            loss_active = loss_active.sum() * grad_scale
 
     if args.reduction == "none":
         if loss_active is None:
@@ -202,12 +207,17 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _choose_backend(backend: str, device: torch.device) -> str:
+def _choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     global _warned_triton_fallback
     explicit = backend == "triton" or (backend == "auto" and os.environ.get(BACKEND_ENV, "").strip() == "triton")
     name = resolve_backend(backend, device)
     if name != "triton":
         return name
+    if dtype == torch.float64:  # the kernels are bf16/fp16/fp32 only; float64 is for references and tests
+        if explicit:
+            raise ValueError("backend='triton' supports bfloat16, float16 and float32 inputs, got float64; "
+                             "use backend='chunked' or 'naive' for float64")
+        return "chunked"
     if not _triton_usable(device):
         raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 to "
                          "run the Triton interpreter on CPU (slow, for tests), or use backend='chunked'")
@@ -368,7 +378,7 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, re
         if tuple(target_ids.shape) not in (lead_shape, (n_tokens,)):
             raise ValueError(f"target_ids must have shape {list(lead_shape)} (or [{n_tokens}]), "
                              f"got {list(target_ids.shape)}")
-    concrete = _choose_backend(backend, device)
+    concrete = _choose_backend(backend, device, h_s.dtype)
 
     dtype = accumulation_dtype(h_s, h_t)  # weights stay exact for float64 inputs
     if reverse_weight is None and forward_weight is None:

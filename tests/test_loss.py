@@ -262,6 +262,22 @@ def test_scaled_upstream_gradient(rng):
         assert_close(s, 3.5 * b, rtol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_no_grad_scalar_loss_matches_and_skips_eager_gradients(rng, reduction, monkeypatch):
+    # Under no_grad (evaluation) a scalar reduction must not pay for the eager-gradient sweep.
+    from gopd_fast.ops import chunked
+
+    p = make_problem(rng, dtype=torch.float64)
+    with_grad = run(p, "chunked", reduction=reduction).detach()
+    calls = []
+    real = chunked._ChunkedKLScalar.apply
+    monkeypatch.setattr(chunked._ChunkedKLScalar, "apply", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        without = run(p, "chunked", reduction=reduction)
+    assert calls == []
+    assert_close(without, with_grad, rtol=1e-12)
+
+
 def test_check_finite(rng):
     p = make_problem(rng)
     with torch.no_grad():
