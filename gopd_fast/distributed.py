@@ -133,51 +133,6 @@ def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | Non
     return model
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.factor, None
-
-
-class GatheredHead(nn.Module):
-    """An ``lm_head`` seen whole by the fused loss, which reads ``.weight`` / ``.bias`` without calling forward.
-
-    FSDP2 shards the head (a DTensor). Its all-gather here declares the gradient as *partial* per rank, so the
-    backward reduce-scatters the SUM of every rank's contribution (a plain ``full_tensor()`` would keep only the
-    local rank's part), scaled by 1/world_size to match FSDP's gradient averaging of the other parameters (the
-    trainer multiplies the loss by world_size, so every gradient ends up the global sum). ``dtype`` casts the gathered weight to the compute dtype of the hidden states (bf16 under
-    mixed precision), differentiably.
-    """
-
-    def __init__(self, head: nn.Module, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.head = head
-        self.dtype = dtype
-
-    def _gather(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None:
-            return None
-        from torch.distributed.tensor import DTensor, Partial
-
-        if isinstance(t, DTensor):
-            world = t.device_mesh.size()
-            t = _ScaleGrad.apply(t.full_tensor(grad_placements=[Partial()] * t.device_mesh.ndim), 1.0 / world)
-        return t if self.dtype is None or t.dtype == self.dtype else t.to(self.dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self._gather(self.head.weight)
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self._gather(getattr(self.head, "bias", None))
-
-
 def reshard(model: nn.Module) -> None:
     """Return FSDP2 roots to the sharded state after a forward-only pass (see stack.md, caveat 7)."""
     for module in model.modules():

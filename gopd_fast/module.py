@@ -53,12 +53,15 @@ def _is_lora(head: nn.Module) -> bool:
     return all(hasattr(head, a) for a in ("base_layer", "lora_A", "lora_B", "scaling", "active_adapters"))
 
 
-def effective_head(head: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+def effective_head(head: nn.Module, hidden: Tensor, *, cast: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """(hidden', weight, bias) with ``hidden' @ weight^T + bias == head(hidden)`` (for a linear head).
 
     ``head`` is an ``nn.Linear``-like module (``weight`` [V, D], optional ``bias``), possibly FSDP2-sharded,
-    or a PEFT LoRA layer wrapping one.
+    or a PEFT LoRA layer wrapping one. ``cast=True`` casts weight and bias to the hidden states' dtype
+    (differentiably), as FSDP2 mixed precision would for a head called through its forward.
     """
+    if cast:
+        return _cast_to(hidden.dtype, *effective_head(head, hidden))
     if _is_lora(head):
         return _lora_head(head, hidden)
     weight = getattr(head, "weight", None)
@@ -127,9 +130,9 @@ class FusedLinearKL(nn.Module):
         bad = sorted(set(kwargs) & set(_FIXED))
         if bad:
             raise TypeError(f"FusedLinearKL takes the weights from the heads; do not pass {bad}")
-        h_s, w_s, b_s = _cast_to(student_hidden.dtype, *effective_head(self.student_head, student_hidden))
+        h_s, w_s, b_s = effective_head(self.student_head, student_hidden, cast=True)
         with torch.no_grad():
-            h_t, w_t, b_t = _cast_to(teacher_hidden.dtype, *effective_head(self.teacher_head, teacher_hidden))
+            h_t, w_t, b_t = effective_head(self.teacher_head, teacher_hidden, cast=True)
         options = {**self.defaults, **kwargs}
         return fused_linear_kl(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, **options)
 

@@ -122,7 +122,7 @@ class DistillationObjective(nn.Module):
 
         def logprob(head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float,
                     vocab: int | None = None) -> Tensor:
-            h, w, b = effective_head(head, hidden)   # gathers FSDP2 shards, folds LoRA
+            h, w, b = effective_head(head, hidden, cast=True)   # gathers FSDP2 shards, folds LoRA, casts
             if vocab is not None and w.shape[0] > vocab:   # padded teacher vocabulary: its first rows are shared
                 w, b = w[:vocab], None if b is None else b[:vocab]
             return fused_linear_logprob(h, w, targets, bias=b, temperature=temperature).float()

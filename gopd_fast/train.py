@@ -22,8 +22,8 @@ One optimizer step, top to bottom (``Trainer.step`` and ``run``):
 Sharding: the student is FSDP2-sharded per decoder block, then its decoder, then the root, with bf16 compute on
 GPU (fp32 on CPU); the frozen teacher likewise (``model.shard_teacher``), forward-only under no_grad.
 Gradients are the SUM over ranks (FSDP2 averages, so the local loss is multiplied by the world size; the sharded
-lm_head is gathered with a partial-sum gradient, see distributed.GatheredHead): with the loss divided by the global loss-token count, the update equals one process training on the
-whole batch (tests/test_train.py checks two processes against one).
+lm_head is gathered once per loss call with a rank-averaged gradient, see gopd_fast.module): with the loss divided
+by the global loss-token count, the update equals one process training on the whole batch (tests/test_train.py checks two processes against one).
 """
 from __future__ import annotations
 
@@ -47,7 +47,6 @@ from gopd_fast.config import Config, ConfigError, OptimConfig, config_to_dict, l
 from gopd_fast.curriculum import BetaSchedule, TaskCursor
 from gopd_fast.distributed import (
     DistInfo,
-    GatheredHead,
     all_gather_objects,
     all_reduce_max,
     all_reduce_sums,
@@ -296,8 +295,9 @@ class Trainer:
         self.teacher = teacher
         self.pad_token_id = pad_token_id
         self.compute_dtype = _dtypes(cfg, info.device)[1]
-        self.objective = DistillationObjective(cfg.objective, GatheredHead(student.lm_head, self.compute_dtype),
-                                               GatheredHead(teacher.lm_head, self.compute_dtype))
+        # The heads go in as they are: FusedLinearKL / effective_head gather FSDP2 shards once per call (gradient
+        # averaged over ranks like FSDP2's own) and cast them to the compute dtype of the hidden states.
+        self.objective = DistillationObjective(cfg.objective, student.lm_head, teacher.lm_head)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in student.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps,
@@ -359,7 +359,7 @@ class Trainer:
             loss = out.loss + 0.0 * h_s.sum()
             t2 = time.perf_counter()
             # FSDP averages gradients over ranks (gloo has no pre-scaled sum), so scale by the world size to get the
-            # global sum; GatheredHead matches this for the lm_head.
+            # global sum; the gathered lm_head averages likewise (gopd_fast.module).
             (loss * info.world_size if info.distributed else loss).backward()
             t3 = time.perf_counter()
             times["time_forward"] += t1 - t0
