@@ -59,6 +59,7 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
 class TeacherSpec:
     asset: str = "household-mapped-teacher"     # gopd_fast/assets/<asset>: the committed checkpoint + tokenizer
     size: str = "teacher-tiny"
+    num_hidden_layers: int = 0           # 0: the size's default depth; else override it
     vocab_size: int = 512
     tokenizer_tasks: int = 400           # train tasks whose (noisy) oracle text trains the tokenizer
     sft_episodes: int = 1000             # oracle episodes the teacher is trained on
@@ -259,7 +260,8 @@ def build_teacher(cfg: DemoConfig, out_dir: Path, log=print) -> dict[str, Any]:
                                    noise=t.noise, seed=t.seed)
     finally:
         env.close()
-    model = build_model(config_for_tokenizer(t.size, tokenizer), seed=t.seed)
+    depth = {"num_hidden_layers": t.num_hidden_layers} if t.num_hidden_layers else {}
+    model = build_model(config_for_tokenizer(t.size, tokenizer, **depth), seed=t.seed)
     losses = train_sft(model, episodes, SFTConfig(steps=t.sft_steps, batch_size=t.batch_size, lr=t.lr,
                                                   seed=t.seed),
                        pad_id=int(tokenizer.pad_token_id), train_roles=(Role.TEACHER,), log=log, log_every=50)
@@ -302,9 +304,14 @@ def build_student_base(cfg: DemoConfig, tokenizer: Any, out_dir: Path, log=print
 def rollout(cfg: DemoConfig, student_dir: Path | str, tasks: Sequence[str], *, seed: int, temperature: float,
             beta: float = 0.0, teacher_dir: Path | str | None = None):
     """Episodes of the model at ``student_dir`` (and the teacher, with ``beta`` > 0) on ``tasks``."""
+    import torch
+
     from gopd_fast.rollout.engines.hf import HFEngine
     from gopd_fast.rollout.rollout import RolloutOptions, run_rollout
 
+    # run_rollout passes no sampling seed, and HFEngine.generate samples inside fork_rng (restoring the global RNG
+    # after every call), so without this every evaluation would replay the same random draws whatever ``seed`` is.
+    torch.manual_seed(seed)
     student = HFEngine.from_pretrained(str(student_dir))
     teacher = HFEngine.from_pretrained(str(teacher_dir)) if teacher_dir is not None else None
     tokenizer = _tokenizer(student_dir)

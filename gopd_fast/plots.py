@@ -69,7 +69,7 @@ def plot_beta_schedules(schedules: Mapping[str, Sequence[float]], out: str | Pat
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("Guidance schedules")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
