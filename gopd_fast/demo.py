@@ -309,8 +309,7 @@ def rollout(cfg: DemoConfig, student_dir: Path | str, tasks: Sequence[str], *, s
     from gopd_fast.rollout.engines.hf import HFEngine
     from gopd_fast.rollout.rollout import RolloutOptions, run_rollout
 
-    # run_rollout passes no sampling seed, and HFEngine.generate samples inside fork_rng (restoring the global RNG
-    # after every call), so without this every evaluation would replay the same random draws whatever ``seed`` is.
+    # run_rollout passes no per-call sampling seed, so HFEngine samples from the global RNG: seed it per evaluation.
     torch.manual_seed(seed)
     student = HFEngine.from_pretrained(str(student_dir))
     teacher = HFEngine.from_pretrained(str(teacher_dir)) if teacher_dir is not None else None

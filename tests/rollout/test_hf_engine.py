@@ -44,6 +44,17 @@ def test_seeded_sampling_is_reproducible(hf_student, tokenizer):
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
 
 
+def test_unseeded_sampling_draws_fresh_samples_each_call(hf_student, tokenizer):
+    # Without a per-call seed the global RNG must advance: two calls on the same prompts are independent draws.
+    s = SamplingConfig(max_tokens=10, temperature=1.0)
+    torch.manual_seed(0)
+    a = hf_student.generate(_prompts(tokenizer), s)
+    b = hf_student.generate(_prompts(tokenizer), s)
+    assert [g.token_ids for g in a] != [g.token_ids for g in b]
+    torch.manual_seed(0)  # ... and the global seed still makes the whole sequence of calls reproducible
+    assert [g.token_ids for g in hf_student.generate(_prompts(tokenizer), s)] == [g.token_ids for g in a]
+
+
 def test_stop_token_ends_turn_and_is_kept(hf_student, tokenizer):
     prompt = _prompts(tokenizer)[0]
     first = hf_student.generate([prompt], GREEDY)[0].token_ids

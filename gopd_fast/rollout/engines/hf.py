@@ -87,8 +87,11 @@ class HFEngine(GenerationEngine):
         out: list[Generation | None] = [None] * len(prompts)
         # Similar lengths together: less padding per micro-batch.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
-            if sampling.seed is not None:
+        # A per-call seed samples from a forked RNG (reproducible, the global stream untouched); without one the
+        # global RNG is used and advances, so repeated calls on the same prompts draw fresh samples.
+        seeded = sampling.seed is not None
+        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device], enabled=seeded):
+            if seeded:
                 torch.manual_seed(sampling.seed)
             for s in range(0, len(order), self.max_batch_size):
                 idx = order[s:s + self.max_batch_size]
