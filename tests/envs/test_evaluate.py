@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,10 @@ def test_sequential_equals_pooled_and_batched_policy():
 
     def batched(states: list[PolicyInput]) -> list[str]:
         batch_sizes.append(len(states))
+        if len(batch_sizes) <= 3:
+            # A model call takes time; meanwhile the other in-flight env steps finish and must be batched together
+            # into the next call. (Without a pause, on a loaded box each step can finish alone.)
+            time.sleep(0.3)
         return [_seeded_random_policy(s) for s in states]
 
     batched.batched = True
