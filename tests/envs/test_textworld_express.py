@@ -4,6 +4,7 @@ TextWorldExpress starts its JVM in well under a second, so the JavaSimulator fai
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -26,6 +27,22 @@ def env():
     e = make("textworld-express", games=["coin", "cookingworld", "arithmetic"], max_seeds_per_game=4, max_turns=60)
     yield e
     e.close()
+
+
+def _stop_and_wait(pid: int, timeout_s: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and wait until every thread is stopped: the signal is asynchronous, and a TextWorldExpress
+    step takes well under a millisecond, so a request sent right after ``os.kill`` could still be answered."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):   # every JVM thread, not just the main one
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if states and all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not stop within {timeout_s} s")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -147,7 +164,7 @@ def test_hung_jvm_is_killed_by_the_watchdog(env):
     env.reset(env.tasks("test")[0])
     pid = env.jvm.pid
     env.jvm.call_timeout_s = 0.5
-    os.kill(pid, signal.SIGSTOP)  # the JVM stops answering: the step would block forever without the watchdog
+    _stop_and_wait(pid)  # the JVM stops answering: the step would block forever without the watchdog
     try:
         start = time.monotonic()
         with pytest.raises(EnvError, match="exceeded 0.5 s"):
