@@ -43,6 +43,40 @@ def logit_tile(
     return tile
 
 
+class HeadGrads:
+    """Accumulators of the LM head's input gradients (hidden, weight, bias), filled one dL/dz tile at a time.
+
+    Only the gradients autograd asks for are allocated; they accumulate in ``acc`` and are cast back to the
+    inputs' dtypes by ``result``.
+    """
+
+    def __init__(self, hidden: Tensor, weight: Tensor, acc: torch.dtype, needs: tuple[bool, ...]) -> None:
+        need_h, need_w, need_b = needs[0], needs[1], needs[2]
+        self.acc = acc
+        self.hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+
+    def add(self, grad_z: Tensor, h: Tensor, weight: Tensor, rows: slice, start: int, stop: int,
+            temperature: float) -> None:
+        """Add one tile: ``grad_z`` = dL/d(logits / temperature) of tokens ``rows`` x vocab ``[start, stop)``."""
+        if temperature != 1.0:
+            grad_z = grad_z / temperature
+        if self.hidden is not None:
+            self.hidden[rows] += grad_z @ weight[start:stop].to(self.acc)
+        if self.weight is not None:
+            self.weight[start:stop] += grad_z.T @ h
+        if self.bias is not None:
+            self.bias[start:stop] += grad_z.sum(dim=0)
+
+    def result(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor | None, ...]:
+        return (
+            None if self.hidden is None else self.hidden.to(hidden.dtype),
+            None if self.weight is None else self.weight.to(weight.dtype),
+            None if self.bias is None or bias is None else self.bias.to(bias.dtype),
+        )
+
+
 def _check_inputs(
     hidden: Tensor,
     weight: Tensor,
@@ -148,10 +182,7 @@ class _FusedLinearLogprob(torch.autograd.Function):
         g = torch.zeros(n, dtype=acc, device=hidden.device) if grad_logprob is None else grad_logprob.to(acc)
         g = torch.where(valid, g, 0.0)
         e = None if grad_entropy is None else grad_entropy.to(acc)
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
+        grads = HeadGrads(hidden, weight, acc, ctx.needs_input_grad)
         for r0 in range(0, n, token_block):
             r1 = min(r0 + token_block, n)
             h = hidden[r0:r1].to(acc)
@@ -168,24 +199,8 @@ class _FusedLinearLogprob(torch.autograd.Function):
                 in_tile = (local >= 0) & (local < stop - start)
                 rows = torch.nonzero(in_tile).squeeze(1)
                 grad_z[rows, local[rows]] += g[r0:r1][rows]
-                if temperature != 1.0:
-                    grad_z = grad_z / temperature
-                if need_h:
-                    grad_h[r0:r1] += grad_z @ weight[start:stop].to(acc)
-                if need_w:
-                    grad_w[start:stop] += grad_z.T @ h
-                if need_b:
-                    grad_b[start:stop] += grad_z.sum(dim=0)
-        return (
-            None if grad_h is None else grad_h.to(hidden.dtype),
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+                grads.add(grad_z, h, weight, slice(r0, r1), start, stop, temperature)
+        return (*grads.result(hidden, weight, bias), None, None, None, None, None)
 
 
 def fused_linear_logprob(

@@ -33,6 +33,7 @@ from torch import Tensor
 from gopd_fast.ops.token_logprob import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_TOKEN_BLOCK,
+    HeadGrads,
     accumulation_dtype,
     logit_tile,
 )
@@ -148,10 +149,7 @@ class _FusedLinearTopkKL(torch.autograd.Function):
         acc = bucket_grad.dtype
         n, vocab = hidden.shape[0], weight.shape[0]
         scaled = bucket_grad * grad_loss.to(acc)[:, None]
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
+        grads = HeadGrads(hidden, weight, acc, ctx.needs_input_grad)
         for r0 in range(0, n, token_block):
             r1 = min(r0 + token_block, n)
             h = hidden[r0:r1].to(acc)
@@ -167,20 +165,8 @@ class _FusedLinearTopkKL(torch.autograd.Function):
                 _, column = _tile_columns(ids[r0:r1], start, stop)
                 padded = torch.cat([grad_z, torch.zeros_like(grad_z[:, :1])], dim=1)
                 grad_z = padded.scatter(1, column, scaled[r0:r1, :-1])[:, :-1]
-                if temperature != 1.0:
-                    grad_z = grad_z / temperature
-                if need_h:
-                    grad_h[r0:r1] += grad_z @ weight[start:stop].to(acc)
-                if need_w:
-                    grad_w[start:stop] += grad_z.T @ h
-                if need_b:
-                    grad_b[start:stop] += grad_z.sum(dim=0)
-        return (
-            None if grad_h is None else grad_h.to(hidden.dtype),
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-            *([None] * 8),
-        )
+                grads.add(grad_z, h, weight, slice(r0, r1), start, stop, temperature)
+        return (*grads.result(hidden, weight, bias), *([None] * 8))
 
 
 def _per_token_weight(value: Tensor | float | None, default: float, n: int, name: str, like: Tensor) -> Tensor:
