@@ -21,7 +21,8 @@ import weakref
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from gopd_fast.envs.base import EnvError
+from gopd_fast.envs.base import EnvError, TextEnv
+from gopd_fast.envs.gold_path import GoldPath
 
 H = TypeVar("H")  # the package's env object (ScienceWorldEnv, TextWorldExpressEnv)
 R = TypeVar("R")
@@ -161,3 +162,31 @@ def _is_py4j_or_socket_error(exc: BaseException) -> bool:
 def _close_all() -> None:
     for sim in list(_LIVE):
         sim.close()
+
+
+class JavaGoldPathEnv(TextEnv):
+    """What the Java-simulator envs share: one owned JVM (``self._sim``), a recorded gold path (``self._gold``) as
+    the expert, and an episode flag (``self._done``). Subclasses set the three in ``__init__`` and implement the
+    protocol's abstract methods."""
+
+    _sim: JavaSimulator
+    _gold: GoldPath
+    _done: bool
+
+    def expert_action(self) -> str | None:
+        """The next action of the episode's gold path while the agent has followed it exactly; None after the
+        first deviation (a gold path is an open-loop plan, not an oracle) or when the episode has none."""
+        return None if self._done else self._gold.next_action()
+
+    @property
+    def gold_actions(self) -> tuple[str, ...]:
+        """The whole gold path of the current episode (teacher data)."""
+        return self._gold.actions
+
+    @property
+    def jvm(self) -> JavaSimulator:
+        return self._sim
+
+    def close(self) -> None:
+        self._sim.close()
+        self._done = True

@@ -11,9 +11,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
+from gopd_fast.envs.base import Reset, StepResult, register
 from gopd_fast.envs.gold_path import GoldPath
-from gopd_fast.envs.jvm import JavaSimulator
+from gopd_fast.envs.jvm import JavaGoldPathEnv, JavaSimulator
 
 try:
     import scienceworld  # noqa: F401  (fail at make() time, with the fix, when the package is missing)
@@ -47,7 +47,7 @@ def _known_task_names() -> list[str]:
 
 
 @register("scienceworld")
-class ScienceWorld(TextEnv):
+class ScienceWorld(JavaGoldPathEnv):
     """ScienceWorld behind the ``TextEnv`` protocol.
 
     Args:
@@ -210,25 +210,7 @@ class ScienceWorld(TextEnv):
             info["invalid_action"] = True
         return StepResult(observation, score, self._done, success, admissible, info)
 
-    def expert_action(self) -> str | None:
-        """The next action of this load's gold path while the agent has followed it exactly; None after the
-        first deviation (the gold path is an open-loop plan, not an oracle) or when ``gold_path=False``."""
-        return None if self._done else self._gold.next_action()
-
     def _admissible(self, h: Any) -> tuple[str, ...] | None:
         if not self.with_admissible:
             return None
         return tuple(sorted(h.server.getValidActionObjectCombinations()))
-
-    @property
-    def gold_actions(self) -> tuple[str, ...]:
-        """The whole gold path of the current episode's load (teacher data)."""
-        return self._gold.actions
-
-    @property
-    def jvm(self) -> JavaSimulator:
-        return self._sim
-
-    def close(self) -> None:
-        self._sim.close()
-        self._done = True

@@ -11,9 +11,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
+from gopd_fast.envs.base import Reset, StepResult, register
 from gopd_fast.envs.gold_path import GoldPath
-from gopd_fast.envs.jvm import JavaSimulator
+from gopd_fast.envs.jvm import JavaGoldPathEnv, JavaSimulator
 
 GAME_NAMES = ("cookingworld", "twc", "coin", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder")
 SPLITS = ("train", "dev", "test", "eval")
@@ -31,7 +31,7 @@ def _launch() -> Any:
 
 
 @register("textworld-express")
-class TextWorldExpress(TextEnv):
+class TextWorldExpress(JavaGoldPathEnv):
     """TextWorldExpress behind the ``TextEnv`` protocol.
 
     Args:
@@ -173,19 +173,3 @@ class TextWorldExpress(TextEnv):
             result_info["invalid_action"] = True  # the game answers it with its own "Unknown action" text
         self._valid = frozenset(admissible)
         return StepResult(observation, score, self._done, success, admissible, result_info)
-
-    def expert_action(self) -> str | None:
-        """The next action of the game's gold path while the agent has followed it exactly, else None."""
-        return None if self._done else self._gold.next_action()
-
-    @property
-    def gold_actions(self) -> tuple[str, ...]:
-        return self._gold.actions
-
-    @property
-    def jvm(self) -> JavaSimulator:
-        return self._sim
-
-    def close(self) -> None:
-        self._sim.close()
-        self._done = True
