@@ -1,0 +1,67 @@
+"""The demo configs for the Java envs (ScienceWorld, TextWorldExpress) load, and every method's trainer overrides
+build a valid trainer config whose env is the demo's. No env is started (no JVM): this only checks the plumbing
+between configs/demo-*.toml, gopd_fast.demo and gopd_fast.config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gopd_fast import demo
+from gopd_fast.config import load_config
+
+JVM_DEMO_CONFIGS = {
+    "demo-textworld-express.toml": "textworld-express",
+    "demo-scienceworld.toml": "scienceworld",
+}
+
+
+def _config_path(name: str) -> Path:
+    return demo.REPO_DIR / "configs" / name
+
+
+@pytest.mark.parametrize("name", sorted(JVM_DEMO_CONFIGS))
+def test_demo_config_loads(name: str) -> None:
+    cfg = demo.load_demo_config(_config_path(name))
+    assert cfg.env == JVM_DEMO_CONFIGS[name]
+    assert set(cfg.methods) == set(demo.METHODS)      # the same table as the embedded-env demo
+    assert len(cfg.seeds) >= 3
+    # Phases the pipeline times: every one of them is planned.
+    assert set(cfg.plan_s) == {"teacher", "student-base", "reference", "distill", "diagnostics", "report"}
+    assert cfg.teacher.noise == 0.0                   # a gold path is open-loop: no recovery labels exist
+
+
+@pytest.mark.parametrize("name", sorted(JVM_DEMO_CONFIGS))
+@pytest.mark.parametrize("method", [m for m in demo.METHODS if m != "zero-shot"])
+def test_trainer_overrides_build_the_demo_env(name: str, method: str, tmp_path: Path) -> None:
+    cfg = demo.load_demo_config(_config_path(name))
+    overrides = demo.trainer_overrides(cfg, method, seed=2, student_dir=tmp_path / "student",
+                                       teacher_dir=tmp_path / "teacher", out_dir=tmp_path / "out")
+    trainer = load_config(demo.REPO_DIR / cfg.distill.trainer_config, overrides)
+    assert trainer.env.name == cfg.env
+    assert trainer.env.max_turns == cfg.max_turns
+    # env.seed is its own field; every other demo env option reaches envs.make through env.options, unchanged.
+    assert trainer.env.seed == cfg.env_options.get("seed", 0)
+    assert dict(trainer.env.options) == {k: v for k, v in cfg.env_options.items() if k != "seed"}
+    assert trainer.run.seed == 2
+    assert trainer.run.total_steps == cfg.distill.total_steps
+    assert trainer.rollout.episodes_per_step == cfg.distill.episodes_per_step
+    assert trainer.env.eval_episodes == cfg.distill.curve_eval_episodes
+    assert trainer.model.student == str(tmp_path / "student")
+    assert trainer.model.teacher == str(tmp_path / "teacher")
+    expected_algorithm = {"sft": "sft", "opd": "opd", "guided-opd": "gopd", "constant-0.5": "gopd"}[method]
+    assert trainer.run.algorithm == expected_algorithm
+
+
+@pytest.mark.parametrize("name", sorted(JVM_DEMO_CONFIGS))
+def test_env_accepts_the_options_without_starting(name: str) -> None:
+    """envs.make validates the options (task names, games, simplification) before any JVM starts."""
+    from gopd_fast import envs
+
+    cfg = demo.load_demo_config(_config_path(name))
+    env = envs.make(cfg.env, max_turns=cfg.max_turns, **cfg.env_options)
+    try:
+        assert env.max_turns == cfg.max_turns
+        assert env._sim.pid is None, "constructing the env must not start its JVM"
+    finally:
+        env.close()
