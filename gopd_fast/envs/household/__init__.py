@@ -16,6 +16,10 @@ exactly then. ``max_turns`` defaults to 20; the worlds never depend on it. Diffi
 default, "hard") and every knob of ``WorldConfig`` (rooms, locked_doors, goals, distractors, closables, chutes,
 hand_capacity) are options of ``envs.make("household", ...)``; generation places goal item k behind locked door k.
 
+Observability (``observe``): "room" (default) shows the current room only; "map" adds a map of the world to the
+first observation; "full" adds the complete state the oracle plans on to every observation, so that a model of a
+few hundred thousand parameters can learn the oracle (the demo's setting; ``household/observe.py``).
+
 Oracle: ``expert_action()`` is the next step of a shortest plan found by search over the true state from the
 CURRENT state, so it labels recovery actions after any mistake; ``expert_distance()`` is that plan's length.
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
 from gopd_fast.envs.household import engine
+from gopd_fast.envs.household.observe import OBSERVE_MODES, status, world_map
 from gopd_fast.envs.household.oracle import Oracle
 from gopd_fast.envs.household.world import PRESETS, World, WorldConfig, generate
 
@@ -54,7 +55,8 @@ class HouseholdEnv(TextEnv):
     hand_capacity), ``max_turns`` (default 20; "hard": 30), ``num_train`` / ``num_eval`` (split sizes),
     ``max_solution`` (worlds whose oracle solution is longer are regenerated; default 15, "hard": 24, so the default
     turn limit leaves slack), ``report_distance`` (put ``expert_distance`` in every step's info; the reset's info
-    always has it). The worlds depend on the seed, the difficulty and the world options only, never on
+    always has it), ``observe`` ("room": the current room only, the default; "map": plus a map of the world in the
+    first observation; "full": plus the complete state in every observation; see ``household/observe.py``). The worlds depend on the seed, the difficulty and the world options only, never on
     max_turns, so one task can be run at any turn limit.
     """
 
@@ -69,6 +71,7 @@ class HouseholdEnv(TextEnv):
         num_eval: int = 200,
         max_solution: int | None = None,
         report_distance: bool = False,
+        observe: str = "room",
         **world_options: Any,
     ) -> None:
         if difficulty not in PRESETS:
@@ -80,12 +83,16 @@ class HouseholdEnv(TextEnv):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         unknown = set(world_options) - set(WorldConfig.__dataclass_fields__)
         if unknown:
-            known = ["seed", "difficulty", "max_turns", "num_train", "num_eval", "max_solution", "report_distance"]
+            known = ["seed", "difficulty", "max_turns", "num_train", "num_eval", "max_solution", "report_distance",
+                     "observe"]
             known += list(WorldConfig.__dataclass_fields__)
             raise TypeError(f"unknown household option(s) {sorted(unknown)}; known: {known}")
         for name, value in (("num_train", num_train), ("num_eval", num_eval)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if observe not in OBSERVE_MODES:
+            raise ValueError(f"household option observe must be one of {list(OBSERVE_MODES)}, got {observe!r}")
+        self.observe = observe
         self.max_solution = max_solution
         if not isinstance(max_solution, int) or max_solution < 1:
             raise ValueError(f"max_solution must be a positive int, got {max_solution!r}")
@@ -147,7 +154,9 @@ class HouseholdEnv(TextEnv):
         self._unlocked: set[int] = set()
         self._admissible = engine.admissible(self.world, self.state)
         task = self.world.task_text
-        observation = f"{engine.describe_room(self.world, self.state)} Task: {task}"
+        observation = self._observed(f"{engine.describe_room(self.world, self.state)} Task: {task}")
+        if self.observe == "map":
+            observation = f"{observation} {world_map(self.world)}"
         info = {"task_id": task_id, "expert_distance": self.expert_distance()}   # cached by generation: free
         return Reset(observation, task, tuple(self._admissible), info)
 
@@ -178,9 +187,16 @@ class HouseholdEnv(TextEnv):
         self.done = success or self.turns >= self.max_turns
         if self.done and not success:
             info["truncated"] = True
+        observation = self._observed(observation)
         if self.report_distance:   # a search per new off-path state: opt-in, it costs more than the step
             info["expert_distance"] = self.expert_distance()
         return StepResult(observation, score, self.done, success, tuple(self._admissible), info)
+
+    def _observed(self, text: str) -> str:
+        if self.observe != "full":
+            return text
+        s = self.state
+        return f"{text} {status(self.world, s.room, s.loc, s.opened, s.locked)}"
 
     def _partial_score(self) -> float:
         """Sub-goals, equally weighted: every locked door that every solution must open unlocked, every goal item
