@@ -34,8 +34,6 @@ from typing import Any
 
 import tomllib
 
-import gopd_fast.demo_env  # noqa: F401  registers "household-mapped" (the demo's env) for envs.make and the trainer
-
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -57,7 +55,7 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    asset: str = "household-mapped-teacher"     # gopd_fast/assets/<asset>: the committed checkpoint + tokenizer
+    asset: str = "household-full-teacher"     # gopd_fast/assets/<asset>: the committed checkpoint + tokenizer
     size: str = "teacher-tiny"
     num_hidden_layers: int = 0           # 0: the size's default depth; else override it
     vocab_size: int = 512
@@ -73,6 +71,7 @@ class TeacherSpec:
 @dataclass(frozen=True)
 class StudentSpec:
     size: str = "student-tiny"
+    num_hidden_layers: int = 0           # 0: the size's default depth; else override it
     base_episodes: int = 32              # expert episodes of the brief base SFT
     base_steps: int = 40
     batch_size: int = 16
@@ -101,8 +100,10 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    env: str = "household-mapped"
-    env_options: dict[str, Any] = field(default_factory=lambda: {"seed": 0})
+    env: str = "household"
+    # observe="full": the state the oracle plans on is in every observation, so a CPU-sized teacher can learn the
+    # oracle (gopd_fast/envs/household/observe.py); the compounding-error mechanisms are unchanged.
+    env_options: dict[str, Any] = field(default_factory=lambda: {"seed": 0, "observe": "full"})
     max_turns: int = 15
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
@@ -288,7 +289,8 @@ def build_student_base(cfg: DemoConfig, tokenizer: Any, out_dir: Path, log=print
         episodes = oracle_episodes(env, tasks, chat_format(tokenizer), noise=0.0)
     finally:
         env.close()
-    model = build_model(config_for_tokenizer(s.size, tokenizer), seed=s.seed)
+    depth = {"num_hidden_layers": s.num_hidden_layers} if s.num_hidden_layers else {}
+    model = build_model(config_for_tokenizer(s.size, tokenizer, **depth), seed=s.seed)
     losses = train_sft(model, episodes, SFTConfig(steps=s.base_steps, batch_size=s.batch_size, lr=s.lr,
                                                   seed=s.seed),
                        pad_id=int(tokenizer.pad_token_id), log=log, log_every=20)
@@ -413,7 +415,8 @@ def toml_value(value: Any) -> str:
 def trainer_overrides(cfg: DemoConfig, method: str, seed: int, student_dir: Path, teacher_dir: Path,
                       out_dir: Path) -> list[str]:
     d = cfg.distill
-    opts = [f"env.options.{k}={toml_value(v)}" for k, v in cfg.env_options.items() if k != "seed"]
+    # The demo's env options replace the trainer config's as a whole (env.seed is a field of its own).
+    opts = [f"env.options={toml_value({k: v for k, v in cfg.env_options.items() if k != 'seed'})}"]
     return [
         f"run.output_dir={json.dumps(str(out_dir))}", f"run.seed={seed}", f"run.total_steps={d.total_steps}",
         f"run.eval_every={d.eval_every}", "run.eval_at_end=true", "run.resume=false", "run.export_hf=true",
