@@ -155,7 +155,8 @@ def failure_mode(
             "kl_student_teacher": _mean([s["kl_student_teacher"] for s in sel]),
             "teacher_p_oracle_action": _mean([s["teacher_p_oracle_action"] for s in sel
                                               if not math.isnan(s["teacher_p_oracle_action"])]),
-            "off_path_fraction": _mean([float((s["off_path"] or 0) > 0) for s in sel]),
+            # NaN where the env has no oracle from arbitrary states (off_path unknown), never a fake 0
+            "off_path_fraction": _mean([float(s["off_path"] > 0) for s in sel if s["off_path"] is not None]),
         } for t in turns]
     by_distance = []
     for d in range(max_distance_bucket + 1):

@@ -156,8 +156,9 @@ def plot_failure_mode(diag: Mapping[str, object], out: str | Path) -> Path:
         axes[0].plot(turns, [r["teacher_maxprob"] for r in rows], marker="o", ms=3, color=color, label=label)
         axes[1].plot(turns, [r["kl_student_teacher"] for r in rows], marker="o", ms=3, color=color, label=label)
         off = [r["off_path_fraction"] for r in rows]
-        ax2 = axes[0]
-        ax2.plot(turns, off, ls=":", color=color, alpha=0.8, label=f"{source}: fraction of states off the expert path")
+        if any(math.isfinite(x) for x in off):   # unknown without an oracle from arbitrary states: no line
+            axes[0].plot(turns, off, ls=":", color=color, alpha=0.8,
+                         label=f"{source}: fraction of states off the expert path")
     axes[0].set_title("Teacher confidence by turn")
     axes[0].set_xlabel("turn index")
     axes[0].set_ylabel("teacher max-prob on action tokens  /  off-path fraction")

@@ -80,3 +80,29 @@ def test_failure_mode_aggregates_and_identical_models_have_zero_kl(setup):
         assert all(abs(r["kl_student_teacher"]) < 1e-5 for r in rows)
         assert all(0.0 <= r["teacher_p_oracle_action"] <= 1.0 for r in rows)
     assert sum(r["states"] for r in out["by_distance"]) == len(out["states"])
+
+
+class _WithoutDistance:
+    """The env minus ``expert_distance`` (as TextWorldExpress and ScienceWorld: no oracle from arbitrary states)."""
+
+    def __init__(self, env) -> None:
+        self._env = env
+
+    def __getattr__(self, name: str):
+        if name == "expert_distance":
+            raise AttributeError(name)
+        return getattr(self._env, name)
+
+
+def test_off_path_fraction_is_unknown_without_an_oracle_distance(setup):
+    env, tok, chat, _, teacher = setup
+    eps = oracle_episodes(env, env.tasks("eval")[:2], chat, noise=0.3, seed=4)
+
+    def encode(action: str) -> list[int]:
+        return list(tok(ACTION_FORMAT.format(action=action), add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
+
+    known = failure_mode(teacher, teacher, env, {"student": eps}, encode)
+    assert all(0.0 <= r["off_path_fraction"] <= 1.0 for r in known["by_turn"]["student"])
+    unknown = failure_mode(teacher, teacher, _WithoutDistance(env), {"student": eps}, encode)
+    assert all(math.isnan(r["off_path_fraction"]) for r in unknown["by_turn"]["student"])   # not a fake 0.0
+    assert sum(r["states"] for r in unknown["by_distance"]) == 0
