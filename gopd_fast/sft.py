@@ -88,7 +88,7 @@ def oracle_episodes(
     out: list[Episode] = []
     for task_id in tasks:
         first = env.reset(task_id)
-        history = History(chat.initial_prompt(first.observation))
+        history = History(chat.initial_prompt(first.prompt))
         actions: list[str] = []
         admissible = first.admissible_actions
         score, success = 0.0, False

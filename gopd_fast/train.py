@@ -87,7 +87,7 @@ def expert_episode(env: Any, task_id: str, chat_format: Any, eos_token_id: int) 
     from gopd_fast.rollout.history import History
 
     first = env.reset(task_id)
-    history = History(chat_format.initial_prompt(first.observation))
+    history = History(chat_format.initial_prompt(first.prompt))
     actions: list[str] = []
     score, success, done = 0.0, False, False
     while not done:

@@ -30,6 +30,15 @@ class Reset:
     admissible_actions: tuple[str, ...] | None = None   # valid actions now, where the env knows them
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def prompt(self) -> str:
+        """The agent's first message: the observation, preceded by the task unless the observation states it
+        (ScienceWorld's and TextWorldExpress's first observations do not; household's and ALFWorld's do)."""
+        task = self.task.strip()
+        if not task or task in self.observation:
+            return self.observation
+        return f"Task: {task}\n{self.observation}"
+
 
 @dataclass(frozen=True)
 class StepResult:

@@ -185,7 +185,7 @@ class _Rollout:
                     retry.append(st)
                 continue
             st.replayed = int(first.info.get("env_failures", 0))
-            st.history = History(self.chat.initial_prompt(first.observation))
+            st.history = History(self.chat.initial_prompt(first.prompt))
             st.actions, st.parsed, st.finish_reasons = [], [], []
             started.append(st)
         self.counters.env_wait_seconds += time.perf_counter() - t0

@@ -88,3 +88,19 @@ def test_envs_import_without_torch():
     code = ("import sys, gopd_fast.envs, gopd_fast.envs.household, gopd_fast.envs.pool, gopd_fast.envs.evaluate; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_reset_prompt_states_the_task_once():
+    # ScienceWorld / TextWorldExpress: the first observation is a room view without the task
+    assert Reset("You are in the kitchen.", "Boil water.").prompt == "Task: Boil water.\nYou are in the kitchen."
+    # household / ALFWorld: the observation already states it, so the prompt is the observation, unchanged
+    assert Reset("You are in the hall. Task: Put the mug in the sink.", "Put the mug in the sink.").prompt == (
+        "You are in the hall. Task: Put the mug in the sink.")
+    assert Reset("obs", "  ").prompt == "obs"
+
+
+def test_household_prompt_is_its_observation():
+    env = envs.make("household", seed=0)
+    for task in env.tasks("eval")[:5]:
+        first = env.reset(task)
+        assert first.prompt == first.observation
