@@ -60,7 +60,7 @@ class TeacherSpec:
     num_hidden_layers: int = 0           # 0: the size's default depth; else override it
     vocab_size: int = 512
     tokenizer_tasks: int = 400           # train tasks whose (noisy) oracle text trains the tokenizer
-    sft_episodes: int = 1000             # oracle episodes the teacher is trained on
+    sft_episodes: int = 1000             # oracle episodes the teacher is trained on (at most the train split)
     noise: float = 0.1                   # fraction of random (non-expert) turns in its data: it sees some recovery
     sft_steps: int = 250
     batch_size: int = 16
