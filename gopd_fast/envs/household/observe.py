@@ -58,10 +58,11 @@ def status(world: World, room: int, loc: list[int] | tuple[int, ...], opened: li
            locked: list[bool] | tuple[bool, ...]) -> str:
     """E.g. "Status: goal mug in fridge; at bedroom, exits office; carrying blue key; mug on bed (garage); closed
     fridge (bedroom); locked garage blue door (office); route pantry via office." Everything the oracle plans on,
-    kept short (it is in every observation): the goals, the room and its exits, what is carried, where each goal item and each key of a still-locked door is, the
-    closed containers, the locked doors, and the first exit towards every room that is not a neighbour.
-    Distractors are left out (the room views show them); they only matter when the hands are full."""
-    goals = {i: c for i, c in world.goals}
+    kept short (it is in every observation): the goals, the room and its exits, what is carried, where each goal
+    item and each key of a still-locked door is, the closed containers, the locked doors, and the first exit towards
+    every room that is not a neighbour. Distractors are left out (the room views show them); they only matter when
+    the hands are full."""
+    goal_items = {i for i, _ in world.goals}
     parts = ["goal " + " and ".join(f"{world.items[i]} in {world.containers[c]}" for i, c in world.goals)]
     # Where the agent is and its exits, again: after a refused action ("Nothing happens.") the observation has no
     # room view, and a small model should not have to look turns back for it.
@@ -72,7 +73,7 @@ def status(world: World, room: int, loc: list[int] | tuple[int, ...], opened: li
     carried = [world.items[i] for i, where in enumerate(loc) if where == HAND]
     parts.append("carrying " + " and ".join(carried) if carried else "carrying nothing")
     for i, where in enumerate(loc):
-        needed = i in goals or (world.key_door[i] >= 0 and locked[world.key_door[i]])
+        needed = i in goal_items or (world.key_door[i] >= 0 and locked[world.key_door[i]])
         if needed and where >= 0:
             parts.append(f"{world.items[i]} {_place(world, where)}")
     for c in range(len(world.containers)):
