@@ -244,11 +244,19 @@ def chat_format(tokenizer: Any):
     return ChatFormat(tokenizer)   # the trainer's format: Qwen3-style, thinking off, no system prompt
 
 
+def _new_model(size: str, num_hidden_layers: int, tokenizer: Any, seed: int):
+    """A fresh Qwen3 of a named size for ``tokenizer``; ``num_hidden_layers`` > 0 overrides the size's depth."""
+    from gopd_fast.models import build_model, config_for_tokenizer
+
+    depth = {"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}
+    return build_model(config_for_tokenizer(size, tokenizer, **depth), seed=seed)
+
+
 def build_teacher(cfg: DemoConfig, out_dir: Path, log=print) -> dict[str, Any]:
     """Tokenizer on the env's text + teacher SFT on (noisy) oracle episodes; saved with save_pretrained."""
     import torch
 
-    from gopd_fast.models import build_model, config_for_tokenizer, save_model, train_tokenizer
+    from gopd_fast.models import save_model, train_tokenizer
     from gopd_fast.rollout.episode import Role
     from gopd_fast.sft import SFTConfig, oracle_episodes, train_sft
 
@@ -261,8 +269,7 @@ def build_teacher(cfg: DemoConfig, out_dir: Path, log=print) -> dict[str, Any]:
                                    noise=t.noise, seed=t.seed)
     finally:
         env.close()
-    depth = {"num_hidden_layers": t.num_hidden_layers} if t.num_hidden_layers else {}
-    model = build_model(config_for_tokenizer(t.size, tokenizer, **depth), seed=t.seed)
+    model = _new_model(t.size, t.num_hidden_layers, tokenizer, t.seed)
     losses = train_sft(model, episodes, SFTConfig(steps=t.sft_steps, batch_size=t.batch_size, lr=t.lr,
                                                   seed=t.seed),
                        pad_id=int(tokenizer.pad_token_id), train_roles=(Role.TEACHER,), log=log, log_every=50)
@@ -278,7 +285,7 @@ def build_teacher(cfg: DemoConfig, out_dir: Path, log=print) -> dict[str, Any]:
 
 def build_student_base(cfg: DemoConfig, tokenizer: Any, out_dir: Path, log=print) -> dict[str, Any]:
     """A fresh smaller Qwen3 briefly SFT-ed on a few pure expert episodes (weak, but it knows the format)."""
-    from gopd_fast.models import build_model, config_for_tokenizer, save_model
+    from gopd_fast.models import save_model
     from gopd_fast.sft import SFTConfig, oracle_episodes, train_sft
 
     s = cfg.student
@@ -289,8 +296,7 @@ def build_student_base(cfg: DemoConfig, tokenizer: Any, out_dir: Path, log=print
         episodes = oracle_episodes(env, tasks, chat_format(tokenizer), noise=0.0)
     finally:
         env.close()
-    depth = {"num_hidden_layers": s.num_hidden_layers} if s.num_hidden_layers else {}
-    model = build_model(config_for_tokenizer(s.size, tokenizer, **depth), seed=s.seed)
+    model = _new_model(s.size, s.num_hidden_layers, tokenizer, s.seed)
     losses = train_sft(model, episodes, SFTConfig(steps=s.base_steps, batch_size=s.batch_size, lr=s.lr,
                                                   seed=s.seed),
                        pad_id=int(tokenizer.pad_token_id), log=log, log_every=20)

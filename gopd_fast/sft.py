@@ -67,6 +67,7 @@ def oracle_episodes(
     noise: float = 0.0,
     seed: int = 0,
     action_format: str = ACTION_FORMAT,
+    eos_token_id: int | None = None,
 ) -> list[Episode]:
     """Roll the environment's oracle over ``tasks`` and render each episode token-exactly through ``chat``.
 
@@ -76,14 +77,15 @@ def oracle_episodes(
     ``noise``: probability that a turn takes a random admissible non-expert action instead (DAgger-style data:
     the later expert turns then label the *recovery* from an off-path state). Noise turns are recorded with
     ``Role.STUDENT`` so ``train_sft(..., train_roles=(Role.TEACHER,))`` never imitates them. ``noise=0`` gives
-    pure expert-path demonstrations (a teacher that has never seen a mistake).
+    pure expert-path demonstrations (a teacher that has never seen a mistake). ``eos_token_id`` ends each turn
+    (default: the tokenizer's eos).
     """
     if not 0.0 <= noise < 1.0:
         raise ValueError(f"noise must be in [0, 1), got {noise!r}")
     if env.expert_action.__func__ is TextEnv.expert_action:  # type: ignore[attr-defined]
         raise ValueError(f"environment {env.name!r} has no oracle (expert_action)")
     tok = chat.tokenizer
-    eos = [int(tok.eos_token_id)]
+    eos = [int(tok.eos_token_id if eos_token_id is None else eos_token_id)]
     rng = random.Random(seed)
     out: list[Episode] = []
     for task_id in tasks:

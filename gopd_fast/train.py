@@ -84,26 +84,9 @@ class EpisodeSource(Protocol):
 def expert_episode(env: Any, task_id: str, chat_format: Any, eos_token_id: int) -> Episode:
     """One episode in which the environment's oracle writes every turn as ``Action: <action>`` + end-of-turn,
     built with the rollout's append-only history (token-exact, the same layout as a model rollout)."""
-    from gopd_fast.rollout.history import History
+    from gopd_fast.sft import oracle_episodes
 
-    first = env.reset(task_id)
-    history = History(chat_format.initial_prompt(first.prompt))
-    actions: list[str] = []
-    score, success, done = 0.0, False, False
-    while not done:
-        action = env.expert_action()
-        if action is None:
-            break
-        response = chat_format._encode(f"Action: {action}") + [eos_token_id]
-        history.add_response(response, [0.0] * len(response), Role.TEACHER)
-        result = env.step(action)
-        actions.append(action)
-        score, success, done = result.score, result.success, result.done
-        if not done:
-            history.add_observation(chat_format.piece_after(response, result.observation))
-    return Episode(task_id=task_id, token_ids=history.token_ids, roles=history.roles, logprobs=history.logprobs,
-                   turn_spans=history.turn_spans, turn_roles=history.turn_roles, actions=actions, score=score,
-                   success=success, rounds=len(actions), beta=1.0)
+    return oracle_episodes(env, [task_id], chat_format, eos_token_id=eos_token_id)[0]
 
 
 class ExpertSource:

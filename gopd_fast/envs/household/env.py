@@ -56,8 +56,9 @@ class HouseholdEnv(TextEnv):
     ``max_solution`` (worlds whose oracle solution is longer are regenerated; default 15, "hard": 24, so the default
     turn limit leaves slack), ``report_distance`` (put ``expert_distance`` in every step's info; the reset's info
     always has it), ``observe`` ("room": the current room only, the default; "map": plus a map of the world in the
-    first observation; "full": plus the complete state in every observation; see ``household/observe.py``). The worlds depend on the seed, the difficulty and the world options only, never on
-    max_turns, so one task can be run at any turn limit.
+    first observation; "full": plus the complete state in every observation; see ``household/observe.py``). The
+    worlds depend on the seed, the difficulty and the world options only, never on max_turns, so one task can be
+    run at any turn limit.
     """
 
     name = "household"
