@@ -2,9 +2,10 @@
 
     python bench/kernels_accuracy.py                      # CPU: Triton interpreter, fp32 and fp16, tiny shapes
     python bench/kernels_accuracy.py --dtypes bfloat16 --n 2048 --vocab 32768 --ds 1024 --dt 2048   # on a GPU
+    python bench/kernels_accuracy.py --buffer-bytes 4096  # small backward buffers: many token/vocabulary blocks
 
-Prints a markdown table of max |error| / max |reference| per quantity, for both objectives and both backward
-schedules. TRITON_INTERPRET is set automatically when there is no CUDA device.
+Prints a markdown table of max |error| / max |reference| per quantity, for both objectives and every backward
+schedule. TRITON_INTERPRET is set automatically when there is no CUDA device.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 if not torch.cuda.is_available():  # before the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from gopd_fast.kernels import tiling
+from gopd_fast.kernels.backward import SCHEDULES, one_pass_chunks
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 
 
@@ -40,7 +43,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def measure(dtype, n, vocab, ds, dt, jsd_beta, deterministic, device, temperature=0.9, seed=0):
+def measure(dtype, n, vocab, ds, dt, jsd_beta, schedule, device, temperature=0.9, seed=0):
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
@@ -53,7 +56,7 @@ def measure(dtype, n, vocab, ds, dt, jsd_beta, deterministic, device, temperatur
     leaves = [t.clone().requires_grad_() for t in (hs, ws, bs)]
     loss, stats = fused_linear_kl_triton(
         leaves[0], leaves[1], ht, wt, leaves[2], bt, rw, fw, jsd_beta=jsd_beta, temperature=temperature,
-        target_ids=None, grad_scale=None, return_stats=True, deterministic=deterministic)
+        target_ids=None, grad_scale=None, return_stats=True, schedule=schedule)
     (loss * upstream).sum().backward()
     ref_leaves = [t.double().requires_grad_() for t in (hs, ws, bs)]
     ref_loss, ref_stats = reference(ref_leaves[0], ref_leaves[1], ref_leaves[2], ht, wt, bt, rw, fw, jsd_beta,
@@ -72,21 +75,26 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=203)
     parser.add_argument("--ds", type=int, default=48)
     parser.add_argument("--dt", type=int, default=40)
+    parser.add_argument("--buffer-bytes", type=int, default=tiling.BACKWARD_BUFFER_BYTES,
+                        help="tiling.BACKWARD_BUFFER_BYTES: the deterministic schedules' buffer budget")
     args = parser.parse_args()
+    tiling.BACKWARD_BUFFER_BYTES = args.buffer_bytes
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     columns = None
     for dtype_name in args.dtypes.split(","):
         for objective, beta in (("kl", None), ("jsd0.3", 0.3)):
-            for deterministic in (False, True):
-                errors = measure(getattr(torch, dtype_name), args.n, args.vocab, args.ds, args.dt, beta,
-                                 deterministic, device)
+            for schedule in SCHEDULES:
+                dtype = getattr(torch, dtype_name)
+                errors = measure(dtype, args.n, args.vocab, args.ds, args.dt, beta, schedule, device)
                 if columns is None:
                     columns = list(errors)
-                    print(f"N={args.n} V={args.vocab} Ds={args.ds} Dt={args.dt} on {device}; "
-                          "max |err| / max |float64 reference|\n")
+                    rows, width = one_pass_chunks(args.n, args.vocab, args.ds, dtype.itemsize, True,
+                                                  dtype.itemsize)
+                    print(f"N={args.n} V={args.vocab} Ds={args.ds} Dt={args.dt} on {device}, backward buffers "
+                          f"{args.buffer_bytes} B (one_pass blocks of {rows} tokens x {width} columns at the first "
+                          "dtype); max |err| / max |float64 reference|\n")
                     print("| dtype | objective | backward | " + " | ".join(columns) + " |")
                     print("|---" * (3 + len(columns)) + "|")
-                schedule = "deterministic" if deterministic else "atomic"
                 print(f"| {dtype_name} | {objective} | {schedule} | "
                       + " | ".join(f"{errors[c]:.1e}" for c in columns) + " |")
 

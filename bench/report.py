@@ -14,7 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-IMPL_ORDER = ["triton", "triton_atomic", "chunked", "torch", "torch_compile", "liger_jsd", "liger_jsd_loss", "cce"]
+IMPL_ORDER = ["triton", "triton_two_pass", "triton_atomic", "chunked", "torch", "torch_compile", "liger_jsd",
+              "liger_jsd_loss", "cce"]
 CASE_KEYS = ("N", "Ds", "Dt", "V", "objective")
 
 

@@ -1,7 +1,9 @@
 """Forward + backward of the fused linear KL: gopd-fast's Triton kernels vs the tools people use.
 
 Implementations (all bf16 inputs, student hidden and weight get gradients, mean over tokens):
-    triton, triton_atomic gopd_fast.fused_linear_kl(backend="triton"), deterministic (default) / atomic backward
+    triton                gopd_fast.fused_linear_kl(backend="triton"), default (one_pass) backward
+    triton_two_pass,      the same with GOPD_BACKWARD=two_pass / atomic (kernels/backward.py's other schedules)
+      triton_atomic
     chunked               gopd_fast.fused_linear_kl(backend="chunked")
     torch, torch_compile  the KL a user writes in plain torch (bf16 matmul -> fp32 logits -> log_softmax), eager
                           and torch.compile(dynamic=True)
@@ -36,8 +38,9 @@ import gopd_fast
 VOCAB = 151936
 GPU_SHAPES = [(n, ds, dt) for n in (1024, 4096, 16384) for ds in (1024, 4096) for dt in (2048, 4096)]
 CPU_SHAPE = (32, 48, 40, 500)  # N, Ds, Dt, V: tiny, for CI only
-IMPLS = ["triton", "triton_atomic", "chunked", "torch", "torch_compile", "liger_jsd", "liger_jsd_loss", "cce"]
-CPU_IMPLS = {"triton", "triton_atomic", "chunked", "torch"}
+TRITON_SCHEDULES = {"triton": "one_pass", "triton_two_pass": "two_pass", "triton_atomic": "atomic"}
+IMPLS = [*TRITON_SCHEDULES, "chunked", "torch", "torch_compile", "liger_jsd", "liger_jsd_loss", "cce"]
+CPU_IMPLS = {*TRITON_SCHEDULES, "chunked", "torch"}
 TEMPERATURE = 1.0
 ROUNDS = int(os.environ.get("GOPD_BENCH_ROUNDS", "5"))
 
@@ -70,9 +73,9 @@ def make_loss_fn(impl: str, objective: str, n: int, device: torch.device, monkey
     beta = 1.0 if objective == "reverse" else 0.0
     if impl.startswith("triton") and not INTERPRETER_USABLE:
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file in its own pytest process")
-    if impl in ("triton", "triton_atomic", "chunked"):
+    if impl in TRITON_SCHEDULES or impl == "chunked":
         backend = "chunked" if impl == "chunked" else "triton"
-        monkeypatch.setenv("GOPD_DETERMINISTIC", "0" if impl == "triton_atomic" else "1")
+        monkeypatch.setenv("GOPD_BACKWARD", TRITON_SCHEDULES.get(impl, "one_pass"))
 
         def fn(hs, ws, ht, wt, targets):
             return gopd_fast.fused_linear_kl(hs, ws, ht, wt, reverse_weight=rw, forward_weight=fw,

@@ -1,24 +1,30 @@
 """Backward kernels: recompute logit tiles, form dL/dz per tile, accumulate the student's hidden/weight/bias grads.
 
-Two schedules with the same math (``logit_tiles.grad_logit_tile``):
+Three schedules with the same math (``logit_tiles.grad_logit_tile``), chosen by ``schedule`` (``SCHEDULES``):
 
-* ``atomic`` (Cut Cross-Entropy style, ``deterministic=False``): grid over (token tile x vocabulary tile). Each program recomputes
-  its student and teacher logit tiles once, forms dz, and adds dz @ W_s[tile] into grad_h and dz^T @ h_s[tile]
-  into grad_W with fp32 atomics (``tl.atomic_add``). Programs are grouped GROUP_N token tiles at a time so that the
-  weight tiles they share stay in L2. Summation order varies run to run, so results vary in the last bits.
-* ``deterministic`` (the default): no atomics and no fp32 gradient accumulators. Two passes, each writing every gradient
-  element once from a complete reduction done by one GEMM: pass 1 walks token chunks, a kernel writes dz for the
-  chunk x all V (16-bit operand dtype) and grad_h[chunk] = dz @ W_s; pass 2 walks vocabulary chunks, a kernel
-  writes dz for all N x the chunk (fp32, for the bias sum) and grad_W[chunk] = dz^T @ h_s, grad_b[chunk] =
-  sum_i dz. Each dz buffer stays within ``tiling.DETERMINISTIC_CHUNK_BYTES`` (80 MiB), so the extra memory is
-  below 1% of the N x V fp32 logits at the benchmark's large shapes, at the price of recomputing the logit tiles
-  twice. Same-shape GEMMs are deterministic, so repeated runs agree bit for bit.
+* ``one_pass`` (the default): deterministic, one recompute. Token blocks x vocabulary blocks; for each block a
+  kernel writes dz [rows, columns] (fp32 logits and softmax, dz stored in the 16-bit operand dtype), and two cuBLAS
+  GEMMs consume it: grad_h[rows] += dz @ W_s[columns] into an fp32 accumulator, and grad_W[columns] += dz^T @ h_s[rows]
+  in grad_W's own dtype. Memory: the accumulator and the dz block share ``tiling.BACKWARD_BUFFER_BYTES``
+  (80 MiB). Cost: 1.5x the useful FLOPs at Ds = Dt (logits once in the forward, once here), plus the accumulators'
+  read-modify-write traffic. A 16-bit grad_W is rounded once per token block (ceil(N / rows) times, e.g. 7 at
+  N=16384, Ds=4096, against once in ``two_pass``).
+* ``two_pass``: deterministic, every gradient element written once from a complete reduction done by one GEMM:
+  pass 1 walks token chunks, a kernel writes dz for the chunk x all V and grad_h[chunk] = dz @ W_s; pass 2 walks
+  vocabulary chunks, a kernel writes dz for all N x the chunk (fp32 when the bias needs sums) and grad_W[chunk] =
+  dz^T @ h_s, grad_b[chunk] = sum_i dz. Each dz buffer stays within the same 80 MiB, at the price of recomputing
+  the logit tiles twice (2.0x the useful FLOPs).
+* ``atomic`` (Cut Cross-Entropy style): grid over (token tile x vocabulary tile). Each program recomputes its
+  student and teacher logit tiles once, forms dz, and adds dz @ W_s[tile] into grad_h and dz^T @ h_s[tile] into
+  grad_W with fp32 atomics (``tl.atomic_add``), GROUP_N token tiles at a time so that shared weight tiles stay in
+  L2. Same 1.5x FLOPs as ``one_pass``, but fp32 buffers for the whole of grad_h [N, Ds] and grad_W [V, Ds]
+  ((N + V) x Ds x 4 bytes: 2.6 GiB, 28% of the fp32 logits at N=16384, Ds=4096, V=151936), V/BLOCK_V resp.
+  N/BLOCK_N atomic adds per element, and results that vary in the last bits from run to run.
 
-The atomic schedule recomputes the logits once (1.5x the useful FLOPs at Ds = Dt, against 2x) but accumulates
-grad_h [N, Ds] and grad_W [V, Ds] in fp32 buffers: (N + V) x Ds x 4 bytes extra (2.6 GiB, 28% of the fp32 logits
-at N=16384, Ds=4096, V=151936), and each element of them takes V/BLOCK_V resp. N/BLOCK_N fp32 atomic adds (about
-640 GB of L2 atomic traffic at that shape). The deterministic schedule is therefore the default; which one is
-faster on a given GPU is for bench/test_bench_fused_linear_kl.py (``triton`` vs ``triton_atomic``) to say.
+When only one side of the gradients is wanted (a frozen lm_head: grad_h only), ``one_pass`` and ``two_pass`` are
+the same single pass. Same-shape GEMMs are deterministic, so both deterministic schedules repeat bit for bit.
+Which schedule is fastest on a given GPU is for bench/test_bench_fused_linear_kl.py (``triton``,
+``triton_two_pass``, ``triton_atomic``) to say; the default follows the FLOP and memory arithmetic until then.
 
 dz is rounded to the input dtype only as an operand of the gradient matmuls (as in every bf16 backward); the
 logits and dz themselves are fp32. Tiles whose gradient is negligible are not skipped (CCE's filter): for a KL the
@@ -26,6 +32,7 @@ teacher mass makes such tiles rarer than for cross-entropy, and skipping is not 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -145,6 +152,9 @@ _backward_atomic = autotuned(_backward_atomic_kernel, BACKWARD_CONFIGS,
 _grad_logits = autotuned(_grad_logits_kernel, BACKWARD_CONFIGS)
 
 
+SCHEDULES = ("one_pass", "two_pass", "atomic")
+
+
 def kl_backward(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -163,13 +173,16 @@ def kl_backward(
     need_grad_h: bool,
     need_grad_w: bool,
     need_grad_b: bool,
-    deterministic: bool,
+    schedule: str,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum_i loss_i w.r.t. (student_hidden, student_weight, student_bias), each in its input dtype.
 
     Per-token coefficients (fp32 [N]) carry the weights, incoming gradient and 1/temperature; see
     ``logit_tiles.grad_logit_tile`` for the formula. ``jsd_beta`` strictly inside (0, 1) selects the JSD form.
+    ``schedule`` is one of ``SCHEDULES`` (see the module docstring).
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     is_jsd = jsd_beta is not None and 0.0 < jsd_beta < 1.0
     log_beta = math.log(jsd_beta) if is_jsd else 0.0
     log_one_minus_beta = math.log1p(-jsd_beta) if is_jsd else 0.0
@@ -187,27 +200,38 @@ def kl_backward(
         "PREC_S": dot_precision(student_hidden.dtype), "PREC_T": dot_precision(teacher_hidden.dtype),
     }
     scalars = (1.0 / temperature, log_beta, log_one_minus_beta)
-    if deterministic:
-        grad_h, grad_w, grad_b = _backward_deterministic(
+    if schedule == "atomic":
+        grad_h, grad_w, grad_b = _backward_atomic_schedule(
             tensors, strides, flags, scalars, n_tokens, vocab, ds, dt, need_grad_h, need_grad_w, need_grad_b)
     else:
-        grad_h = torch.zeros((n_tokens, ds), dtype=torch.float32, device=student_hidden.device) if need_grad_h else dummy
-        grad_w = torch.zeros((vocab, ds), dtype=torch.float32, device=student_hidden.device) if need_grad_w else dummy
-        grad_b = torch.zeros((vocab,), dtype=torch.float32, device=student_hidden.device) if need_grad_b else dummy
-
-        def grid(cfg):
-            return (triton.cdiv(n_tokens, cfg["BLOCK_N"]) * triton.cdiv(vocab, cfg["BLOCK_V"]),)
-
-        _backward_atomic[grid](
-            *tensors, grad_h, grad_w, grad_b, n_tokens, vocab, ds, dt, *scalars, *strides,
-            NEED_GRAD_H=need_grad_h, NEED_GRAD_W=need_grad_w, NEED_GRAD_B=need_grad_b, GROUP=GROUP_N,
-            **flags, **launch_meta(),
-        )
+        grad_h, grad_w, grad_b = _backward_gemm_schedule(
+            schedule, tensors, strides, flags, scalars, n_tokens, vocab, ds, dt, need_grad_h, need_grad_w,
+            need_grad_b)
     return (
         grad_h.to(student_hidden.dtype) if need_grad_h else None,
         grad_w.to(student_weight.dtype) if need_grad_w else None,
         grad_b.to(student_bias.dtype) if need_grad_b else None,
     )
+
+
+def _backward_atomic_schedule(tensors, strides, flags, scalars, n_tokens, vocab, ds, dt,
+                              need_grad_h, need_grad_w, need_grad_b):
+    student_hidden = tensors[0]
+    dummy = student_hidden.new_empty(1, dtype=torch.float32)
+    device = student_hidden.device
+    grad_h = torch.zeros((n_tokens, ds), dtype=torch.float32, device=device) if need_grad_h else dummy
+    grad_w = torch.zeros((vocab, ds), dtype=torch.float32, device=device) if need_grad_w else dummy
+    grad_b = torch.zeros((vocab,), dtype=torch.float32, device=device) if need_grad_b else dummy
+
+    def grid(cfg):
+        return (triton.cdiv(n_tokens, cfg["BLOCK_N"]) * triton.cdiv(vocab, cfg["BLOCK_V"]),)
+
+    _backward_atomic[grid](
+        *tensors, grad_h, grad_w, grad_b, n_tokens, vocab, ds, dt, *scalars, *strides,
+        NEED_GRAD_H=need_grad_h, NEED_GRAD_W=need_grad_w, NEED_GRAD_B=need_grad_b, GROUP=GROUP_N,
+        **flags, **launch_meta(),
+    )
+    return grad_h, grad_w, grad_b
 
 
 def _chunk(budget_bytes: int, bytes_per_unit: int, align: int, limit: int) -> int:
@@ -216,26 +240,53 @@ def _chunk(budget_bytes: int, bytes_per_unit: int, align: int, limit: int) -> in
     return min(max(align, units // align * align), limit)
 
 
-def deterministic_chunks(n_tokens: int, vocab: int, operand_bytes: int, fp32_columns: bool) -> tuple[int, int]:
-    """(tokens per pass-1 chunk, vocabulary columns per pass-2 chunk) within ``tiling.DETERMINISTIC_CHUNK_BYTES``.
+def _alignments() -> tuple[int, int]:
+    """(token, vocabulary) alignment of the chunks: whole tiles of every configuration the autotuner may pick."""
+    config = tiling.INTERPRETER_CONFIG if tiling.interpreting() else None
+    align_n = config.block_n if config else max(c.block_n for c in tiling.BACKWARD_CONFIGS)
+    align_v = config.block_v if config else tiling.SPLIT_ALIGN
+    return align_n, align_v
+
+
+def _dz_column_bytes(operand_bytes: int, fp32_dz: bool) -> int:
+    """Bytes per dz element: the operand dtype, or fp32 plus an operand-dtype copy when the bias needs fp32 sums."""
+    return (4 + (0 if operand_bytes == 4 else operand_bytes)) if fp32_dz else operand_bytes
+
+
+def two_pass_chunks(n_tokens: int, vocab: int, operand_bytes: int, fp32_columns: bool) -> tuple[int, int]:
+    """(tokens per pass-1 chunk, vocabulary columns per pass-2 chunk) of the two-pass schedule, each dz buffer
+    within ``tiling.BACKWARD_BUFFER_BYTES``.
 
     Pass 1 holds dz [rows, V] in the operand dtype; pass 2 holds dz [N, columns] in the operand dtype, or in fp32
     plus an operand-dtype copy when the bias gradient needs an fp32 column sum (``fp32_columns``).
     """
-    config = tiling.INTERPRETER_CONFIG if tiling.interpreting() else None
-    align_n = config.block_n if config else max(c.block_n for c in tiling.BACKWARD_CONFIGS)
-    align_v = config.block_v if config else tiling.SPLIT_ALIGN
-    budget = tiling.DETERMINISTIC_CHUNK_BYTES
+    align_n, align_v = _alignments()
+    budget = tiling.BACKWARD_BUFFER_BYTES
     rows = _chunk(budget, vocab * operand_bytes, align_n, n_tokens)
-    column_bytes = (4 + (0 if operand_bytes == 4 else operand_bytes)) if fp32_columns else operand_bytes
-    columns = _chunk(budget, n_tokens * column_bytes, align_v, vocab)
+    columns = _chunk(budget, n_tokens * _dz_column_bytes(operand_bytes, fp32_columns), align_v, vocab)
     return rows, columns
 
 
-def _backward_deterministic(tensors, strides, flags, scalars, n_tokens, vocab, ds, dt,
+def one_pass_chunks(n_tokens: int, vocab: int, ds: int, operand_bytes: int, fp32_dz: bool,
+                    partial_bytes: int) -> tuple[int, int]:
+    """(tokens, vocabulary columns) per block of the one-pass schedule within ``tiling.BACKWARD_BUFFER_BYTES``.
+
+    Half the budget goes to the token block's fp32 grad_h accumulator ([rows, Ds], plus ``partial_bytes`` per
+    element for a 16-bit partial product where the GEMM cannot accumulate into fp32 itself), the rest to its dz
+    block [rows, columns]. Fewer, taller token blocks mean fewer roundings of a 16-bit grad_W (one per block).
+    """
+    align_n, align_v = _alignments()
+    budget = tiling.BACKWARD_BUFFER_BYTES
+    accumulator_row_bytes = ds * (4 + partial_bytes)
+    rows = _chunk(budget // 2, accumulator_row_bytes, align_n, n_tokens)
+    left = max(budget - rows * accumulator_row_bytes, 0)
+    columns = _chunk(left, rows * _dz_column_bytes(operand_bytes, fp32_dz), align_v, vocab)
+    return rows, columns
+
+
+def _backward_gemm_schedule(schedule, tensors, strides, flags, scalars, n_tokens, vocab, ds, dt,
                             need_grad_h, need_grad_w, need_grad_b):
-    student_hidden = tensors[0]
-    rows, columns = deterministic_chunks(n_tokens, vocab, student_hidden.element_size(), fp32_columns=need_grad_b)
+    """The two deterministic schedules: a kernel writes dz blocks, cuBLAS GEMMs turn them into gradients."""
 
     def grad_logits(dz, n_lo, height, v_lo, width):
         def grid(cfg):
@@ -244,12 +295,91 @@ def _backward_deterministic(tensors, strides, flags, scalars, n_tokens, vocab, d
         _grad_logits[grid](*tensors, dz, n_tokens, vocab, ds, dt, n_lo, height, v_lo, width, *scalars, *strides,
                            **flags, **launch_meta())
 
+    need_weight_side = need_grad_w or need_grad_b
+    if schedule == "one_pass" and need_grad_h and need_weight_side:
+        return _one_pass(tensors, grad_logits, n_tokens, vocab, ds, need_grad_w, need_grad_b)
+    # two_pass, or only one side of the gradients wanted (then either schedule is a single pass).
+    student_hidden = tensors[0]
+    rows, columns = two_pass_chunks(n_tokens, vocab, student_hidden.element_size(), fp32_columns=need_grad_b)
     grad_h = _grad_hidden_pass(tensors, grad_logits, n_tokens, vocab, ds, rows) if need_grad_h else None
     grad_w, grad_b = None, None
-    if need_grad_w or need_grad_b:
+    if need_weight_side:
         grad_w, grad_b = _grad_weight_pass(tensors, grad_logits, n_tokens, vocab, ds, columns, need_grad_w,
                                            need_grad_b)
     return grad_h, grad_w, grad_b
+
+
+def _one_pass(tensors, grad_logits, n_tokens, vocab, ds, need_grad_w, need_grad_b):
+    """Token blocks x vocabulary blocks; each logit tile is recomputed once and feeds both gradient GEMMs.
+
+    grad_h[block] is summed over the vocabulary blocks in an fp32 accumulator and rounded once. grad_W[columns] and
+    grad_b[columns] are summed over the token blocks in their own dtype (exact for fp32; one rounding per token block
+    for a 16-bit weight: ``one_pass_chunks`` keeps the blocks tall, e.g. 7 blocks at N=16384, Ds=4096).
+    """
+    student_hidden, student_weight = tensors[0], tensors[1]
+    op_dtype, device = student_hidden.dtype, student_hidden.device
+    fused = fp32_accumulating_mm(device)
+    partial_bytes = 0 if fused or op_dtype == torch.float32 else student_hidden.element_size()
+    rows, columns = one_pass_chunks(n_tokens, vocab, ds, student_hidden.element_size(), need_grad_b, partial_bytes)
+
+    grad_h = new_output((n_tokens, ds), op_dtype, device)
+    in_place = op_dtype == torch.float32  # fp32 hidden states: accumulate straight into the gradient
+    accumulator = grad_h if in_place else new_output((rows, ds), torch.float32, device)
+    grad_w = new_output((vocab, ds), student_weight.dtype, device) if need_grad_w else None
+    grad_b = new_output((vocab,), torch.float32, device) if need_grad_b else None
+    dz_buffer = new_output((rows * columns,), torch.float32 if need_grad_b else op_dtype, device)
+    for n_lo in range(0, n_tokens, rows):
+        height = min(rows, n_tokens - n_lo)
+        hidden = student_hidden[n_lo: n_lo + height]
+        acc = accumulator[n_lo: n_lo + height] if in_place else accumulator[:height]
+        for v_lo in range(0, vocab, columns):
+            width = min(columns, vocab - v_lo)
+            dz = dz_buffer[: height * width].view(height, width)
+            grad_logits(dz, n_lo, height, v_lo, width)
+            if need_grad_b:
+                column_sums = dz.sum(0)
+                if n_lo == 0:
+                    grad_b[v_lo: v_lo + width] = column_sums
+                else:
+                    grad_b[v_lo: v_lo + width] += column_sums
+            dz_op = dz.to(op_dtype)
+            weight = student_weight[v_lo: v_lo + width].to(op_dtype)
+            mm_accumulate(acc, dz_op, weight, first=v_lo == 0)
+            if need_grad_w:
+                mm_accumulate(grad_w[v_lo: v_lo + width], dz_op.T, hidden, first=n_lo == 0)
+        if not in_place:
+            grad_h[n_lo: n_lo + height] = acc
+    return grad_h, grad_w, grad_b
+
+
+@functools.cache
+def fp32_accumulating_mm(device: torch.device) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=torch.float32)`` accumulates 16-bit products straight into an fp32
+    matrix on this device (cuBLAS, torch >= 2.8); elsewhere ``mm_accumulate`` adds a 16-bit partial product."""
+    if device.type != "cuda":
+        return False
+    a = torch.ones((2, 2), dtype=torch.bfloat16, device=device)
+    out = torch.full((2, 2), 0.5, dtype=torch.float32, device=device)
+    try:
+        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+    except (TypeError, RuntimeError):
+        return False
+    return bool((out == 2.5).all())
+
+
+def mm_accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:
+    """out = a @ b (first) or out += a @ b, with the sum kept in out's dtype (fp32 out may take 16-bit a, b)."""
+    if out.dtype == a.dtype:
+        if first:
+            torch.mm(a, b, out=out)
+        else:
+            out.addmm_(a, b)
+    elif fp32_accumulating_mm(out.device):
+        torch.addmm(out, a, b, out_dtype=out.dtype, beta=0 if first else 1, out=out)
+    elif first:
+        out.copy_(a @ b)
+    else:
+        out += a @ b
 
 
 def _grad_hidden_pass(tensors, grad_logits, n_tokens, vocab, ds, rows):

@@ -3,7 +3,8 @@
 Forward (``forward.kl_forward``): one pass over vocabulary tiles per token tile computes lse_s, lse_t, both KLs,
 the student entropy and the target log-probs; the generalised JSD takes a second pass. Backward
 (``backward.kl_backward``): recomputes the logit tiles and accumulates the student's gradients. Memory beyond the
-inputs and gradients: a few fp32 [N] vectors, plus the fp32 gradient accumulators of the backward.
+inputs and gradients: a few fp32 [N] vectors, plus the backward's buffers (``tiling.BACKWARD_BUFFER_BYTES`` for the
+deterministic schedules; fp32 copies of grad_h and grad_W for the atomic one).
 
 The grad_scale contract is met by summing the differentiable per-token loss (the backward recomputes tiles either
 way; computing gradients eagerly in the forward would need lse_s/lse_t before the first tile is done).
@@ -15,18 +16,22 @@ import os
 import torch
 from torch import Tensor
 
-from .backward import kl_backward
+from .backward import SCHEDULES, kl_backward
 from .forward import kl_forward
 from .tiling import interpreting
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-DETERMINISTIC_ENV = "GOPD_DETERMINISTIC"
+SCHEDULE_ENV = "GOPD_BACKWARD"
+DEFAULT_SCHEDULE = "one_pass"
 
 
-def deterministic_default() -> bool:
-    """The backward schedule when the caller does not choose: the two-pass deterministic one, unless
-    ``GOPD_DETERMINISTIC=0`` selects the atomic one (see ``backward`` for the trade-off)."""
-    return os.environ.get(DETERMINISTIC_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+def schedule_default() -> str:
+    """The backward schedule when the caller does not choose: ``GOPD_BACKWARD`` (one of ``backward.SCHEDULES``),
+    else ``one_pass`` (see ``backward`` for the trade-offs)."""
+    value = os.environ.get(SCHEDULE_ENV, "").strip().lower() or DEFAULT_SCHEDULE
+    if value not in SCHEDULES:
+        raise ValueError(f"{SCHEDULE_ENV} must be one of {', '.join(SCHEDULES)}; got {value!r}")
+    return value
 
 
 def check_triton_runnable(*tensors: Tensor | None) -> None:
@@ -65,7 +70,7 @@ class FusedLinearKLTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
-                reverse_weight, forward_weight, target_ids, jsd_beta, temperature, deterministic):
+                reverse_weight, forward_weight, target_ids, jsd_beta, temperature, schedule):
         stats = kl_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                            teacher_bias, target_ids, temperature, jsd_beta)
         rw = reverse_weight.float()
@@ -78,7 +83,7 @@ class FusedLinearKLTriton(torch.autograd.Function):
             kl_stat = stats["reverse_kl"]
         ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                               teacher_bias, rw, fw, stats["lse_s"], stats["lse_t"], kl_stat)
-        ctx.jsd_beta, ctx.temperature, ctx.deterministic = jsd_beta, temperature, deterministic
+        ctx.jsd_beta, ctx.temperature, ctx.schedule = jsd_beta, temperature, schedule
         outputs = (stats["reverse_kl"], stats["forward_kl"], stats["student_entropy"],
                    stats["student_logprob"], stats["teacher_logprob"])
         ctx.mark_non_differentiable(*outputs)
@@ -99,7 +104,7 @@ class FusedLinearKLTriton(torch.autograd.Function):
             student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
             lse_s, lse_t, coef_a.contiguous(), coef_b.contiguous(), kl_stat,
             temperature=ctx.temperature, jsd_beta=beta, need_grad_h=need_h, need_grad_w=need_w,
-            need_grad_b=need_b and student_bias is not None, deterministic=ctx.deterministic,
+            need_grad_b=need_b and student_bias is not None, schedule=ctx.schedule,
         )
         return grad_h, grad_w, None, None, grad_b, None, None, None, None, None, None, None
 
@@ -119,10 +124,10 @@ def fused_linear_kl_triton(
     target_ids: Tensor | None,
     grad_scale: float | None,
     return_stats: bool,
-    deterministic: bool | None = None,
+    schedule: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
-    """Triton backend; see ``gopd_fast.ops`` for the contract. ``deterministic=None`` reads GOPD_DETERMINISTIC
-    (default: the deterministic two-pass backward; ``GOPD_DETERMINISTIC=0`` or ``deterministic=False``: atomics).
+    """Triton backend; see ``gopd_fast.ops`` for the contract. ``schedule`` picks the backward (``one_pass``,
+    ``two_pass`` or ``atomic``; see ``backward``); None reads ``GOPD_BACKWARD``, default ``one_pass``.
 
     jsd_beta = 0 or 1 are the TRL/Liger endpoints: forward KL resp. reverse KL, weighted by reverse_weight.
     target_ids must lie in [0, V) (``gopd_fast.loss`` validates them).
@@ -131,8 +136,10 @@ def fused_linear_kl_triton(
                           teacher_bias, reverse_weight, forward_weight, target_ids)
     _check_dtypes(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
                   teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias)
-    if deterministic is None:
-        deterministic = deterministic_default()
+    if schedule is None:
+        schedule = schedule_default()
+    elif schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     rw, fw = reverse_weight, forward_weight
     if jsd_beta == 0.0:  # forward-KL endpoint
         rw, fw = torch.zeros_like(reverse_weight), reverse_weight
@@ -142,7 +149,7 @@ def fused_linear_kl_triton(
     loss, reverse_kl, forward_kl, entropy, logprob_s, logprob_t = FusedLinearKLTriton.apply(
         _unit_stride(student_hidden), _unit_stride(student_weight), _unit_stride(teacher_hidden),
         _unit_stride(teacher_weight), _unit_stride(student_bias), _unit_stride(teacher_bias), rw, fw,
-        None if target_ids is None else target_ids.contiguous(), beta, float(temperature), bool(deterministic),
+        None if target_ids is None else target_ids.contiguous(), beta, float(temperature), schedule,
     )
     stats = None
     if return_stats:

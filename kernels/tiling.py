@@ -63,9 +63,10 @@ GPU_CONFIGS = FORWARD_CONFIGS + BACKWARD_CONFIGS
 # Every vocabulary split of the forward starts at a multiple of this, so it is a multiple of every BLOCK_V.
 SPLIT_ALIGN = max(c.block_v for c in GPU_CONFIGS)
 
-# Bytes of each gradient-of-logits buffer the deterministic backward materialises ([rows, V] in pass 1,
-# [N, columns] in pass 2, one at a time): 80 MiB is 0.84% of the fp32 logits at N=16384, V=151936.
-DETERMINISTIC_CHUNK_BYTES = 80 * 2**20
+# Bytes the deterministic backward schedules hold beyond inputs and gradients: two_pass's one dz buffer ([rows, V]
+# in pass 1, [N, columns] in pass 2), one_pass's dz block plus its fp32 grad_h accumulator. 80 MiB is 0.84% of the
+# fp32 logits at N=16384, V=151936 (the budget is 1%).
+BACKWARD_BUFFER_BYTES = 80 * 2**20
 
 # Autotune keys: the problem dimensions that change the best tile (dtypes are part of Triton's key already).
 AUTOTUNE_KEY = ["Ds", "Dt", "V"]

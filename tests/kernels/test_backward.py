@@ -4,17 +4,18 @@ from __future__ import annotations
 import pytest
 import torch
 from gopd_fast.kernels import tiling
+from gopd_fast.kernels.backward import SCHEDULES, one_pass_chunks
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
 
 
-def run_triton(p, *, jsd_beta, temperature, deterministic, upstream):
+def run_triton(p, *, jsd_beta, temperature, schedule, upstream):
     hs, ws = p["hs"].clone().requires_grad_(), p["ws"].clone().requires_grad_()
     bs = p["bs"].clone().requires_grad_() if p["bs"] is not None else None
     loss, _ = fused_linear_kl_triton(
         hs, ws, p["ht"], p["wt"], bs, p["bt"], p["rw"], p["fw"], jsd_beta=jsd_beta, temperature=temperature,
-        target_ids=None, grad_scale=None, return_stats=False, deterministic=deterministic)
+        target_ids=None, grad_scale=None, return_stats=False, schedule=schedule)
     (loss * upstream).sum().backward()
     return loss.detach(), hs.grad, ws.grad, None if bs is None else bs.grad
 
@@ -28,13 +29,13 @@ def run_reference(ref, p, *, jsd_beta, temperature, upstream):
     return loss.detach(), hs.grad, ws.grad, None if bs is None else bs.grad
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("jsd_beta,temperature", [(None, 0.8), (0.3, 1.3)], ids=["kl", "jsd"])
-def test_grads_match_float64(problem, ref, rel_err, deterministic, dtype, jsd_beta, temperature):
+def test_grads_match_float64(problem, ref, rel_err, schedule, dtype, jsd_beta, temperature):
     p = problem(dtype=dtype)
     upstream = torch.randn(37, generator=torch.Generator().manual_seed(3)).to(p["hs"].device)
-    got = run_triton(p, jsd_beta=jsd_beta, temperature=temperature, deterministic=deterministic, upstream=upstream)
+    got = run_triton(p, jsd_beta=jsd_beta, temperature=temperature, schedule=schedule, upstream=upstream)
     want = run_reference(ref, p, jsd_beta=jsd_beta, temperature=temperature, upstream=upstream)
     assert rel_err(got[0], want[0]) < 1e-5
     for name, g, w in zip(("hidden", "weight", "bias"), got[1:], want[1:]):
@@ -42,14 +43,15 @@ def test_grads_match_float64(problem, ref, rel_err, deterministic, dtype, jsd_be
         assert rel_err(g, w) < GRAD_TOL[dtype], name
 
 
-def test_deterministic_is_bitwise_reproducible_and_matches_atomic(problem, monkeypatch):
-    """Several vocabulary chunks (small byte budget) give the same gradients as the atomic schedule."""
-    monkeypatch.setattr(tiling, "DETERMINISTIC_CHUNK_BYTES", 37 * 6 * 64)
+@pytest.mark.parametrize("schedule", ["one_pass", "two_pass"])
+def test_deterministic_schedules_repeat_bitwise_and_match_atomic(problem, monkeypatch, schedule):
+    """Several token and vocabulary chunks (small byte budget) give the same gradients as the atomic schedule."""
+    monkeypatch.setattr(tiling, "BACKWARD_BUFFER_BYTES", 37 * 6 * 64)
     p = problem()
     upstream = torch.ones(37, device=p["hs"].device)
-    first = run_triton(p, jsd_beta=None, temperature=1.0, deterministic=True, upstream=upstream)
-    second = run_triton(p, jsd_beta=None, temperature=1.0, deterministic=True, upstream=upstream)
-    atomic = run_triton(p, jsd_beta=None, temperature=1.0, deterministic=False, upstream=upstream)
+    first = run_triton(p, jsd_beta=None, temperature=1.0, schedule=schedule, upstream=upstream)
+    second = run_triton(p, jsd_beta=None, temperature=1.0, schedule=schedule, upstream=upstream)
+    atomic = run_triton(p, jsd_beta=None, temperature=1.0, schedule="atomic", upstream=upstream)
     for a, b, c in zip(first, second, atomic):
         assert torch.equal(a, b)
         assert torch.allclose(a, c, rtol=1e-5, atol=1e-6)
@@ -70,11 +72,37 @@ def test_only_requested_grads_without_bias(problem, ref, rel_err):
 
 def test_deterministic_chunks_without_bias_fp16(problem, ref, rel_err, monkeypatch):
     """Pass 2 keeps dz in the 16-bit operand dtype when there is no bias; several chunks in both passes."""
-    monkeypatch.setattr(tiling, "DETERMINISTIC_CHUNK_BYTES", 203 * 2 * 16)
+    monkeypatch.setattr(tiling, "BACKWARD_BUFFER_BYTES", 203 * 2 * 16)
     p = problem(dtype=torch.float16, bias=False)
     upstream = torch.ones(37, device=p["hs"].device)
-    got = run_triton(p, jsd_beta=None, temperature=1.0, deterministic=True, upstream=upstream)
+    got = run_triton(p, jsd_beta=None, temperature=1.0, schedule="two_pass", upstream=upstream)
     want = run_reference(ref, p, jsd_beta=None, temperature=1.0, upstream=upstream)
     assert got[3] is None
     for g, w in zip(got[1:3], want[1:3]):
         assert rel_err(g, w) < GRAD_TOL[torch.float16]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("jsd_beta", [None, 0.6], ids=["kl", "jsd"])
+def test_one_pass_many_blocks_fp16(problem, ref, rel_err, monkeypatch, bias, jsd_beta):
+    """A budget small enough for several token blocks (fp32 grad_h accumulator reused, 16-bit grad_W summed across
+    blocks) and several vocabulary blocks per token block; fp16 operands, with and without the fp32 bias path."""
+    budget = 2 * 16 * 48 * (4 + 2)  # room for a 16-row fp32 accumulator (+ 16-bit partial) and a small dz block
+    monkeypatch.setattr(tiling, "BACKWARD_BUFFER_BYTES", budget)
+    rows, columns = one_pass_chunks(37, 203, 48, 2, fp32_dz=bias, partial_bytes=2)
+    assert rows < 37 and columns < 203  # the blocking this test means to exercise
+    p = problem(dtype=torch.float16, bias=bias)
+    upstream = torch.randn(37, generator=torch.Generator().manual_seed(5)).to(p["hs"].device)
+    got = run_triton(p, jsd_beta=jsd_beta, temperature=1.1, schedule="one_pass", upstream=upstream)
+    want = run_reference(ref, p, jsd_beta=jsd_beta, temperature=1.1, upstream=upstream)
+    assert (got[3] is None) == (not bias)
+    for name, g, w in zip(("hidden", "weight", "bias"), got[1:], want[1:]):
+        if w is not None:
+            assert g.dtype == torch.float16
+            assert rel_err(g, w) < GRAD_TOL[torch.float16], name
+
+
+def test_unknown_schedule_is_rejected(problem):
+    p = problem(n=4, vocab=40)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        run_triton(p, jsd_beta=None, temperature=1.0, schedule="fast", upstream=torch.ones(4, device=p["hs"].device))

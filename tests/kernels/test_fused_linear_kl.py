@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gopd_fast.kernels import backward, forward
+from gopd_fast.kernels import backward, forward, tiling
+from gopd_fast.kernels.backward import SCHEDULES
 from gopd_fast.kernels.fused_linear_kl import (
     check_triton_runnable,
-    deterministic_default,
     fused_linear_kl_triton,
+    schedule_default,
 )
 
 import gopd_fast
@@ -56,15 +57,17 @@ def test_stats_keys_and_values(problem, ref):
     assert call(p)[1] is None
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_every_output_element_is_written(problem, monkeypatch, deterministic):
-    """Buffers the kernels fully overwrite are handed out filled with NaN; results must not change."""
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_output_element_is_written(problem, monkeypatch, schedule):
+    """Buffers the kernels fully overwrite are handed out filled with NaN; results must not change. The small
+    buffer budget splits the backward into several token and vocabulary blocks."""
+    monkeypatch.setattr(tiling, "BACKWARD_BUFFER_BYTES", 4096)
     p = problem(n=21, vocab=101)
 
     def run():
         hs, ws, bs = (p[k].clone().requires_grad_() for k in ("hs", "ws", "bs"))
         loss, stats = call({**p, "hs": hs, "ws": ws, "bs": bs}, jsd_beta=0.4, return_stats=True,
-                           target_ids=p["targets"], deterministic=deterministic)
+                           target_ids=p["targets"], schedule=schedule)
         loss.sum().backward()
         return [loss.detach(), *stats.values(), hs.grad, ws.grad, bs.grad]
 
@@ -81,13 +84,15 @@ def test_every_output_element_is_written(problem, monkeypatch, deterministic):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_deterministic_env_var(monkeypatch):
-    monkeypatch.delenv("GOPD_DETERMINISTIC", raising=False)
-    assert deterministic_default() is True
-    monkeypatch.setenv("GOPD_DETERMINISTIC", "0")
-    assert deterministic_default() is False
-    monkeypatch.setenv("GOPD_DETERMINISTIC", "1")
-    assert deterministic_default() is True
+def test_schedule_env_var(monkeypatch):
+    monkeypatch.delenv("GOPD_BACKWARD", raising=False)
+    assert schedule_default() == "one_pass"
+    for name in SCHEDULES:
+        monkeypatch.setenv("GOPD_BACKWARD", f" {name.upper()} ")
+        assert schedule_default() == name
+    monkeypatch.setenv("GOPD_BACKWARD", "0")
+    with pytest.raises(ValueError, match="GOPD_BACKWARD must be one of one_pass, two_pass, atomic; got '0'"):
+        schedule_default()
 
 
 def test_bad_inputs_raise_clear_errors(problem, monkeypatch):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gopd_fast.kernels import tiling
+from gopd_fast.kernels.backward import SCHEDULES, mm_accumulate
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 
 pytestmark = [
@@ -13,13 +15,13 @@ pytestmark = [
 
 
 @pytest.mark.parametrize("jsd_beta", [None, 0.5])
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_bf16_matches_float64(problem, ref, rel_err, jsd_beta, deterministic):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_bf16_matches_float64(problem, ref, rel_err, jsd_beta, schedule):
     p = problem(n=517, vocab=8191, ds=320, dt=192, dtype=torch.bfloat16, device=torch.device("cuda"))
     hs, ws, bs = (p[k].clone().requires_grad_() for k in ("hs", "ws", "bs"))
     loss, stats = fused_linear_kl_triton(
         hs, ws, p["ht"], p["wt"], bs, p["bt"], p["rw"], p["fw"], jsd_beta=jsd_beta, temperature=0.9,
-        target_ids=p["targets"], grad_scale=None, return_stats=True, deterministic=deterministic)
+        target_ids=p["targets"], grad_scale=None, return_stats=True, schedule=schedule)
     loss.sum().backward()
     hs64, ws64, bs64 = (p[k].double().requires_grad_() for k in ("hs", "ws", "bs"))
     want, want_stats = ref(hs64, ws64, p["ht"], p["wt"], bs64, p["bt"], p["rw"], p["fw"], jsd_beta=jsd_beta,
@@ -49,3 +51,31 @@ def test_large_vocab_bf16_no_logits_materialised(problem):
     logits_bytes = 1024 * 151936 * 4
     assert torch.isfinite(loss) and torch.isfinite(ws.grad).all()
     assert extra < logits_bytes / 2
+
+
+def test_one_pass_many_blocks_bf16(problem, ref, rel_err, monkeypatch):
+    """bf16 with 5 token blocks (grad_W summed across them in bf16) and 64 vocabulary blocks per token block."""
+    monkeypatch.setattr(tiling, "BACKWARD_BUFFER_BYTES", 2 * 128 * 320 * 4)
+    p = problem(n=517, vocab=8191, ds=320, dt=192, dtype=torch.bfloat16, device=torch.device("cuda"))
+    hs, ws, bs = (p[k].clone().requires_grad_() for k in ("hs", "ws", "bs"))
+    loss, _ = fused_linear_kl_triton(
+        hs, ws, p["ht"], p["wt"], bs, p["bt"], p["rw"], p["fw"], jsd_beta=None, temperature=0.9,
+        target_ids=None, grad_scale=None, return_stats=False, schedule="one_pass")
+    loss.sum().backward()
+    hs64, ws64, bs64 = (p[k].double().requires_grad_() for k in ("hs", "ws", "bs"))
+    ref(hs64, ws64, p["ht"], p["wt"], bs64, p["bt"], p["rw"], p["fw"], jsd_beta=None,
+        temperature=0.9)[0].sum().backward()
+    for got, exp in ((hs.grad, hs64.grad), (ws.grad, ws64.grad), (bs.grad, bs64.grad)):
+        assert rel_err(got, exp) < 2e-2
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_mm_accumulate_into_fp32(first):
+    """The fp32 accumulation of 16-bit products (cuBLAS out_dtype where torch has it) against float64."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(300, 257, device="cuda", generator=g, dtype=torch.bfloat16)
+    b = torch.randn(257, 129, device="cuda", generator=g, dtype=torch.bfloat16)
+    out = torch.full((300, 129), float("nan") if first else 1.5, device="cuda")
+    mm_accumulate(out, a, b, first=first)
+    want = a.double() @ b.double() + (0.0 if first else 1.5)
+    assert (out.double() - want).abs().max() < 1e-3
