@@ -96,6 +96,14 @@ class EvalSpec:
     temperature: float = 0.4
     max_new_tokens: int = 24
     diagnostic_tasks: int = 12
+    # Episodes generated together (0: all tasks at once). Each in-flight episode holds an env: set a cap for
+    # envs that are expensive to start or hold (ScienceWorld / TextWorldExpress start a JVM per env).
+    max_in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_in_flight, int) or self.max_in_flight < 0:
+            raise ValueError(f"eval.max_in_flight must be an int >= 0 (0: every task at once), got "
+                             f"{self.max_in_flight!r}")
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,35 @@ def make_env(cfg: DemoConfig):
     return envs.make(cfg.env, max_turns=cfg.max_turns, **cfg.env_options)
 
 
+class DemoEnvs:
+    """The envs of one demo run, started on first use and kept for every evaluation and diagnostic rollout:
+    env slots for episodes in flight (at most ``eval.max_in_flight`` when set) and one env for replays. A JVM env
+    then starts once per slot for the whole run instead of once per episode of every evaluation."""
+
+    def __init__(self, cfg: DemoConfig) -> None:
+        from gopd_fast.rollout.envs import ThreadedEnvs
+
+        self.cfg = cfg
+        self.slots = ThreadedEnvs(lambda: make_env(cfg), max_workers=min(self.max_in_flight(1 << 30), 8))
+        self._replay = None
+
+    def max_in_flight(self, n_tasks: int) -> int:
+        cap = self.cfg.eval.max_in_flight
+        return max(1, min(n_tasks, cap) if cap > 0 else n_tasks)
+
+    @property
+    def replay_env(self):
+        if self._replay is None:
+            self._replay = make_env(self.cfg)
+        return self._replay
+
+    def close(self) -> None:
+        self.slots.close()
+        if self._replay is not None:
+            self._replay.close()
+            self._replay = None
+
+
 def env_corpus(cfg: DemoConfig, n_tasks: int, noise: float = 0.3, seed: int = 0) -> list[str]:
     """Observations and ``Action: ...`` lines of noisy oracle runs: the tokenizer's training text (noise so the
     tokenizer also sees refusals and off-path rooms)."""
@@ -310,8 +347,9 @@ def build_student_base(cfg: DemoConfig, tokenizer: Any, out_dir: Path, log=print
 # ---------------------------------------------------------------------------------------------------------
 
 def rollout(cfg: DemoConfig, student_dir: Path | str, tasks: Sequence[str], *, seed: int, temperature: float,
-            beta: float = 0.0, teacher_dir: Path | str | None = None):
-    """Episodes of the model at ``student_dir`` (and the teacher, with ``beta`` > 0) on ``tasks``."""
+            beta: float = 0.0, teacher_dir: Path | str | None = None, envs: DemoEnvs | None = None):
+    """Episodes of the model at ``student_dir`` (and the teacher, with ``beta`` > 0) on ``tasks``; on the run's
+    ``envs`` when given, else on envs started and closed for this call."""
     import torch
 
     from gopd_fast.rollout.engines.hf import HFEngine
@@ -322,11 +360,17 @@ def rollout(cfg: DemoConfig, student_dir: Path | str, tasks: Sequence[str], *, s
     student = HFEngine.from_pretrained(str(student_dir))
     teacher = HFEngine.from_pretrained(str(teacher_dir)) if teacher_dir is not None else None
     tokenizer = _tokenizer(student_dir)
+    own = envs is None
+    envs = DemoEnvs(cfg) if own else envs
     options = RolloutOptions(max_turns=cfg.max_turns, max_new_tokens=cfg.eval.max_new_tokens,
-                             max_prompt_tokens=4096, temperature=temperature, max_in_flight=len(tasks),
-                             seed=seed)
-    return run_rollout(list(tasks), student=student, teacher=teacher, chat=chat_format(tokenizer),
-                       envs=lambda: make_env(cfg), beta=beta, options=options).episodes
+                             max_prompt_tokens=4096, temperature=temperature,
+                             max_in_flight=envs.max_in_flight(len(tasks)), seed=seed)
+    try:
+        return run_rollout(list(tasks), student=student, teacher=teacher, chat=chat_format(tokenizer),
+                           envs=envs.slots, beta=beta, options=options).episodes
+    finally:
+        if own:
+            envs.close()
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -341,23 +385,26 @@ def _tokenizer(path: Path | str):
     return _TOKENIZERS[key]
 
 
-def evaluate(cfg: DemoConfig, model_dir: Path | str, *, seed: int, tasks: Sequence[str]) -> list[dict[str, Any]]:
+def evaluate(cfg: DemoConfig, model_dir: Path | str, *, seed: int, tasks: Sequence[str],
+             envs: DemoEnvs | None = None) -> list[dict[str, Any]]:
     """Student-only evaluation at the eval temperature; per-episode records incl. score at every turn limit."""
     from gopd_fast.diagnostics import replay, score_at_turn_limits
 
-    episodes = rollout(cfg, model_dir, tasks, seed=seed, temperature=cfg.eval.temperature)
-    env = make_env(cfg)
-    limits = list(range(1, cfg.max_turns + 1))
-    records = []
+    own = envs is None
+    envs = DemoEnvs(cfg) if own else envs
     try:
+        episodes = rollout(cfg, model_dir, tasks, seed=seed, temperature=cfg.eval.temperature, envs=envs)
+        limits = list(range(1, cfg.max_turns + 1))
+        records = []
         for ep in episodes:
-            states = replay(env, ep)
+            states = replay(envs.replay_env, ep)
             records.append({"task_id": ep.task_id, "score": ep.score, "success": bool(ep.success),
                             "rounds": ep.rounds, "actions": ep.actions,
                             "score_at_limit": score_at_turn_limits(states, limits)})
+        return records
     finally:
-        env.close()
-    return records
+        if own:
+            envs.close()
 
 
 def summarize(records_by_seed: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -509,29 +556,35 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
         results["student_base"] = build_student_base(cfg, tokenizer, base_dir)
 
     records: dict[str, dict[int, list[dict[str, Any]]]] = {}
-    with clock.phase("reference"):
-        records["teacher"] = {s: evaluate(cfg, teacher_dir, seed=s, tasks=eval_tasks) for s in cfg.seeds}
-        if "zero-shot" in cfg.methods:
-            records["zero-shot"] = {s: evaluate(cfg, base_dir, seed=s, tasks=eval_tasks) for s in cfg.seeds}
-        for name in records:
-            print(f"[demo]   {name}: Score {summarize(records[name])['score']['mean']:.1f}", flush=True)
-
     runs: dict[str, dict[int, dict[str, Any]]] = {}
-    trained = [m for m in cfg.methods if m != "zero-shot"]
-    with clock.phase("distill"):
-        for seed in cfg.seeds:
-            for method in trained:
-                out = run_dir / "train" / f"{method}-seed{seed}"
-                info = distill(cfg, method, seed, base_dir, teacher_dir, out)
-                info["eval"] = evaluate(cfg, info["export_dir"], seed=seed, tasks=eval_tasks)
-                runs.setdefault(method, {})[seed] = info
-                records.setdefault(method, {})[seed] = info["eval"]
-                print(f"[demo]   {method} seed {seed}: {info['seconds']:.0f} s train, held-out Score "
-                      f"{summarize({seed: info['eval']})['score']['mean']:.1f}", flush=True)
+    envs = DemoEnvs(cfg)  # one set of evaluation envs for the whole run
+    try:
+        with clock.phase("reference"):
+            references = {"teacher": teacher_dir, "zero-shot": base_dir}
+            for name, model_dir in references.items():
+                if name == "teacher" or name in cfg.methods:
+                    records[name] = {s: evaluate(cfg, model_dir, seed=s, tasks=eval_tasks, envs=envs)
+                                     for s in cfg.seeds}
+            for name in records:
+                print(f"[demo]   {name}: Score {summarize(records[name])['score']['mean']:.1f}", flush=True)
 
-    with clock.phase("diagnostics"):
-        failure = run_diagnostics(cfg, base_dir, teacher_dir, tokenizer)
-        (run_dir / "failure_mode.json").write_text(json.dumps(failure, indent=2))
+        trained = [m for m in cfg.methods if m != "zero-shot"]
+        with clock.phase("distill"):
+            for seed in cfg.seeds:
+                for method in trained:
+                    out = run_dir / "train" / f"{method}-seed{seed}"
+                    info = distill(cfg, method, seed, base_dir, teacher_dir, out)
+                    info["eval"] = evaluate(cfg, info["export_dir"], seed=seed, tasks=eval_tasks, envs=envs)
+                    runs.setdefault(method, {})[seed] = info
+                    records.setdefault(method, {})[seed] = info["eval"]
+                    print(f"[demo]   {method} seed {seed}: {info['seconds']:.0f} s train, held-out Score "
+                          f"{summarize({seed: info['eval']})['score']['mean']:.1f}", flush=True)
+
+        with clock.phase("diagnostics"):
+            failure = run_diagnostics(cfg, base_dir, teacher_dir, tokenizer, envs=envs)
+            (run_dir / "failure_mode.json").write_text(json.dumps(failure, indent=2))
+    finally:
+        envs.close()
 
     with clock.phase("report"):
         order = ["teacher", *[m for m in METHODS if m in records]]
@@ -593,30 +646,35 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
     return results
 
 
-def run_diagnostics(cfg: DemoConfig, student_dir: Path, teacher_dir: Path, tokenizer: Any) -> dict[str, Any]:
+def run_diagnostics(cfg: DemoConfig, student_dir: Path, teacher_dir: Path, tokenizer: Any,
+                    envs: DemoEnvs | None = None) -> dict[str, Any]:
     """Failure-mode diagnostic on the base student: student-only vs teacher-only rollouts on held-out tasks."""
     from gopd_fast.diagnostics import failure_mode
     from gopd_fast.models import load_model
     from gopd_fast.sft import ACTION_FORMAT
 
-    env = make_env(cfg)
-    tasks = env.tasks("eval")[-cfg.eval.diagnostic_tasks:]
-    rollouts = {
-        # beta = 0: the student alone; beta = 1: the teacher writes every turn (the student engine is unused)
-        "student": rollout(cfg, student_dir, tasks, seed=7, temperature=1.0),
-        "teacher": rollout(cfg, student_dir, tasks, seed=7, temperature=1.0, beta=1.0, teacher_dir=teacher_dir),
-    }
-    student, _ = load_model(student_dir)
-    teacher, _ = load_model(teacher_dir)
-    eos = [int(tokenizer.eos_token_id)]
-
-    def encode_action(action: str) -> list[int]:
-        return list(tokenizer(ACTION_FORMAT.format(action=action), add_special_tokens=False)["input_ids"]) + eos
-
+    own = envs is None
+    envs = DemoEnvs(cfg) if own else envs
     try:
+        env = envs.replay_env
+        tasks = env.tasks("eval")[-cfg.eval.diagnostic_tasks:]
+        rollouts = {
+            # beta = 0: the student alone; beta = 1: the teacher writes every turn (the student engine is unused)
+            "student": rollout(cfg, student_dir, tasks, seed=7, temperature=1.0, envs=envs),
+            "teacher": rollout(cfg, student_dir, tasks, seed=7, temperature=1.0, beta=1.0,
+                               teacher_dir=teacher_dir, envs=envs),
+        }
+        student, _ = load_model(student_dir)
+        teacher, _ = load_model(teacher_dir)
+        eos = [int(tokenizer.eos_token_id)]
+
+        def encode_action(action: str) -> list[int]:
+            return list(tokenizer(ACTION_FORMAT.format(action=action), add_special_tokens=False)["input_ids"]) + eos
+
         return failure_mode(student, teacher, env, rollouts, encode_action)
     finally:
-        env.close()
+        if own:
+            envs.close()
 
 
 def _parse_seeds(text: str) -> tuple[int, ...]:

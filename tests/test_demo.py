@@ -1,6 +1,6 @@
 """`make demo` at minutes scale (``--quick``): the whole pipeline runs, writes its artefacts, and its numbers are sane.
 
-The quick run uses the committed teacher (gopd_fast/assets/household-mapped-teacher) and tiny budgets, so it checks the
+The quick run uses the committed teacher (gopd_fast/assets/household-full-teacher) and tiny budgets, so it checks the
 plumbing and the invariants, not the paper's claim (that is docs/results.md, from the full run).
 """
 from __future__ import annotations
@@ -99,5 +99,37 @@ def test_bad_config_is_a_clear_error(tmp_path: Path):
     bad.write_text('env = "household"\n[distill]\nstepz = 3\n')
     with pytest.raises(ValueError, match="stepz"):
         demo.load_demo_config(bad)
+    bad.write_text('env = "household"\n[eval]\nmax_in_flight = -1\n')
+    with pytest.raises(ValueError, match="eval.max_in_flight must be an int >= 0"):
+        demo.load_demo_config(bad)
     with pytest.raises(SystemExit):
         demo.main(["--seeds", "x,y"])
+
+
+def test_run_envs_are_reused_and_capped(monkeypatch):
+    """One DemoEnvs serves several evaluations: at most eval.max_in_flight env slots plus one replay env are ever
+    started, and the records equal those of an evaluation on fresh envs (reuse changes nothing)."""
+    cfg = demo.load_demo_config(demo.REPO_DIR / "configs" / "demo-quick.toml")
+    cfg = demo.dataclasses.replace(cfg, eval=demo.dataclasses.replace(cfg.eval, max_in_flight=2))
+    teacher = demo.ASSETS_DIR / cfg.teacher.asset
+    started = []
+    make_env = demo.make_env
+
+    def counting_make_env(c):
+        started.append(1)
+        return make_env(c)
+
+    monkeypatch.setattr(demo, "make_env", counting_make_env)
+    tasks = make_env(cfg).tasks("eval")[:5]
+    fresh = demo.evaluate(cfg, teacher, seed=3, tasks=tasks)
+    assert len(started) == 3  # 2 slots + 1 replay env, closed after the call
+    envs = demo.DemoEnvs(cfg)
+    try:
+        first = demo.evaluate(cfg, teacher, seed=3, tasks=tasks, envs=envs)
+        second = demo.evaluate(cfg, teacher, seed=3, tasks=tasks[::-1], envs=envs)
+    finally:
+        envs.close()
+    assert len(started) == 6  # the shared envs started once for both evaluations
+    assert first == fresh
+    assert sorted(r["task_id"] for r in second) == sorted(tasks)
+    assert envs.max_in_flight(5) == 2 and envs.max_in_flight(1) == 1
