@@ -4,8 +4,8 @@
 # on a CUDA machine that has torch + triton but no internet. Before the call, on a machine with internet:
 #     bash bench/fetch_wheels.sh          # fills bench/wheels/ (git-ignored, hence carried explicitly)
 # Writes to $OUT (default ./bench-out): rows.jsonl (one line per finished case, survives a time-out),
-# bench-<stage>.json (pytest-benchmark), stage logs, env.txt, accuracy.md (bf16/fp32 errors vs float64), and
-# results.md, the markdown table also printed last.
+# bench-<stage>.json (pytest-benchmark), stage logs, env.txt, accuracy.md (bf16/fp32 errors vs float64),
+# profile.md (time by kernel family per backward schedule) and results.md, the markdown table also printed last.
 # Stages run most-important first, each under the time left of GOPD_BENCH_BUDGET_S (default 540 s, so the
 # call ends inside the device tool's 600 s limit even if a stage is cut short).
 set -uo pipefail
@@ -77,6 +77,9 @@ log "accuracy exit code $?"; cat "$OUT/accuracy.md"
 
 TARGET="N16384-Ds4096-Dt4096"
 run_stage target "matmul_rate or $TARGET"
+log "profile by kernel family at the target shape, every backward schedule (at most 120 s)"
+timeout 120 $PY bench/profile_fused_linear_kl.py --out "$OUT/profile.md" > "$OUT/profile.log" 2>&1
+log "profile exit code $?"; cat "$OUT/profile.md" 2>/dev/null || tail -n 20 "$OUT/profile.log"
 run_stage n1024 "gpu and reverse and N1024-"
 run_stage n4096 "gpu and reverse and N4096-"
 run_stage n16384 "gpu and reverse and N16384- and not $TARGET"

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from . import tiling
 from .logit_tiles import grad_logit_tile, logit_tile
-from .tiling import BACKWARD_CONFIGS, autotuned, dot_precision, launch_meta, new_output
+from .tiling import BACKWARD_CONFIGS, annotate, autotuned, dot_precision, launch_meta, new_output
 
 # Token tiles that sweep the vocabulary together in the atomic schedule (L2 reuse of weight tiles).
 GROUP_N = 8
@@ -226,11 +226,12 @@ def _backward_atomic_schedule(tensors, strides, flags, scalars, n_tokens, vocab,
     def grid(cfg):
         return (triton.cdiv(n_tokens, cfg["BLOCK_N"]) * triton.cdiv(vocab, cfg["BLOCK_V"]),)
 
-    _backward_atomic[grid](
-        *tensors, grad_h, grad_w, grad_b, n_tokens, vocab, ds, dt, *scalars, *strides,
-        NEED_GRAD_H=need_grad_h, NEED_GRAD_W=need_grad_w, NEED_GRAD_B=need_grad_b, GROUP=GROUP_N,
-        **flags, **launch_meta(),
-    )
+    with annotate("_backward_atomic_kernel"):
+        _backward_atomic[grid](
+            *tensors, grad_h, grad_w, grad_b, n_tokens, vocab, ds, dt, *scalars, *strides,
+            NEED_GRAD_H=need_grad_h, NEED_GRAD_W=need_grad_w, NEED_GRAD_B=need_grad_b, GROUP=GROUP_N,
+            **flags, **launch_meta(),
+        )
     return grad_h, grad_w, grad_b
 
 
@@ -292,8 +293,9 @@ def _backward_gemm_schedule(schedule, tensors, strides, flags, scalars, n_tokens
         def grid(cfg):
             return (triton.cdiv(height, cfg["BLOCK_N"]), triton.cdiv(width, cfg["BLOCK_V"]))
 
-        _grad_logits[grid](*tensors, dz, n_tokens, vocab, ds, dt, n_lo, height, v_lo, width, *scalars, *strides,
-                           **flags, **launch_meta())
+        with annotate("_grad_logits_kernel"):
+            _grad_logits[grid](*tensors, dz, n_tokens, vocab, ds, dt, n_lo, height, v_lo, width, *scalars,
+                               *strides, **flags, **launch_meta())
 
     need_weight_side = need_grad_w or need_grad_b
     if schedule == "one_pass" and need_grad_h and need_weight_side:

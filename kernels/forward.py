@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .logit_tiles import logit_tile
-from .tiling import FORWARD_CONFIGS, autotuned, dot_precision, launch_meta, new_output, vocab_splits
+from .tiling import FORWARD_CONFIGS, annotate, autotuned, dot_precision, launch_meta, new_output, vocab_splits
 
 # Rows of the partial-statistics buffer written by _kl_forward_kernel.
 M_S, L_S, M_T, L_T, A_SUM, B_SUM, E_SUM, ZS_TARGET, ZT_TARGET = range(9)
@@ -207,19 +207,21 @@ def kl_forward(
 
     part = new_output((NUM_PARTIALS, num_splits, n_tokens), torch.float32, device)
     target = target_ids if target_ids is not None else tensors[0].new_empty(1, dtype=torch.int64)
-    _kl_forward[grid](
-        *tensors, target, part, n_tokens, vocab, ds, dt, per_split, 1.0 / temperature, *strides,
-        HAS_TARGET=target_ids is not None, **flags, **meta,
-    )
+    with annotate("_kl_forward_kernel"):
+        _kl_forward[grid](
+            *tensors, target, part, n_tokens, vocab, ds, dt, per_split, 1.0 / temperature, *strides,
+            HAS_TARGET=target_ids is not None, **flags, **meta,
+        )
     stats = combine_partials(part)
 
     if jsd_beta is not None and 0.0 < jsd_beta < 1.0:
         jsd_part = new_output((2, num_splits, n_tokens), torch.float32, device)
-        _jsd[grid](
-            *tensors, stats["lse_s"], stats["lse_t"], jsd_part, n_tokens, vocab, ds, dt, per_split,
-            1.0 / temperature, float(jsd_beta), math.log(jsd_beta), math.log1p(-jsd_beta), *strides,
-            **flags, **meta,
-        )
+        with annotate("_jsd_kernel"):
+            _jsd[grid](
+                *tensors, stats["lse_s"], stats["lse_t"], jsd_part, n_tokens, vocab, ds, dt, per_split,
+                1.0 / temperature, float(jsd_beta), math.log(jsd_beta), math.log1p(-jsd_beta), *strides,
+                **flags, **meta,
+            )
         stats["jsd"] = jsd_part[0].sum(0)
         stats["kl_student_mixture"] = jsd_part[1].sum(0)
     return stats

@@ -11,6 +11,7 @@ slow interpreted run time, so one small fixed configuration is used instead.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -113,6 +114,14 @@ def vocab_splits(n_tokens: int, vocab: int, device: torch.device) -> tuple[int, 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact-ish IEEE fp32 products (TF32 would round logits to 10 mantissa bits)."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def annotate(kernel_name: str) -> contextlib.AbstractContextManager:
+    """A torch.profiler range named ``gopd::<kernel>`` around a launch, so profiles group time by kernel even where
+    the kernels are not device kernels (the interpreter); nothing at all when no profiler is running."""
+    if not torch.autograd.profiler._is_profiler_enabled:
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(f"gopd::{kernel_name}")
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
