@@ -119,7 +119,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 def annotate(kernel_name: str) -> contextlib.AbstractContextManager:
     """A torch.profiler range named ``gopd::<kernel>`` around a launch, so profiles group time by kernel even where
     the kernels are not device kernels (the interpreter); nothing at all when no profiler is running."""
-    if not torch.autograd.profiler._is_profiler_enabled:
+    if not getattr(torch.autograd.profiler, "_is_profiler_enabled", False):  # private flag: absent means "off"
         return contextlib.nullcontext()
     return torch.profiler.record_function(f"gopd::{kernel_name}")
 
