@@ -356,17 +356,19 @@ def _one_pass(tensors, grad_logits, n_tokens, vocab, ds, need_grad_w, need_grad_
 
 @functools.cache
 def fp32_accumulating_mm(device: torch.device) -> bool:
-    """Whether ``torch.addmm(..., out_dtype=torch.float32)`` accumulates 16-bit products straight into an fp32
-    matrix on this device (cuBLAS, torch >= 2.8); elsewhere ``mm_accumulate`` adds a 16-bit partial product."""
+    """Whether ``torch.addmm(..., out_dtype=torch.float32, out=...)`` accumulates 16-bit products straight into an
+    fp32 matrix on this device (cuBLAS, torch >= 2.8), checked once in the two forms ``mm_accumulate`` uses (beta 0
+    over garbage, beta 1 with a transposed operand); elsewhere ``mm_accumulate`` adds a 16-bit partial product."""
     if device.type != "cuda":
         return False
-    a = torch.ones((2, 2), dtype=torch.bfloat16, device=device)
-    out = torch.full((2, 2), 0.5, dtype=torch.float32, device=device)
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16, device=device)
+    out = torch.full((2, 2), float("nan"), dtype=torch.float32, device=device)
     try:
-        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
-    except (TypeError, RuntimeError):
+        torch.addmm(out, a, a, out_dtype=torch.float32, beta=0, out=out)  # a @ a = [[7, 10], [15, 22]]
+        torch.addmm(out, a.T, a, out_dtype=torch.float32, beta=1, out=out)  # + a^T @ a = [[10, 14], [14, 20]]
+    except (TypeError, RuntimeError, NotImplementedError):
         return False
-    return bool((out == 2.5).all())
+    return bool(torch.equal(out.cpu(), torch.tensor([[17.0, 24.0], [29.0, 42.0]])))
 
 
 def mm_accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:
