@@ -20,6 +20,7 @@ Phases (each timed against the plan in the config, both printed):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,8 @@ class DemoEnvs:
         from gopd_fast.rollout.envs import ThreadedEnvs
 
         self.cfg = cfg
-        self.slots = ThreadedEnvs(lambda: make_env(cfg), max_workers=min(self.max_in_flight(1 << 30), 8))
+        cap = cfg.eval.max_in_flight
+        self.slots = ThreadedEnvs(lambda: make_env(cfg), max_workers=min(cap, 8) if cap > 0 else 8)
         self._replay = None
 
     def max_in_flight(self, n_tasks: int) -> int:
@@ -244,6 +246,19 @@ class DemoEnvs:
         if self._replay is not None:
             self._replay.close()
             self._replay = None
+
+
+@contextlib.contextmanager
+def _envs_for(cfg: DemoConfig, envs: DemoEnvs | None) -> Iterator[DemoEnvs]:
+    """``envs`` as given (the run's, closed by the run), or fresh ones closed on exit."""
+    if envs is not None:
+        yield envs
+        return
+    fresh = DemoEnvs(cfg)
+    try:
+        yield fresh
+    finally:
+        fresh.close()
 
 
 def env_corpus(cfg: DemoConfig, n_tasks: int, noise: float = 0.3, seed: int = 0) -> list[str]:
@@ -360,17 +375,12 @@ def rollout(cfg: DemoConfig, student_dir: Path | str, tasks: Sequence[str], *, s
     student = HFEngine.from_pretrained(str(student_dir))
     teacher = HFEngine.from_pretrained(str(teacher_dir)) if teacher_dir is not None else None
     tokenizer = _tokenizer(student_dir)
-    own = envs is None
-    envs = DemoEnvs(cfg) if own else envs
-    options = RolloutOptions(max_turns=cfg.max_turns, max_new_tokens=cfg.eval.max_new_tokens,
-                             max_prompt_tokens=4096, temperature=temperature,
-                             max_in_flight=envs.max_in_flight(len(tasks)), seed=seed)
-    try:
+    with _envs_for(cfg, envs) as run_envs:
+        options = RolloutOptions(max_turns=cfg.max_turns, max_new_tokens=cfg.eval.max_new_tokens,
+                                 max_prompt_tokens=4096, temperature=temperature,
+                                 max_in_flight=run_envs.max_in_flight(len(tasks)), seed=seed)
         return run_rollout(list(tasks), student=student, teacher=teacher, chat=chat_format(tokenizer),
-                           envs=envs.slots, beta=beta, options=options).episodes
-    finally:
-        if own:
-            envs.close()
+                           envs=run_envs.slots, beta=beta, options=options).episodes
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -390,21 +400,16 @@ def evaluate(cfg: DemoConfig, model_dir: Path | str, *, seed: int, tasks: Sequen
     """Student-only evaluation at the eval temperature; per-episode records incl. score at every turn limit."""
     from gopd_fast.diagnostics import replay, score_at_turn_limits
 
-    own = envs is None
-    envs = DemoEnvs(cfg) if own else envs
-    try:
-        episodes = rollout(cfg, model_dir, tasks, seed=seed, temperature=cfg.eval.temperature, envs=envs)
+    with _envs_for(cfg, envs) as run_envs:
+        episodes = rollout(cfg, model_dir, tasks, seed=seed, temperature=cfg.eval.temperature, envs=run_envs)
         limits = list(range(1, cfg.max_turns + 1))
         records = []
         for ep in episodes:
-            states = replay(envs.replay_env, ep)
+            states = replay(run_envs.replay_env, ep)
             records.append({"task_id": ep.task_id, "score": ep.score, "success": bool(ep.success),
                             "rounds": ep.rounds, "actions": ep.actions,
                             "score_at_limit": score_at_turn_limits(states, limits)})
         return records
-    finally:
-        if own:
-            envs.close()
 
 
 def summarize(records_by_seed: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -653,16 +658,14 @@ def run_diagnostics(cfg: DemoConfig, student_dir: Path, teacher_dir: Path, token
     from gopd_fast.models import load_model
     from gopd_fast.sft import ACTION_FORMAT
 
-    own = envs is None
-    envs = DemoEnvs(cfg) if own else envs
-    try:
-        env = envs.replay_env
+    with _envs_for(cfg, envs) as run_envs:
+        env = run_envs.replay_env
         tasks = env.tasks("eval")[-cfg.eval.diagnostic_tasks:]
         rollouts = {
             # beta = 0: the student alone; beta = 1: the teacher writes every turn (the student engine is unused)
-            "student": rollout(cfg, student_dir, tasks, seed=7, temperature=1.0, envs=envs),
+            "student": rollout(cfg, student_dir, tasks, seed=7, temperature=1.0, envs=run_envs),
             "teacher": rollout(cfg, student_dir, tasks, seed=7, temperature=1.0, beta=1.0,
-                               teacher_dir=teacher_dir, envs=envs),
+                               teacher_dir=teacher_dir, envs=run_envs),
         }
         student, _ = load_model(student_dir)
         teacher, _ = load_model(teacher_dir)
@@ -672,9 +675,6 @@ def run_diagnostics(cfg: DemoConfig, student_dir: Path, teacher_dir: Path, token
             return list(tokenizer(ACTION_FORMAT.format(action=action), add_special_tokens=False)["input_ids"]) + eos
 
         return failure_mode(student, teacher, env, rollouts, encode_action)
-    finally:
-        if own:
-            envs.close()
 
 
 def _parse_seeds(text: str) -> tuple[int, ...]:

@@ -155,6 +155,11 @@ _grad_logits = autotuned(_grad_logits_kernel, BACKWARD_CONFIGS)
 SCHEDULES = ("one_pass", "two_pass", "atomic")
 
 
+def check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
 def kl_backward(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -181,8 +186,7 @@ def kl_backward(
     ``logit_tiles.grad_logit_tile`` for the formula. ``jsd_beta`` strictly inside (0, 1) selects the JSD form.
     ``schedule`` is one of ``SCHEDULES`` (see the module docstring).
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    check_schedule(schedule)
     is_jsd = jsd_beta is not None and 0.0 < jsd_beta < 1.0
     log_beta = math.log(jsd_beta) if is_jsd else 0.0
     log_one_minus_beta = math.log1p(-jsd_beta) if is_jsd else 0.0

@@ -16,7 +16,7 @@ import os
 import torch
 from torch import Tensor
 
-from .backward import SCHEDULES, kl_backward
+from .backward import SCHEDULES, check_schedule, kl_backward
 from .forward import kl_forward
 from .tiling import interpreting
 
@@ -136,10 +136,8 @@ def fused_linear_kl_triton(
                           teacher_bias, reverse_weight, forward_weight, target_ids)
     _check_dtypes(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
                   teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias)
-    if schedule is None:
-        schedule = schedule_default()
-    elif schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    schedule = schedule_default() if schedule is None else schedule
+    check_schedule(schedule)  # before the forward, not in the backward
     rw, fw = reverse_weight, forward_weight
     if jsd_beta == 0.0:  # forward-KL endpoint
         rw, fw = torch.zeros_like(reverse_weight), reverse_weight
