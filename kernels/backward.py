@@ -5,8 +5,8 @@ Three schedules with the same math (``logit_tiles.grad_logit_tile``), chosen by 
 * ``one_pass`` (the default): deterministic, one recompute. Token blocks x vocabulary blocks; for each block a
   kernel writes dz [rows, columns] (fp32 logits and softmax, dz stored in the 16-bit operand dtype), and two cuBLAS
   GEMMs consume it: grad_h[rows] += dz @ W_s[columns] into an fp32 accumulator, and grad_W[columns] += dz^T @ h_s[rows]
-  in grad_W's own dtype. Memory: the accumulator and the dz block share ``tiling.BACKWARD_BUFFER_BYTES``
-  (80 MiB). Cost: 1.5x the useful FLOPs at Ds = Dt (logits once in the forward, once here), plus the accumulators'
+  in grad_W's own dtype. Memory: the accumulator and the dz block share ``tiling.backward_buffer_bytes()``
+  (80 MiB unless ``GOPD_BACKWARD_BUFFER_MIB`` says otherwise). Cost: 1.5x the useful FLOPs at Ds = Dt (logits once in the forward, once here), plus the accumulators'
   read-modify-write traffic. A 16-bit grad_W is rounded once per token block (ceil(N / rows) times, e.g. 7 at
   N=16384, Ds=4096, against once in ``two_pass``).
 * ``two_pass``: deterministic, every gradient element written once from a complete reduction done by one GEMM:
@@ -260,13 +260,13 @@ def _dz_column_bytes(operand_bytes: int, fp32_dz: bool) -> int:
 
 def two_pass_chunks(n_tokens: int, vocab: int, operand_bytes: int, fp32_columns: bool) -> tuple[int, int]:
     """(tokens per pass-1 chunk, vocabulary columns per pass-2 chunk) of the two-pass schedule, each dz buffer
-    within ``tiling.BACKWARD_BUFFER_BYTES``.
+    within ``tiling.backward_buffer_bytes()``.
 
     Pass 1 holds dz [rows, V] in the operand dtype; pass 2 holds dz [N, columns] in the operand dtype, or in fp32
     plus an operand-dtype copy when the bias gradient needs an fp32 column sum (``fp32_columns``).
     """
     align_n, align_v = _alignments()
-    budget = tiling.BACKWARD_BUFFER_BYTES
+    budget = tiling.backward_buffer_bytes()
     rows = _chunk(budget, vocab * operand_bytes, align_n, n_tokens)
     columns = _chunk(budget, n_tokens * _dz_column_bytes(operand_bytes, fp32_columns), align_v, vocab)
     return rows, columns
@@ -274,14 +274,14 @@ def two_pass_chunks(n_tokens: int, vocab: int, operand_bytes: int, fp32_columns:
 
 def one_pass_chunks(n_tokens: int, vocab: int, ds: int, operand_bytes: int, fp32_dz: bool,
                     partial_bytes: int) -> tuple[int, int]:
-    """(tokens, vocabulary columns) per block of the one-pass schedule within ``tiling.BACKWARD_BUFFER_BYTES``.
+    """(tokens, vocabulary columns) per block of the one-pass schedule within ``tiling.backward_buffer_bytes()``.
 
     Half the budget goes to the token block's fp32 grad_h accumulator ([rows, Ds], plus ``partial_bytes`` per
     element for a 16-bit partial product where the GEMM cannot accumulate into fp32 itself), the rest to its dz
     block [rows, columns]. Fewer, taller token blocks mean fewer roundings of a 16-bit grad_W (one per block).
     """
     align_n, align_v = _alignments()
-    budget = tiling.BACKWARD_BUFFER_BYTES
+    budget = tiling.backward_buffer_bytes()
     accumulator_row_bytes = ds * (4 + partial_bytes)
     rows = _chunk(budget // 2, accumulator_row_bytes, align_n, n_tokens)
     left = max(budget - rows * accumulator_row_bytes, 0)

@@ -3,8 +3,8 @@
 Forward (``forward.kl_forward``): one pass over vocabulary tiles per token tile computes lse_s, lse_t, both KLs,
 the student entropy and the target log-probs; the generalised JSD takes a second pass. Backward
 (``backward.kl_backward``): recomputes the logit tiles and accumulates the student's gradients. Memory beyond the
-inputs and gradients: a few fp32 [N] vectors, plus the backward's buffers (``tiling.BACKWARD_BUFFER_BYTES`` for the
-deterministic schedules; fp32 copies of grad_h and grad_W for the atomic one).
+inputs and gradients: a few fp32 [N] vectors, plus the backward's buffers (``tiling.backward_buffer_bytes()``, 80 MiB
+by default, for the deterministic schedules; fp32 copies of grad_h and grad_W for the atomic one).
 
 The grad_scale contract is met by summing the differentiable per-token loss (the backward recomputes tiles either
 way; computing gradients eagerly in the forward would need lse_s/lse_t before the first tile is done).

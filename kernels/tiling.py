@@ -68,6 +68,23 @@ SPLIT_ALIGN = max(c.block_v for c in GPU_CONFIGS)
 # in pass 1, [N, columns] in pass 2), one_pass's dz block plus its fp32 grad_h accumulator. 80 MiB is 0.84% of the
 # fp32 logits at N=16384, V=151936 (the issue's budget is 1%).
 BACKWARD_BUFFER_BYTES = 80 * 2**20
+BUFFER_ENV = "GOPD_BACKWARD_BUFFER_MIB"
+
+
+def backward_buffer_bytes() -> int:
+    """The deterministic schedules' buffer budget: ``GOPD_BACKWARD_BUFFER_MIB`` when set, else
+    ``BACKWARD_BUFFER_BYTES``. More memory means taller one_pass token blocks: fewer roundings of a 16-bit grad_W
+    and fewer accumulator passes."""
+    value = os.environ.get(BUFFER_ENV, "").strip()
+    if not value:
+        return BACKWARD_BUFFER_BYTES
+    try:
+        mib = float(value)
+    except ValueError:
+        mib = -1.0
+    if not 0 < mib < float("inf"):
+        raise ValueError(f"{BUFFER_ENV} must be a positive number of MiB, got {value!r}")
+    return int(mib * 2**20)
 
 # Autotune keys: the problem dimensions that change the best tile (dtypes are part of Triton's key already).
 AUTOTUNE_KEY = ["Ds", "Dt", "V"]

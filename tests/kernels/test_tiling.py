@@ -48,3 +48,18 @@ def test_one_pass_chunks_respect_budget(monkeypatch, fp32_dz, partial_bytes):
     assert rows % align_n == 0 and columns % align_v == 0
     assert accumulator <= budget // 2 and accumulator + dz <= budget
     assert one_pass_chunks(n_tokens=5, vocab=7, ds=8, operand_bytes=4, fp32_dz=True, partial_bytes=0) == (5, 7)
+
+
+def test_buffer_budget_env_var(monkeypatch):
+    monkeypatch.delenv("GOPD_BACKWARD_BUFFER_MIB", raising=False)
+    assert tiling.backward_buffer_bytes() == tiling.BACKWARD_BUFFER_BYTES
+    monkeypatch.setenv("GOPD_BACKWARD_BUFFER_MIB", "256")
+    assert tiling.backward_buffer_bytes() == 256 * 2**20
+    small = one_pass_chunks(n_tokens=16384, vocab=151936, ds=4096, operand_bytes=2, fp32_dz=False, partial_bytes=0)
+    monkeypatch.setenv("GOPD_BACKWARD_BUFFER_MIB", "1024")
+    large = one_pass_chunks(n_tokens=16384, vocab=151936, ds=4096, operand_bytes=2, fp32_dz=False, partial_bytes=0)
+    assert large[0] > small[0]  # taller token blocks: fewer roundings of a 16-bit grad_W
+    for bad in ("0", "-3", "lots", "inf", "nan"):
+        monkeypatch.setenv("GOPD_BACKWARD_BUFFER_MIB", bad)
+        with pytest.raises(ValueError, match="GOPD_BACKWARD_BUFFER_MIB must be a positive number of MiB"):
+            tiling.backward_buffer_bytes()
