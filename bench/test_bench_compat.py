@@ -20,23 +20,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
+
+from gopd_fast.memory import peak_cpu_bytes
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 N, D, V, K = 512, 64, 32000, 64
-
-
-def _peak_bytes(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def _inputs():
@@ -90,7 +79,7 @@ def _case(name: str):
 def test_compat(benchmark, name):
     run = _case(name)
     run()  # warm-up (lazy imports, first-touch)
-    peak = _peak_bytes(run)
+    peak = peak_cpu_bytes(run)
     benchmark.extra_info.update({"peak_bytes": peak, "N": N, "D": D, "V": V})
     print(f"\n{name}: peak {peak / 2**20:.1f} MiB (N={N}, D={D}, V={V})")
     benchmark.pedantic(run, rounds=3, iterations=1)

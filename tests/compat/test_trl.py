@@ -10,7 +10,8 @@ import types
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+from gopd_fast.memory import peak_cpu_bytes
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("trl")
@@ -24,19 +25,6 @@ from gopd_fast.compat.trl import FusedDistillationTrainer, FusedGKDTrainer, fuse
 
 VOCAB = 512
 CORPUS = [f"the quick brown fox {i} jumps over the lazy dog {i * 7}" for i in range(40)]
-
-
-def peak_cpu_bytes(fn) -> int:
-    """Largest live-bytes total of torch CPU allocations made while ``fn()`` runs (profiler memory events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = prof.profiler.kineto_results.events()
-    allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in allocations:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from gopd_fast.kernels import tiling
-from gopd_fast.kernels.backward import SCHEDULES, one_pass_chunks
+from gopd_fast.kernels.backward import SCHEDULES, one_pass_chunks, two_pass_chunks
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
@@ -106,3 +106,43 @@ def test_unknown_schedule_is_rejected(problem):
     p = problem(n=4, vocab=40)
     with pytest.raises(ValueError, match="schedule must be one of"):
         run_triton(p, jsd_beta=None, temperature=1.0, schedule="fast", upstream=torch.ones(4, device=p["hs"].device))
+
+
+@pytest.mark.parametrize("schedule", ["one_pass", "two_pass"])
+def test_deterministic_schedules_stay_within_the_buffer_budget(problem, monkeypatch, schedule):
+    """Measured extra memory of the backward (torch allocator events), beyond the gradients it returns and O(N)
+    per-token vectors, stays within the buffer budget with several blocks per pass, and grows with the budget (so
+    the measurement sees the buffers). fp32: CPU fp16 GEMMs make fp32 copies of their operands that a GPU never
+    makes, which would be measured too. The interpreter keeps the last launch's arguments until the next launch,
+    so two_pass's pass-1 buffer is still counted when pass 2 allocates its own: allowed for here, as it would not
+    be on a GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("measures CPU allocations (the interpreter's tensors)")
+    from gopd_fast.memory import peak_cpu_bytes
+
+    n, vocab, ds, dt = 256, 1000, 64, 48
+    monkeypatch.setattr(tiling, "INTERPRETER_CONFIG", tiling.TileConfig(block_n=16, block_v=64, block_d=32))
+    p = problem(n=n, vocab=vocab, ds=ds, dt=dt, bias=False)
+
+    def backward_extra(budget):
+        monkeypatch.setattr(tiling, "BACKWARD_BUFFER_BYTES", budget)
+        hs, ws = p["hs"].clone().requires_grad_(), p["ws"].clone().requires_grad_()
+        loss, _ = fused_linear_kl_triton(hs, ws, p["ht"], p["wt"], None, None, p["rw"], p["fw"], jsd_beta=None,
+                                         temperature=1.0, target_ids=None, grad_scale=1.0, return_stats=False,
+                                         schedule=schedule)
+        peak = peak_cpu_bytes(loss.backward)
+        return peak - (hs.numel() + ws.numel()) * 4  # minus the returned fp32 gradients
+
+    small, large = 96 * 1024, 512 * 1024
+    per_token = 16 * n * 4  # the backward's fp32 [N] coefficient vectors and autograd's scalars, generously
+
+    def interpreter_retained():  # two_pass's pass-1 buffer, alive in the interpreter while pass 2 allocates
+        return 0 if schedule == "one_pass" else two_pass_chunks(n, vocab, 4, fp32_columns=False)[0] * vocab * 4
+
+    extra_small = backward_extra(small)
+    assert one_pass_chunks(n, vocab, ds, 4, fp32_dz=False, partial_bytes=0)[1] < vocab  # several blocks
+    two_pass_rows, two_pass_columns = two_pass_chunks(n, vocab, 4, fp32_columns=False)
+    assert two_pass_rows < n and two_pass_columns < vocab
+    assert extra_small <= small + per_token + interpreter_retained()
+    extra_large = backward_extra(large)
+    assert small + per_token + interpreter_retained() < extra_large <= large + per_token + interpreter_retained()
