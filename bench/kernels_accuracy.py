@@ -18,7 +18,7 @@ if not torch.cuda.is_available():  # before the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from gopd_fast.kernels import tiling
-from gopd_fast.kernels.backward import SCHEDULES, one_pass_chunks
+from gopd_fast.kernels.backward import SCHEDULES, one_pass_blocks
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 
 
@@ -88,8 +88,7 @@ def main() -> None:
                 errors = measure(dtype, args.n, args.vocab, args.ds, args.dt, beta, schedule, device)
                 if columns is None:
                     columns = list(errors)
-                    rows, width = one_pass_chunks(args.n, args.vocab, args.ds, dtype.itemsize, True,
-                                                  dtype.itemsize)
+                    rows, width = one_pass_blocks(args.n, args.vocab, args.ds, dtype, device, fp32_dz=True)
                     print(f"N={args.n} V={args.vocab} Ds={args.ds} Dt={args.dt} on {device}, backward buffers "
                           f"{args.buffer_bytes} B (one_pass blocks of {rows} tokens x {width} columns at the first "
                           "dtype); max |err| / max |float64 reference|\n")

@@ -289,6 +289,15 @@ def one_pass_chunks(n_tokens: int, vocab: int, ds: int, operand_bytes: int, fp32
     return rows, columns
 
 
+def one_pass_blocks(n_tokens: int, vocab: int, ds: int, dtype: torch.dtype, device: torch.device,
+                    fp32_dz: bool) -> tuple[int, int]:
+    """``one_pass_chunks`` for these operands on this device: a 16-bit partial product is budgeted only where the
+    GEMM cannot accumulate into fp32 itself."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    partial_bytes = 0 if dtype == torch.float32 or fp32_accumulating_mm(device) else itemsize
+    return one_pass_chunks(n_tokens, vocab, ds, itemsize, fp32_dz, partial_bytes)
+
+
 def _backward_gemm_schedule(schedule, tensors, strides, flags, scalars, n_tokens, vocab, ds, dt,
                             need_grad_h, need_grad_w, need_grad_b):
     """The two deterministic schedules: a kernel writes dz blocks, cuBLAS GEMMs turn them into gradients."""
@@ -324,9 +333,7 @@ def _one_pass(tensors, grad_logits, n_tokens, vocab, ds, need_grad_w, need_grad_
     """
     student_hidden, student_weight = tensors[0], tensors[1]
     op_dtype, device = student_hidden.dtype, student_hidden.device
-    fused = fp32_accumulating_mm(device)
-    partial_bytes = 0 if fused or op_dtype == torch.float32 else student_hidden.element_size()
-    rows, columns = one_pass_chunks(n_tokens, vocab, ds, student_hidden.element_size(), need_grad_b, partial_bytes)
+    rows, columns = one_pass_blocks(n_tokens, vocab, ds, op_dtype, device, need_grad_b)
 
     grad_h = new_output((n_tokens, ds), op_dtype, device)
     in_place = op_dtype == torch.float32  # fp32 hidden states: accumulate straight into the gradient
