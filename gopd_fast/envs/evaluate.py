@@ -9,10 +9,11 @@ A policy maps what the agent has seen so far to its next action:
     report = evaluate("household", policy, split="eval", limit=100, log_path="eval.jsonl")
     print(report)   # Score 97.1 [95.2, 99.0] | Success 0.940 [0.876, 0.972] | Rounds 9.30 [8.85, 9.75] (n=100)
 
-Metrics (docs/guided-opd.md section 3): Score is the env's own 0-100 score at the end of the episode, Success Rate
-the fraction of fully solved episodes, Rounds the number of turns used (lower is better). Confidence intervals:
-Student's t-interval for the means of Score and Rounds (df = n - 1; NaN bounds for n = 1), and the Wilson score
-interval for the Success Rate (a binomial proportion, for which a t-interval misbehaves near 0 and 1).
+Metrics (docs/algorithm.md, section "Metrics"): Score is the env's own 0-100 score at the end of the episode,
+Success Rate the fraction of fully solved episodes, Rounds the number of turns used (lower is better). Confidence
+intervals (scipy.stats): Student's t-interval for the means of Score and Rounds (df = n - 1; NaN bounds for
+n = 1), and the Wilson score interval for the Success Rate (a binomial proportion, for which a t-interval
+misbehaves near 0 and 1).
 
 ``evaluate`` runs sequentially in this process, or through an ``EnvPool`` (``pool=`` or ``num_workers=``) with many
 episodes in flight. An episode whose env fails for good (``EnvError`` after the pool's own replays) is retried
@@ -21,7 +22,6 @@ episode with score 0 (conservative), and ``EvalReport.errors`` says how many.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -96,61 +96,21 @@ class EvalReport:
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
+# scipy.stats is imported inside the functions: importing gopd_fast.envs stays light for env-pool workers.
 def t_cdf(t: float, df: float) -> float:
-    """CDF of Student's t distribution."""
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
+    """CDF of Student's t distribution (``scipy.stats.t.cdf``)."""
+    from scipy import stats
+
+    return float(stats.t.cdf(t, df))
 
 
-@functools.lru_cache(maxsize=1024)
 def t_quantile(p: float, df: float) -> float:
-    """Inverse of ``t_cdf`` by bisection (to ~1e-12), for 0 < p < 1."""
-    if not 0.0 < p < 1.0 or df <= 0:
+    """Inverse of ``t_cdf`` (``scipy.stats.t.ppf``), for 0 < p < 1 and df > 0."""
+    if not 0.0 < p < 1.0 or not df > 0:
         raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+    from scipy import stats
+
+    return float(stats.t.ppf(p, df))
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
@@ -167,26 +127,14 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Interval:
-    """A binomial proportion and its Wilson score interval."""
+    """A binomial proportion and its Wilson score interval (``scipy.stats.binomtest(...).proportion_ci``)."""
     if n <= 0 or not 0 <= successes <= n:
         raise ValueError(f"wilson_interval needs 0 <= successes <= n and n > 0, got {successes}/{n}")
-    z = _normal_quantile(0.5 + confidence / 2.0)
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), "wilson")
+    from scipy import stats
 
-
-def _normal_quantile(p: float) -> float:
-    lo, hi = -40.0, 40.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if 0.5 * math.erfc(-mid / math.sqrt(2.0)) < p:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    # Clamped: at 0 or n successes the bound sits on 0 resp. 1 up to rounding.
+    return Interval(successes / n, max(0.0, float(ci.low)), min(1.0, float(ci.high)), "wilson")
 
 
 def summarize(episodes: Sequence[EpisodeLog], confidence: float = 0.95) -> EvalReport:

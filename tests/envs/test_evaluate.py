@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
+from statistics import NormalDist
 
 import pytest
 
@@ -17,6 +20,7 @@ from gopd_fast.envs.evaluate import (
     PolicyInput,
     evaluate,
     summarize,
+    t_cdf,
     t_interval,
     t_quantile,
     wilson_interval,
@@ -61,6 +65,39 @@ def test_wilson_interval_published_values():
     assert round(wilson_interval(20, 20).low, 4) == 0.8389
     with pytest.raises(ValueError):
         wilson_interval(3, 2)
+
+
+def test_t_cdf_inverts_t_quantile_and_rejects_bad_input():
+    for df in (1, 2.5, 7, 30, 1000):
+        for p in (0.01, 0.3, 0.5, 0.9, 0.999):
+            assert t_cdf(t_quantile(p, df), df) == pytest.approx(p, abs=1e-12)
+    for p, df in ((0.0, 5), (1.0, 5), (0.5, 0), (0.5, -1), (math.nan, 5)):
+        with pytest.raises(ValueError, match="t_quantile"):
+            t_quantile(p, df)
+
+
+@pytest.mark.parametrize("confidence", [0.8, 0.95, 0.99])
+def test_wilson_interval_matches_the_score_formula(confidence):
+    # Wilson (1927): (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), z the normal quantile.
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    for n in (1, 2, 7, 48, 144, 1000):
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            p = k / n
+            centre, denom = p + z * z / (2 * n), 1 + z * z / n
+            half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+            ci = wilson_interval(k, n, confidence)
+            assert ci.mean == p and ci.method == "wilson"
+            assert ci.low == pytest.approx(max(0.0, (centre - half) / denom), abs=1e-12)
+            assert ci.high == pytest.approx(min(1.0, (centre + half) / denom), abs=1e-12)
+            assert 0.0 <= ci.low <= p <= ci.high <= 1.0
+
+
+def test_evaluate_imports_scipy_lazily():
+    """scipy is imported by the interval functions, not by importing the harness (env-pool workers stay light)."""
+    code = ("import sys, gopd_fast.envs, gopd_fast.envs.evaluate; assert 'scipy' not in sys.modules, 'scipy'; "
+            "from gopd_fast.envs.evaluate import wilson_interval; wilson_interval(1, 2); "
+            "assert 'scipy.stats' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_oracle_report_matches_expert_distances(tmp_path):
