@@ -14,7 +14,7 @@ pytest.importorskip("bm25s", reason="WebShop search needs bm25s")
 from gopd_fast.envs import make
 from gopd_fast.envs.webshop import split_indices
 from gopd_fast.envs.webshop.data import parse_pricing
-from gopd_fast.envs.webshop.reward import _indel_ratio, token_set_ratio
+from gopd_fast.envs.webshop.reward import token_set_ratio
 
 COLORS = ["red", "navy blue", "black", "white", "green", "grey", "pink", "yellow", "brown", "purple", "orange", "teal"]
 
@@ -273,6 +273,78 @@ def test_synthetic_goals(data_dir):
     texts = sorted(g.instruction_text.split(", and price")[0] for g in e.catalogue.goals)
     assert texts == ["i want a desk lamp with color: black", "i want a desk lamp with color: silver"]
     assert {tuple(g.goal_options.items()) for g in e.catalogue.goals} == {(("color", "black"),), (("color", "silver"),)}
+
+
+# thefuzz's definitions written out (thefuzz itself is not a dependency): the oracle for reward.token_set_ratio.
+def _thefuzz_process(text: str) -> str:
+    """thefuzz.utils.full_process(force_ascii=True): delete code points 128-255, non-alphanumerics to spaces,
+    lower-case, trim."""
+    text = "".join(c for c in text if not 128 <= ord(c) < 256)
+    return "".join(c if c.isalnum() else " " for c in text).lower().strip()
+
+
+def _indel_ratio(a: str, b: str) -> float:
+    """thefuzz.fuzz.ratio before rounding: 100 * 2 * LCS(a, b) / (len(a) + len(b)), 100 for two empty strings."""
+    if not a and not b:
+        return 100.0
+    previous = [0] * (len(b) + 1)
+    for ca in a:
+        current = [0]
+        for j, cb in enumerate(b):
+            current.append(previous[j] + 1 if ca == cb else max(previous[j + 1], current[j]))
+        previous = current
+    return 200.0 * previous[-1] / (len(a) + len(b))
+
+
+def _thefuzz_token_set_ratio(a: str, b: str) -> int:
+    ta, tb = set(_thefuzz_process(a).split()), set(_thefuzz_process(b).split())
+    if not ta or not tb:
+        return 0
+    shared = " ".join(sorted(ta & tb))
+    with_a = f"{shared} {' '.join(sorted(ta - tb))}".strip()
+    with_b = f"{shared} {' '.join(sorted(tb - ta))}".strip()
+    candidates = [_indel_ratio(with_a, with_b)]
+    if shared:
+        candidates += [_indel_ratio(shared, with_a), _indel_ratio(shared, with_b)]
+    return round(max(candidates))
+
+
+def _fuzzy_corpus(n_pairs: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Attribute/option-like phrases, their case/punctuation/order/typo variants, accents and empty strings."""
+    words = ["navy", "blue", "x-large", "small", "cotton", "t-shirt", "machine", "wash", "long", "lasting",
+             "fluoride", "free", "size", "12", "pack", "of", "3", "gluten", "sugar", "high", "heels", "men's",
+             "women", "café", "crème", "naïve", "über", "äb", "γάλα", "日本", "Größe", "the", "a", "&", "/", "1.5oz"]
+    rng = random.Random(seed)
+
+    def phrase() -> str:
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(0, 6)))
+        if rng.random() < 0.3:
+            text = text.upper() if rng.random() < 0.5 else text.title()
+        if rng.random() < 0.3 and text:
+            i = rng.randrange(len(text))
+            text = text[:i] + rng.choice("aeiou-!, ") + text[i + 1:]
+        return text
+
+    pairs = []
+    for _ in range(n_pairs):
+        a = phrase()
+        if rng.random() < 0.5:   # a variant of a: shuffled, repeated or extra tokens, new separators
+            tokens = a.split()
+            rng.shuffle(tokens)
+            b = rng.choice([" ", "-", ", ", " | "]).join(tokens + [rng.choice(words)] * rng.randint(0, 2))
+        else:
+            b = phrase()
+        pairs.append((a, b))
+    return pairs + [("", ""), ("", "navy"), ("!!", "navy"), ("é", "e"), ("navy blue", "navy blue")]
+
+
+def test_token_set_ratio_equals_thefuzz_definition_on_a_corpus():
+    pairs = _fuzzy_corpus(1500)
+    mismatches = [(a, b, token_set_ratio(a, b), _thefuzz_token_set_ratio(a, b)) for a, b in pairs
+                  if token_set_ratio(a, b) != _thefuzz_token_set_ratio(a, b)]
+    assert not mismatches, mismatches[:5]
+    scores = {_thefuzz_token_set_ratio(a, b) for a, b in pairs}
+    assert {0, 100} <= scores and len(scores) > 30   # the corpus exercises the whole range, not only the ends
 
 
 def test_fuzzy_ratios_match_thefuzz():

@@ -7,9 +7,9 @@
 category breadcrumb and the title nouns agree less. Attribute and option matches use a fuzzy token-set ratio > 85,
 else a substring test against the title, features and description; "size" options must match exactly.
 
-Two building blocks are reimplemented without extra dependencies (differences are listed in docs/envs.md):
-``token_set_ratio`` is thefuzz's token-set ratio on rapidfuzz's Indel similarity; ``title_nouns`` uses spaCy's
-``en_core_web_lg`` tagger when that model is installed (as the original) and a content-word heuristic otherwise.
+The original's fuzzy matcher, thefuzz's ``token_set_ratio``, is computed by rapidfuzz (the library under thefuzz)
+with thefuzz's preprocessing. ``title_nouns`` uses spaCy's ``en_core_web_lg`` tagger when that model is installed (as
+the original) and a content-word heuristic otherwise (differences are listed in docs/envs.md).
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from rapidfuzz import fuzz, utils
 
 from gopd_fast.envs.webshop.data import Goal, Product
 
@@ -48,39 +50,16 @@ class RewardInfo:
     title_score: float
 
 
-def _process(text: str) -> str:
-    """thefuzz's default processor: lower-case, non-alphanumerics to spaces, trimmed."""
-    return " ".join(re.sub(r"[^0-9a-zA-Z]+", " ", text).lower().split())
+# thefuzz's force_ascii (on by default): code points 128-255 are deleted before its default processing.
+_LATIN1_HIGH = dict.fromkeys(range(128, 256))
 
 
-def _indel_ratio(a: str, b: str) -> float:
-    """100 * (1 - indel_distance / (len(a) + len(b))) = 100 * 2 * LCS / (len(a) + len(b))."""
-    if not a and not b:
-        return 100.0
-    previous = [0] * (len(b) + 1)
-    for ca in a:
-        current = [0]
-        for j, cb in enumerate(b):
-            current.append(previous[j] + 1 if ca == cb else max(previous[j + 1], current[j]))
-        previous = current
-    return 200.0 * previous[-1] / (len(a) + len(b))
-
-
-@functools.lru_cache(maxsize=65536)
 def token_set_ratio(a: str, b: str) -> int:
-    """thefuzz.fuzz.token_set_ratio: compare the sorted shared tokens with each side's sorted remainder."""
-    ta, tb = set(_process(a).split()), set(_process(b).split())
-    if not ta or not tb:
-        return 0
-    shared = " ".join(sorted(ta & tb))
-    only_a = " ".join(sorted(ta - tb))
-    only_b = " ".join(sorted(tb - ta))
-    with_a = f"{shared} {only_a}".strip()
-    with_b = f"{shared} {only_b}".strip()
-    candidates = [_indel_ratio(with_a, with_b)]
-    if shared:
-        candidates += [_indel_ratio(shared, with_a), _indel_ratio(shared, with_b)]
-    return round(max(candidates))
+    """thefuzz.fuzz.token_set_ratio(a, b) with its defaults, as the original calls it: the sorted shared tokens
+    compared with each side's sorted remainder by the Indel ratio, best of three, rounded to an int."""
+    score = fuzz.token_set_ratio(a.translate(_LATIN1_HIGH), b.translate(_LATIN1_HIGH),
+                                 processor=utils.default_process)
+    return round(score)
 
 
 def normalize_color(value: str) -> str:
