@@ -1,6 +1,6 @@
 """The failure-mode diagnostic: is the teacher least reliable exactly on the states a student reaches?
 
-Guided-OPD's motivation (docs: guided-opd.md section 1): on-policy distillation trains the student on states it
+Guided-OPD's motivation (docs/algorithm.md §1): on-policy distillation trains the student on states it
 reaches itself; after a few student mistakes those states are off the expert's path, where the teacher has seen
 little data and its supervision is least reliable. This module measures that on real rollouts:
 

@@ -2,7 +2,7 @@
 
 Grid: (token tiles, vocabulary splits). Each program walks its vocabulary split one BLOCK_V tile at a time,
 computes the student and teacher logit tiles with tl.dot (fp32 accumulation) and updates the online recurrences of
-docs guided-opd.md section 4 per token:
+docs/algorithm.md §6.2 per token ((K1)-(K4); the splits merge by (K7)):
 
     m_s, l_s = sum exp(z_s - m_s),   m_t, l_t = sum exp(z_t - m_t)
     A = sum exp(z_s - m_s) (z_s - z_t),   B = sum exp(z_t - m_t) (z_t - z_s),   E = sum exp(z_s - m_s) z_s

@@ -1,7 +1,7 @@
 """The chunked backend: pure PyTorch, tiles the vocabulary, never holds an [N, V] tensor. The CPU default.
 
 Both logit matrices are produced one [N, chunk] tile at a time (``z = (h / tau) W[lo:hi]^T + b[lo:hi] / tau``) and
-folded into per-token running statistics with the online recurrences of guided-opd.md section 4: running maxima
+folded into per-token running statistics with the online recurrences of docs/algorithm.md §6.2: running maxima
 m_s, m_t, sums l_s, l_t and the accumulators A = sum e^(z_s - m_s)(z_s - z_t), B = sum e^(z_t - m_t)(z_t - z_s),
 rescaled whenever a maximum grows. At the end lse = m + log l, RKL = A/l_s - lse_s + lse_t, FKL = B/l_t - lse_t +
 lse_s. The gradient w.r.t. the student logits,

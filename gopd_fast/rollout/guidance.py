@@ -1,6 +1,6 @@
 """Per-turn guidance (who writes each turn) and ReAct-style action parsing.
 
-Guided OPD (docs/guided-opd.md section 2): ``beta`` is fixed for a whole episode; at every turn an independent
+Guided OPD (docs/algorithm.md §2, (G1)): ``beta`` is fixed for a whole episode; at every turn an independent
 coin ``u ~ U(0, 1)`` decides whether the teacher (``u < beta``) or the student writes the whole turn. Each episode
 owns its own generator, seeded from ``(seed, episode_index)``, so the coin sequence of an episode does not depend
 on how many episodes are in flight or in which order the engines serve them.

@@ -33,7 +33,7 @@ from gopd_fast.envs.webshop.pages import (
 from gopd_fast.envs.webshop.reward import reward, token_set_ratio
 from gopd_fast.envs.webshop.search import ProductSearch
 
-EVAL_SESSIONS = range(4096, 4196)  # the validation sessions of this line of work (guided-opd.md section 3)
+EVAL_SESSIONS = range(4096, 4196)  # the validation sessions of this line of work (docs/algorithm.md §5)
 _ACTION = re.compile(r"(.+)\[(.+)\]")  # the original parse_action pattern
 _PRICE_CLAUSE = re.compile(r", and price lower than [\d.]+ dollars$")
 
