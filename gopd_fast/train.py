@@ -28,6 +28,7 @@ by the global loss-token count, the update equals one process training on the wh
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import random
 import sys
@@ -80,9 +81,15 @@ class EpisodeSource(Protocol):
             return self._engine(self.cfg.model.teacher, info)
         from gopd_fast.rollout.engines.remote import RemoteEngine, RemoteOptions
 
-        return RemoteEngine(r.teacher_server, RemoteOptions(
+        engine = RemoteEngine(r.teacher_server, RemoteOptions(
             model=r.teacher_server_model, request_timeout_s=r.server_timeout_s,
             max_concurrency=r.server_max_concurrency, retry_deadline_s=r.server_retry_deadline_s))
+        if engine.served_root not in (self.cfg.model.teacher, str(Path(self.cfg.model.teacher).resolve())):
+            logging.getLogger("gopd_fast.train").warning(
+                "the teacher server at %s serves %r but model.teacher is %r: guided turns and teacher scores "
+                "come from different checkpoints unless they hold the same weights", engine.url,
+                engine.served_root, self.cfg.model.teacher)
+        return engine
 
     def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]: ...
 
@@ -121,9 +128,15 @@ class ExpertSource:
             return self._engine(self.cfg.model.teacher, info)
         from gopd_fast.rollout.engines.remote import RemoteEngine, RemoteOptions
 
-        return RemoteEngine(r.teacher_server, RemoteOptions(
+        engine = RemoteEngine(r.teacher_server, RemoteOptions(
             model=r.teacher_server_model, request_timeout_s=r.server_timeout_s,
             max_concurrency=r.server_max_concurrency, retry_deadline_s=r.server_retry_deadline_s))
+        if engine.served_root not in (self.cfg.model.teacher, str(Path(self.cfg.model.teacher).resolve())):
+            logging.getLogger("gopd_fast.train").warning(
+                "the teacher server at %s serves %r but model.teacher is %r: guided turns and teacher scores "
+                "come from different checkpoints unless they hold the same weights", engine.url,
+                engine.served_root, self.cfg.model.teacher)
+        return engine
 
     def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]:
         out = []
@@ -178,9 +191,15 @@ class RolloutSource:
             return self._engine(self.cfg.model.teacher, info)
         from gopd_fast.rollout.engines.remote import RemoteEngine, RemoteOptions
 
-        return RemoteEngine(r.teacher_server, RemoteOptions(
+        engine = RemoteEngine(r.teacher_server, RemoteOptions(
             model=r.teacher_server_model, request_timeout_s=r.server_timeout_s,
             max_concurrency=r.server_max_concurrency, retry_deadline_s=r.server_retry_deadline_s))
+        if engine.served_root not in (self.cfg.model.teacher, str(Path(self.cfg.model.teacher).resolve())):
+            logging.getLogger("gopd_fast.train").warning(
+                "the teacher server at %s serves %r but model.teacher is %r: guided turns and teacher scores "
+                "come from different checkpoints unless they hold the same weights", engine.url,
+                engine.served_root, self.cfg.model.teacher)
+        return engine
 
     def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]:
         from gopd_fast.rollout.rollout import RolloutOptions, run_rollout

@@ -117,7 +117,7 @@ class RemoteEngine(GenerationEngine):
                               max_keepalive_connections=options.max_concurrency)
         self._client = self._call(self._make_client(timeout, limits))
         try:
-            self.model, self._max_model_len = self._call(self._discover())
+            self.model, self._max_model_len, self.served_root = self._call(self._discover())
         except BaseException:
             self.close()
             raise
@@ -132,7 +132,7 @@ class RemoteEngine(GenerationEngine):
 
         return httpx.AsyncClient(timeout=timeout, limits=limits)
 
-    async def _discover(self) -> tuple[str, int]:
+    async def _discover(self) -> tuple[str, int, str]:
         import httpx
 
         try:
@@ -151,7 +151,7 @@ class RemoteEngine(GenerationEngine):
             name = next(iter(served))
         if name not in served:
             raise ValueError(f"the server at {self.url} does not serve model {name!r}; it serves {sorted(served)}")
-        return name, int(served[name].get("max_model_len") or (1 << 30))
+        return name, int(served[name].get("max_model_len") or (1 << 30)), str(served[name].get("root") or name)
 
     # -- GenerationEngine ----------------------------------------------------------------------------------
     @property
