@@ -117,6 +117,14 @@ class RolloutConfig:
     # vLLM on GPU: the fraction of the GPU each engine (student, teacher) may take; they share the GPU with the
     # trainer's sharded models, so the two engines and training must fit together.
     gpu_memory_utilization: float = 0.25
+    # A shared teacher server (docs/training.md, "The paper's setup"): guided turns are written by a vLLM
+    # OpenAI-compatible server at this URL (http://host:port) instead of an in-process engine on every rank; the
+    # trainer still scores the teacher's log-probs with its own sharded copy. "" = the in-process engine.
+    teacher_server: str = ""
+    teacher_server_model: str = ""           # served model name ("" = the server's only model)
+    server_timeout_s: float = 600.0          # one request (a whole turn's generation)
+    server_max_concurrency: int = 64         # requests in flight per rank
+    server_retry_deadline_s: float = 300.0   # retry a failed request (connection error, 5xx) for this long
 
     def __post_init__(self) -> None:
         _check(self.episodes_per_step >= 1, "rollout.episodes_per_step", "an int >= 1", self.episodes_per_step)
@@ -130,6 +138,15 @@ class RolloutConfig:
                               f"rollout.max_new_tokens ({self.max_new_tokens}): a prompt plus one response must fit")
         _check(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "a float in (0, 1)",
                self.gpu_memory_utilization)
+        _check(self.teacher_server == "" or self.teacher_server.startswith(("http://", "https://")),
+               "rollout.teacher_server", '"" or an http(s)://host:port URL', self.teacher_server)
+        _check(self.teacher_server == "" or self.engine != "expert", "rollout.teacher_server",
+               '"" with rollout.engine = "expert" (the oracle writes every turn)', self.teacher_server)
+        for k in ("server_timeout_s", "server_retry_deadline_s"):
+            v = getattr(self, k)
+            _check(math.isfinite(v) and v > 0, f"rollout.{k}", "a finite float > 0", v)
+        _check(self.server_max_concurrency >= 1, "rollout.server_max_concurrency", "an int >= 1",
+               self.server_max_concurrency)
 
 
 @dataclass(frozen=True)

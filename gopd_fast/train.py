@@ -28,6 +28,7 @@ by the global loss-token count, the update equals one process training on the wh
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import random
 import sys
@@ -72,6 +73,24 @@ __all__ = ["EpisodeSource", "ExpertSource", "RunResult", "Trainer", "cli", "expe
 class EpisodeSource(Protocol):
     """Produces finished episodes for task ids; receives the student's new weights after every update."""
 
+    def _teacher_engine(self, info: DistInfo) -> Any:
+        """The teacher's generation engine: the shared server when ``rollout.teacher_server`` is set (every rank
+        sends its guided turns there), else an in-process engine like the student's."""
+        r = self.cfg.rollout
+        if not r.teacher_server:
+            return self._engine(self.cfg.model.teacher, info)
+        from gopd_fast.rollout.engines.remote import RemoteEngine, RemoteOptions
+
+        engine = RemoteEngine(r.teacher_server, RemoteOptions(
+            model=r.teacher_server_model, request_timeout_s=r.server_timeout_s,
+            max_concurrency=r.server_max_concurrency, retry_deadline_s=r.server_retry_deadline_s))
+        if engine.served_root not in (self.cfg.model.teacher, str(Path(self.cfg.model.teacher).resolve())):
+            logging.getLogger("gopd_fast.train").warning(
+                "the teacher server at %s serves %r but model.teacher is %r: guided turns and teacher scores "
+                "come from different checkpoints unless they hold the same weights", engine.url,
+                engine.served_root, self.cfg.model.teacher)
+        return engine
+
     def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]: ...
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
@@ -100,6 +119,24 @@ class ExpertSource:
         self.chat_format = ChatFormat(tokenizer)
         self.eos_token_id = int(tokenizer.eos_token_id)
         self._cache: dict[str, Episode] = {}
+
+    def _teacher_engine(self, info: DistInfo) -> Any:
+        """The teacher's generation engine: the shared server when ``rollout.teacher_server`` is set (every rank
+        sends its guided turns there), else an in-process engine like the student's."""
+        r = self.cfg.rollout
+        if not r.teacher_server:
+            return self._engine(self.cfg.model.teacher, info)
+        from gopd_fast.rollout.engines.remote import RemoteEngine, RemoteOptions
+
+        engine = RemoteEngine(r.teacher_server, RemoteOptions(
+            model=r.teacher_server_model, request_timeout_s=r.server_timeout_s,
+            max_concurrency=r.server_max_concurrency, retry_deadline_s=r.server_retry_deadline_s))
+        if engine.served_root not in (self.cfg.model.teacher, str(Path(self.cfg.model.teacher).resolve())):
+            logging.getLogger("gopd_fast.train").warning(
+                "the teacher server at %s serves %r but model.teacher is %r: guided turns and teacher scores "
+                "come from different checkpoints unless they hold the same weights", engine.url,
+                engine.served_root, self.cfg.model.teacher)
+        return engine
 
     def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]:
         out = []
@@ -130,7 +167,7 @@ class RolloutSource:
         self.cfg = cfg
         self.chat = ChatFormat(tokenizer)
         self.student = self._engine(cfg.model.student, info)
-        self.teacher = self._engine(cfg.model.teacher, info)
+        self.teacher = self._teacher_engine(info)
         self.envs = ThreadedEnvs(env_factory, max_workers=min(cfg.rollout.episodes_per_step, 8))
         self._metrics: dict[str, float] = {}
 
@@ -145,6 +182,24 @@ class RolloutSource:
                               max_model_len=self.cfg.rollout.max_prompt_tokens + self.cfg.rollout.max_new_tokens,
                               **extra)
         return HFEngine.from_pretrained(path, dtype=dtype, device=str(info.device))
+
+    def _teacher_engine(self, info: DistInfo) -> Any:
+        """The teacher's generation engine: the shared server when ``rollout.teacher_server`` is set (every rank
+        sends its guided turns there), else an in-process engine like the student's."""
+        r = self.cfg.rollout
+        if not r.teacher_server:
+            return self._engine(self.cfg.model.teacher, info)
+        from gopd_fast.rollout.engines.remote import RemoteEngine, RemoteOptions
+
+        engine = RemoteEngine(r.teacher_server, RemoteOptions(
+            model=r.teacher_server_model, request_timeout_s=r.server_timeout_s,
+            max_concurrency=r.server_max_concurrency, retry_deadline_s=r.server_retry_deadline_s))
+        if engine.served_root not in (self.cfg.model.teacher, str(Path(self.cfg.model.teacher).resolve())):
+            logging.getLogger("gopd_fast.train").warning(
+                "the teacher server at %s serves %r but model.teacher is %r: guided turns and teacher scores "
+                "come from different checkpoints unless they hold the same weights", engine.url,
+                engine.served_root, self.cfg.model.teacher)
+        return engine
 
     def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]:
         from gopd_fast.rollout.rollout import RolloutOptions, run_rollout
@@ -163,7 +218,8 @@ class RolloutSource:
 
     def stats(self) -> dict[str, float]:
         m = self._metrics
-        return {"cache_hit_rate": m["prefix_cache_hit_rate"]} if "prefix_cache_hit_rate" in m else {}
+        keys = {"cache_hit_rate": "prefix_cache_hit_rate", "generation_failures": "generation_failures"}
+        return {name: m[key] for name, key in keys.items() if key in m}
 
     def close(self) -> None:
         self.envs.close()
@@ -542,9 +598,11 @@ def _run(cfg: Config, info: DistInfo, source: EpisodeSource | None) -> RunResult
                       "reprefill_tokens": ep["reprefill_tokens"], "env_failures": ep["env_failures"],
                       "time_rollout": time_rollout, "time_sync": time_sync, "time_step": time_step,
                       "tokens_per_s": metrics["tokens_scored"] / max(time_step, 1e-9)}
-            hit = source.stats().get("cache_hit_rate")
-            if hit is not None:
-                record["prefix_cache_hit_rate"] = hit
+            stats = source.stats()
+            if "cache_hit_rate" in stats:
+                record["prefix_cache_hit_rate"] = stats["cache_hit_rate"]
+            if "generation_failures" in stats:
+                record["generation_failures"] = stats["generation_failures"]
             logger.log(record)
             result.history.append(record)
             result.steps_completed = step + 1

@@ -29,6 +29,8 @@ def test_paper_configs_carry_the_paper_settings(name, turns):
     assert (c.curriculum.schedule, c.curriculum.beta_start, c.curriculum.beta_end, c.curriculum.ratio) == (
         "cosine", 1.0, 0.0, 0.8)
     assert (c.env.name, c.env.max_turns, c.model.dtype) == (name, turns, "bfloat16")
+    # the 30B teacher writes guided turns on a shared server (docs/training.md, "The paper's setup")
+    assert c.rollout.teacher_server.startswith("http://") and c.model.shard_teacher
 
 
 def test_overrides_parse_toml_values_and_bare_strings():

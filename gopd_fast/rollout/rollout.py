@@ -22,6 +22,12 @@ the production path) or ``ThreadedEnvs`` (in-process, built here from an env fac
   an empty history (counted in ``env_failures``; the discarded turns in ``metrics["wasted_turns"]``). After
   ``max_env_restarts`` such restarts the episode is dropped and counted in ``metrics["episodes_dropped"]``: a
   partially rolled-out episode from a crashed env is never handed to the trainer.
+
+Generation failures: an engine that raises ``GenerationFailed`` (a remote server that stayed unreachable through
+its retries) hands back the generations that succeeded; the episodes whose turn failed start over from their
+task's reset (counted in ``metrics["generation_failures"]``, their turns in ``wasted_turns``). After
+``max_generation_retries`` such restarts of one episode the rollout raises: a run never trains on fewer episodes
+than it asked for because a server was down.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 
 from gopd_fast.envs.base import EnvError, TextEnv
 from gopd_fast.rollout.engines.base import Generation, GenerationEngine, SamplingConfig
+from gopd_fast.rollout.engines.remote import GenerationFailed
 from gopd_fast.rollout.envs import EnvSlots, ThreadedEnvs, wait_env
 from gopd_fast.rollout.episode import Episode, Role
 from gopd_fast.rollout.guidance import DEFAULT_ACTION_PATTERN, ActionParser, GuidanceCoin
@@ -47,6 +54,7 @@ class RolloutOptions:
     top_p: float = 1.0
     max_in_flight: int = 64             # episodes generated together
     max_env_restarts: int = 2           # per episode, before it is dropped
+    max_generation_retries: int = 3     # per episode: restarts after a failed generation before the rollout raises
     env_timeout_s: float | None = 600.0  # a reset/step slower than this counts as a hung env (EnvPool also
     #                                      detects hangs itself, with its own timeouts, and replays the episode)
     action_pattern: str = DEFAULT_ACTION_PATTERN
@@ -58,8 +66,10 @@ class RolloutOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(self.max_env_restarts, int) or self.max_env_restarts < 0:
-            raise ValueError(f"max_env_restarts must be an int >= 0, got {self.max_env_restarts!r}")
+        for name in ("max_env_restarts", "max_generation_retries"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         if self.max_prompt_tokens <= self.max_new_tokens:
             raise ValueError(f"max_prompt_tokens ({self.max_prompt_tokens}) must exceed max_new_tokens "
                              f"({self.max_new_tokens})")
@@ -86,6 +96,7 @@ class _Live:
     env_failures: int = 0       # failures that restarted the episode here
     replayed: int = 0           # failures an EnvPool survived by replaying this attempt (its info["env_failures"])
     restarts: int = 0           # EnvErrors that restarted this episode (decides when it is dropped)
+    generation_restarts: int = 0  # failed generations that restarted this episode
     score: float = 0.0
     success: bool = False
 
@@ -100,6 +111,7 @@ class _Counters:
         self.env_failures = 0
         self.env_replays = 0
         self.dropped = 0
+        self.generation_failures = 0
         self.wasted_turns = 0   # turns thrown away by restarts
 
     def add(self, role: Role, prompts: list[list[int]], gens: list[Generation]) -> None:
@@ -207,6 +219,17 @@ class _Rollout:
             return False
         return True
 
+    def _requeue_failed_generation(self, st: _Live, error: GenerationFailed) -> None:
+        """The episode's turn got no generation: start it over from its task's reset (the env is reset there)."""
+        st.generation_restarts += 1
+        self.counters.generation_failures += 1
+        if st.history is not None:
+            self.counters.wasted_turns += len(st.history.turn_spans)
+        st.history = None
+        if st.generation_restarts > self.opt.max_generation_retries:
+            raise RuntimeError(f"episode {st.index} (task {st.task_id!r}) failed to generate "
+                               f"{st.generation_restarts} times: {error}") from error
+
     def _finish(self, st: _Live, finish: str) -> None:
         h = st.history
         assert h is not None
@@ -259,10 +282,17 @@ class _Rollout:
         for role, group in batches:
             prompts = [st.history.prompt() for st in group]  # type: ignore[union-attr]
             t0 = time.perf_counter()
-            gens = self.engines[role].generate(prompts, self.sampling)
+            try:
+                gens: list[Generation | None] = list(self.engines[role].generate(prompts, self.sampling))
+            except GenerationFailed as e:
+                gens = list(e.generations)
+                for i in e.failed:
+                    self._requeue_failed_generation(group[i], e)
+                    retry.append(group[i])
             self.counters.generate_seconds += time.perf_counter() - t0
-            self.counters.add(role, prompts, gens)
-            for st, gen in zip(group, gens):
+            ok = [(st, p, gen) for st, p, gen in zip(group, prompts, gens) if gen is not None]
+            self.counters.add(role, [p for _, p, _ in ok], [gen for _, _, gen in ok])
+            for st, _, gen in ok:
                 st.history.add_response(gen.token_ids, gen.logprobs, role)  # type: ignore[union-attr]
                 parsed = self.parser(self.chat.response_text(gen.token_ids))
                 st.actions.append(parsed.action)
@@ -307,6 +337,7 @@ class _Rollout:
         teacher_turns = sum(r == Role.TEACHER for e in eps for r in e.turn_roles)
         m = {
             "episodes": float(len(eps)), "episodes_dropped": float(c.dropped), "env_failures": float(c.env_failures),
+            "generation_failures": float(c.generation_failures),
             "env_replays": float(c.env_replays),
             "wasted_turns": float(c.wasted_turns), "rounds": float(rounds),
             "turns": float(turns), "teacher_turn_fraction": teacher_turns / turns if turns else 0.0,
