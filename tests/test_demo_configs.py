@@ -47,6 +47,8 @@ def test_trainer_overrides_build_the_demo_env(name: str, method: str, tmp_path: 
     assert trainer.run.total_steps == cfg.distill.total_steps
     assert trainer.rollout.episodes_per_step == cfg.distill.episodes_per_step
     assert trainer.env.eval_episodes == cfg.distill.curve_eval_episodes
+    assert (trainer.env.pool, trainer.env.pool_workers, trainer.env.step_timeout_s) == \
+        (cfg.env_pool, cfg.env_pool_workers, cfg.env_step_timeout_s)
     assert trainer.model.student == str(tmp_path / "student")
     assert trainer.model.teacher == str(tmp_path / "teacher")
     expected_algorithm = {"sft": "sft", "opd": "opd", "guided-opd": "gopd", "constant-0.5": "gopd"}[method]
