@@ -137,7 +137,7 @@ class DemoConfig:
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         if not isinstance(self.env_pool, bool):
-            raise ValueError(f"env_pool must be true or false, got {self.env_pool!r}")
+            raise ValueError(f"env_pool must be true or false, got {self.env_pool!r}")  # noqa: TRY004 - loader catches ValueError
         if not isinstance(self.env_pool_workers, int) or isinstance(self.env_pool_workers, bool) \
                 or self.env_pool_workers < 1:
             raise ValueError(f"env_pool_workers must be an int >= 1, got {self.env_pool_workers!r}")

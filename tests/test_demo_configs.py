@@ -67,3 +67,23 @@ def test_env_accepts_the_options_without_starting(name: str) -> None:
         assert env._sim.pid is None, "constructing the env must not start its JVM"
     finally:
         env.close()
+
+
+@pytest.mark.parametrize("bad", [{"env_pool": "yes"}, {"env_pool": 1}, {"env_pool_workers": 0},
+                                 {"env_pool_workers": True}, {"env_step_timeout_s": float("inf")},
+                                 {"env_step_timeout_s": 0}, {"env_step_timeout_s": "5"}])
+def test_env_pool_keys_are_validated(bad: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        demo.DemoConfig(**bad)
+
+
+def test_demo_envs_use_the_pool_when_set() -> None:
+    from gopd_fast.envs.pool import EnvPool
+
+    envs = demo.DemoEnvs(demo.DemoConfig(env_pool=True, env_pool_workers=1, env_step_timeout_s=60.0))
+    try:
+        assert isinstance(envs.slots, EnvPool) and envs.slots.num_workers == 1
+        first = envs.slots.reset(0, "household/eval/0").result(timeout=120)
+        assert first.observation == demo.make_env(envs.cfg).reset("household/eval/0").observation
+    finally:
+        envs.close()

@@ -9,7 +9,7 @@ A policy maps what the agent has seen so far to its next action:
     report = evaluate("household", policy, split="eval", limit=100, log_path="eval.jsonl")
     print(report)   # Score 97.1 [95.2, 99.0] | Success 0.940 [0.876, 0.972] | Rounds 9.30 [8.85, 9.75] (n=100)
 
-Metrics (docs/guided-opd.md section 3): Score is the env's own 0-100 score at the end of the episode, Success Rate
+Metrics (the protocol of this line of work): Score is the env's own 0-100 score at the end of the episode, Success Rate
 the fraction of fully solved episodes, Rounds the number of turns used (lower is better). Confidence intervals:
 Student's t-interval for the means of Score and Rounds (df = n - 1; NaN bounds for n = 1), and the Wilson score
 interval for the Success Rate (a binomial proportion, for which a t-interval misbehaves near 0 and 1).

@@ -10,7 +10,14 @@ from gopd_fast.envs.household import engine
 from gopd_fast.envs.household.observe import OBSERVE_MODES, status, world_map
 from gopd_fast.envs.household.oracle import Oracle
 from gopd_fast.envs.household.world import PRESETS, World, WorldConfig, generate
-from gopd_fast.envs.options import action_text, check_bool, check_choice, check_int, check_task_id, parse_index
+from gopd_fast.envs.options import (
+    action_text,
+    check_bool,
+    check_choice,
+    check_int,
+    check_task_id,
+    parse_index,
+)
 
 SPLITS = ("train", "eval")
 PRESET_LIMITS = {"easy": (20, 15), "medium": (20, 15), "hard": (30, 24)}   # default (max_turns, max_solution)

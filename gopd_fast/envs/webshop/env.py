@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
-from gopd_fast.envs.options import action_text, check_choice, check_int, check_path, check_task_id, parse_index
+from gopd_fast.envs.options import (
+    action_text,
+    check_choice,
+    check_int,
+    check_path,
+    check_task_id,
+    parse_index,
+)
 from gopd_fast.envs.webshop.data import Goal, Product, load_goals, load_products, product_prices
 from gopd_fast.envs.webshop.pages import (
     BACK_TO_SEARCH,
@@ -34,7 +41,7 @@ from gopd_fast.envs.webshop.pages import (
 from gopd_fast.envs.webshop.reward import reward, token_set_ratio
 from gopd_fast.envs.webshop.search import ProductSearch
 
-EVAL_SESSIONS = range(4096, 4196)  # the validation sessions of this line of work (guided-opd.md section 3)
+EVAL_SESSIONS = range(4096, 4196)  # the validation sessions of this line of work
 _ACTION = re.compile(r"(.+)\[(.+)\]")  # the original parse_action pattern
 _PRICE_CLAUSE = re.compile(r", and price lower than [\d.]+ dollars$")
 
