@@ -50,6 +50,7 @@ from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 from gopd_fast.envs.base import EnvError, Reset, StepResult
+from gopd_fast.envs.options import check_int, check_seconds
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -234,13 +235,11 @@ class EnvPool:
             raise TypeError(f"env_name must be a non-empty str, got {env_name!r}")
         if env_options is not None and not isinstance(env_options, Mapping):
             raise TypeError(f"env_options must be a mapping of keyword options, got {type(env_options).__name__}")
-        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
-            raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
-        for name, value in (("step_timeout_s", step_timeout_s), ("reset_timeout_s", reset_timeout_s)):
-            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if not isinstance(max_failures, int) or max_failures < 0:
-            raise ValueError(f"max_failures must be a non-negative int, got {max_failures!r}")
+        check_int("num_workers", num_workers, low=1)
+        check_seconds("step_timeout_s", step_timeout_s)
+        if reset_timeout_s is not None:
+            check_seconds("reset_timeout_s", reset_timeout_s)
+        check_int("max_failures", max_failures, low=0)
         if isinstance(preload, str) or not all(isinstance(p, str) for p in preload):
             raise TypeError("preload must be a sequence of module names or .py paths")
         self.env_name = env_name

@@ -71,6 +71,9 @@ class TextWorldExpress(JavaGoldPathEnv):
             raise ValueError(f"game_params has unknown games {bad}; known: {list(GAME_NAMES)}")
         if not all(isinstance(p, str) for p in game_params.values()):
             raise TypeError("option game_params values must be strs like 'numLocations=5,includeDoors=1'")
+        odd = {g: p for g, p in game_params.items() if not (p.isascii() and p.isprintable())}
+        if odd:   # they go to the JVM as they are: only printable ASCII, like every parameter the jar knows
+            raise ValueError(f"option game_params values must be printable ASCII like 'numLocations=5', got {odd}")
         self.games = tuple(games)
         self.game_params = {g: game_params.get(g, "") for g in GAME_NAMES}
         self.max_seeds_per_game = check_int("max_seeds_per_game", max_seeds_per_game, low=1, optional=True)

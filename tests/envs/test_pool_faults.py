@@ -151,3 +151,13 @@ def test_request_that_always_kills_its_worker_fails_alone():
             pool.call(0, "explode").result(timeout=120)
         assert _play(pool, 0, "t/1") == _expected("t/1")   # the worker itself was never given up
         assert pool.stats().crashes == 3
+
+
+@pytest.mark.parametrize(("options", "error"), [
+    ({"num_workers": True}, TypeError), ({"num_workers": 0}, ValueError), ({"step_timeout_s": float("inf")}, ValueError),
+    ({"step_timeout_s": True}, TypeError), ({"reset_timeout_s": 0}, ValueError), ({"max_failures": -1}, ValueError),
+    ({"max_failures": 1.0}, TypeError),
+])
+def test_pool_arguments_are_checked(options, error):
+    with pytest.raises(error, match=next(iter(options))):
+        EnvPool("test-faulty", **options)

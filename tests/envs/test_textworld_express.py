@@ -232,6 +232,8 @@ def test_missing_java_is_a_clear_error(monkeypatch):
     ({"max_seeds_per_game": 0}, ValueError, "max_seeds_per_game"),
     ({"step_timeout_s": -1}, ValueError, "step_timeout_s"), ({"game_params": "coin"}, TypeError, "game_params"),
     ({"games": [1]}, TypeError, "games"), ({"colour": 1}, TypeError, "colour"),
+    ({"game_params": {"coin": "numLocations=5\udcff"}}, ValueError, "game_params"),
+    ({"game_params": {"coin": "numLocations=5\n"}}, ValueError, "game_params"),
 ])
 def test_options_are_checked_not_coerced(options, error, name):
     with pytest.raises(error, match=name):
