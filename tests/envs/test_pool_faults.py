@@ -145,6 +145,19 @@ def test_hung_busy_worker_replays_its_episode():
         assert rest[-1].info["env_failures"] == 1 and pool.stats().hangs == 1
 
 
+def test_worker_hung_mid_reset_answers_the_reset():
+    opts = {**HANG_OPTS, "reset_timeout_s": 5.0}
+    with EnvPool("test-faulty", {"reset_sleep_s": 1.5}, num_workers=1, **opts) as pool:
+        assert pool.wait_ready(timeout_s=60)
+        future = pool.reset(0, "t/2")
+        time.sleep(0.5)                             # inside the env's reset
+        pid = pool.worker_pids()[0]
+        os.kill(pid, signal.SIGSTOP)
+        assert future.result(timeout=120).observation == "t/2 start"
+        assert pool.step(0, "x").result(timeout=60).observation == "t/2 1 x"
+        assert pool.stats().hangs == 1 and pool.worker_pids()[0] != pid
+
+
 def test_request_that_always_kills_its_worker_fails_alone():
     with EnvPool("test-faulty", num_workers=1, max_failures=2, **OPTS) as pool:
         with pytest.raises(EnvError, match="died 3 times"):
