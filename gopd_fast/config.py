@@ -97,10 +97,18 @@ class EnvConfig:
     eval_episodes: int = 8           # 0 = the whole eval split
     # Extra keyword options for envs.make (e.g. household: difficulty = "easy"); checked by the environment.
     options: dict[str, Any] = field(default_factory=dict)
+    # Model rollouts and evaluation step their envs in worker processes (gopd_fast.envs.EnvPool) that survive env
+    # crashes and hangs by restart and replay; false: threads in the trainer's process (an env crash is fatal).
+    pool: bool = False
+    pool_workers: int = 4            # worker processes per rank
+    step_timeout_s: float = 120.0    # pool: a step not answered within this is a hang (worker killed, replayed)
 
     def __post_init__(self) -> None:
         _check(self.max_turns >= 1, "env.max_turns", "an int >= 1", self.max_turns)
         _check(self.eval_episodes >= 0, "env.eval_episodes", "an int >= 0 (0 = whole split)", self.eval_episodes)
+        _check(self.pool_workers >= 1, "env.pool_workers", "an int >= 1", self.pool_workers)
+        _check(math.isfinite(self.step_timeout_s) and self.step_timeout_s > 0, "env.step_timeout_s",
+               "a finite number of seconds > 0", self.step_timeout_s)
 
 
 @dataclass(frozen=True)

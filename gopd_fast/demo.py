@@ -114,6 +114,11 @@ class DemoConfig:
     # oracle (gopd_fast/envs/household/observe.py); the compounding-error mechanisms are unchanged.
     env_options: dict[str, Any] = field(default_factory=lambda: {"seed": 0, "observe": "full"})
     max_turns: int = 15
+    # Evaluation and training rollouts step their envs in an EnvPool (worker processes surviving crashes and
+    # hangs) instead of threads; passed to the trainer as env.pool / env.pool_workers / env.step_timeout_s.
+    env_pool: bool = False
+    env_pool_workers: int = 2
+    env_step_timeout_s: float = 120.0
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
     budget_s: float = 1200.0             # the wall-time target the plan is checked against
@@ -131,6 +136,14 @@ class DemoConfig:
             raise ValueError(f"seeds must be a non-empty list of non-negative ints, got {self.seeds!r}")
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
+        if not isinstance(self.env_pool, bool):
+            raise ValueError(f"env_pool must be true or false, got {self.env_pool!r}")  # noqa: TRY004 - loader catches ValueError
+        if not isinstance(self.env_pool_workers, int) or isinstance(self.env_pool_workers, bool) \
+                or self.env_pool_workers < 1:
+            raise ValueError(f"env_pool_workers must be an int >= 1, got {self.env_pool_workers!r}")
+        t = self.env_step_timeout_s
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (math.isfinite(t) and t > 0):
+            raise ValueError(f"env_step_timeout_s must be a finite number of seconds > 0, got {t!r}")
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -224,11 +237,13 @@ class DemoEnvs:
     then starts once per slot for the whole run instead of once per episode of every evaluation."""
 
     def __init__(self, cfg: DemoConfig) -> None:
-        from gopd_fast.rollout.envs import ThreadedEnvs
+        from gopd_fast.rollout.envs import env_slots
 
         self.cfg = cfg
         cap = cfg.eval.max_in_flight
-        self.slots = ThreadedEnvs(lambda: make_env(cfg), max_workers=min(cap, 8) if cap > 0 else 8)
+        self.slots = env_slots(cfg.env, {"max_turns": cfg.max_turns, **cfg.env_options}, pool=cfg.env_pool,
+                               pool_workers=cfg.env_pool_workers, step_timeout_s=cfg.env_step_timeout_s,
+                               threads=min(cap, 8) if cap > 0 else 8)
         self._replay = None
 
     def max_in_flight(self, n_tasks: int) -> int:
@@ -483,6 +498,8 @@ def trainer_overrides(cfg: DemoConfig, method: str, seed: int, student_dir: Path
         "model.build_tiny_if_missing=false",
         f"env.name={json.dumps(cfg.env)}", f"env.max_turns={cfg.max_turns}",
         f"env.seed={int(cfg.env_options.get('seed', 0))}", f"env.eval_episodes={d.curve_eval_episodes}",
+        f"env.pool={toml_value(cfg.env_pool)}", f"env.pool_workers={cfg.env_pool_workers}",
+        f"env.step_timeout_s={float(cfg.env_step_timeout_s)!r}",
         *opts,
         f"rollout.episodes_per_step={d.episodes_per_step}", f"rollout.eval_temperature={cfg.eval.temperature}",
         f"rollout.max_new_tokens={cfg.eval.max_new_tokens}", f"optim.lr={d.lr}",

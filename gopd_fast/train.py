@@ -158,18 +158,21 @@ class ExpertSource:
 
 class RolloutSource:
     """``rollout.engine = "hf" | "vllm"``: guided multi-turn rollouts (``gopd_fast.rollout.run_rollout``) with a
-    student engine that receives every update and a frozen teacher engine. Each rank owns its engines."""
+    student engine that receives every update and a frozen teacher engine. Each rank owns its engines and its
+    env slots (an ``EnvPool`` when ``env.pool``, used by training and evaluation rollouts alike)."""
 
-    def __init__(self, cfg: Config, env_factory: Any, tokenizer: Any, info: DistInfo) -> None:
-        from gopd_fast.rollout.envs import ThreadedEnvs
+    def __init__(self, cfg: Config, tokenizer: Any, info: DistInfo) -> None:
+        from gopd_fast.rollout.envs import env_slots
         from gopd_fast.rollout.history import ChatFormat
 
         self.cfg = cfg
         self.chat = ChatFormat(tokenizer)
         self.student = self._engine(cfg.model.student, info)
         self.teacher = self._teacher_engine(info)
-        self.envs = ThreadedEnvs(env_factory, max_workers=min(cfg.rollout.episodes_per_step, 8))
+        self.envs = env_slots(cfg.env.name, env_options(cfg), pool=cfg.env.pool, pool_workers=cfg.env.pool_workers,
+                              step_timeout_s=cfg.env.step_timeout_s, threads=min(cfg.rollout.episodes_per_step, 8))
         self._metrics: dict[str, float] = {}
+        self._env_counts: dict[str, float] = {}
 
     def _engine(self, path: str, info: DistInfo) -> Any:
         from gopd_fast.rollout.engines import HFEngine, VLLMEngine
@@ -202,8 +205,10 @@ class RolloutSource:
         return engine
 
     def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]:
+        from gopd_fast.rollout.envs import pool_counts
         from gopd_fast.rollout.rollout import RolloutOptions, run_rollout
 
+        before = pool_counts(self.envs)
         r = self.cfg.rollout
         options = RolloutOptions(max_turns=self.cfg.env.max_turns, max_new_tokens=r.max_new_tokens,
                                  max_prompt_tokens=r.max_prompt_tokens, temperature=temperature,
@@ -211,6 +216,10 @@ class RolloutSource:
         result = run_rollout(list(task_ids), student=self.student, teacher=self.teacher, chat=self.chat,
                              envs=self.envs, beta=beta, options=options)
         self._metrics = result.metrics
+        # This collect's env failures: pool restarts and replays, and episodes the rollout had to drop.
+        after = pool_counts(self.envs)
+        self._env_counts = {k: after[k] - before[k] for k in after}
+        self._env_counts["env_episodes_dropped"] = result.metrics.get("episodes_dropped", 0.0)
         return result.episodes
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -218,8 +227,10 @@ class RolloutSource:
 
     def stats(self) -> dict[str, float]:
         m = self._metrics
+        out = dict(self._env_counts)
         keys = {"cache_hit_rate": "prefix_cache_hit_rate", "generation_failures": "generation_failures"}
-        return {name: m[key] for name, key in keys.items() if key in m}
+        out.update({name: m[key] for name, key in keys.items() if key in m})
+        return out
 
     def close(self) -> None:
         self.envs.close()
@@ -463,16 +474,21 @@ def beta_at(cfg: Config, schedule: BetaSchedule, step: int) -> float:
     return schedule(step)
 
 
+def env_options(cfg: Config) -> dict[str, Any]:
+    """Keyword options of ``envs.make(cfg.env.name, ...)``: the same for the in-process env and pool workers."""
+    return {"seed": cfg.env.seed, "max_turns": cfg.env.max_turns, **cfg.env.options}
+
+
 def make_env(cfg: Config) -> Any:
     from gopd_fast import envs
 
-    return envs.make(cfg.env.name, seed=cfg.env.seed, max_turns=cfg.env.max_turns, **cfg.env.options)
+    return envs.make(cfg.env.name, **env_options(cfg))
 
 
 def make_source(cfg: Config, env: Any, tokenizer: Any, info: DistInfo) -> EpisodeSource:
     if cfg.rollout.engine == "expert":
         return ExpertSource(env, tokenizer)
-    return RolloutSource(cfg, lambda: make_env(cfg), tokenizer, info)
+    return RolloutSource(cfg, tokenizer, info)
 
 
 def _rollout_seed(cfg: Config, step: int, info: DistInfo) -> int:
@@ -603,6 +619,9 @@ def _run(cfg: Config, info: DistInfo, source: EpisodeSource | None) -> RunResult
                 record["prefix_cache_hit_rate"] = stats["cache_hit_rate"]
             if "generation_failures" in stats:
                 record["generation_failures"] = stats["generation_failures"]
+            env_counts = {k: v for k, v in stats.items() if k.startswith("env_")}
+            if env_counts:   # env-pool restarts/replays of this step, summed over ranks
+                record.update(all_reduce_sums(env_counts, info.device))
             logger.log(record)
             result.history.append(record)
             result.steps_completed = step + 1

@@ -47,6 +47,8 @@ def test_trainer_overrides_build_the_demo_env(name: str, method: str, tmp_path: 
     assert trainer.run.total_steps == cfg.distill.total_steps
     assert trainer.rollout.episodes_per_step == cfg.distill.episodes_per_step
     assert trainer.env.eval_episodes == cfg.distill.curve_eval_episodes
+    assert (trainer.env.pool, trainer.env.pool_workers, trainer.env.step_timeout_s) == \
+        (cfg.env_pool, cfg.env_pool_workers, cfg.env_step_timeout_s)
     assert trainer.model.student == str(tmp_path / "student")
     assert trainer.model.teacher == str(tmp_path / "teacher")
     expected_algorithm = {"sft": "sft", "opd": "opd", "guided-opd": "gopd", "constant-0.5": "gopd"}[method]
@@ -65,3 +67,23 @@ def test_env_accepts_the_options_without_starting(name: str) -> None:
         assert env._sim.pid is None, "constructing the env must not start its JVM"
     finally:
         env.close()
+
+
+@pytest.mark.parametrize("bad", [{"env_pool": "yes"}, {"env_pool": 1}, {"env_pool_workers": 0},
+                                 {"env_pool_workers": True}, {"env_step_timeout_s": float("inf")},
+                                 {"env_step_timeout_s": 0}, {"env_step_timeout_s": "5"}])
+def test_env_pool_keys_are_validated(bad: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        demo.DemoConfig(**bad)
+
+
+def test_demo_envs_use_the_pool_when_set() -> None:
+    from gopd_fast.envs.pool import EnvPool
+
+    envs = demo.DemoEnvs(demo.DemoConfig(env_pool=True, env_pool_workers=1, env_step_timeout_s=60.0))
+    try:
+        assert isinstance(envs.slots, EnvPool) and envs.slots.num_workers == 1
+        first = envs.slots.reset(0, "household/eval/0").result(timeout=120)
+        assert first.observation == demo.make_env(envs.cfg).reset("household/eval/0").observation
+    finally:
+        envs.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
+from gopd_fast.envs.options import action_text, check_choice, check_path, check_task_id
 
 # split name -> (AlfredTWEnv train_eval, folder under json_2.1.1)
 SPLITS = {
@@ -63,15 +64,20 @@ class ALFWorld(TextEnv):
         expert: str = "planner",
     ) -> None:
         super().__init__(max_turns)
+        check_path("data_dir", data_dir, optional=True)
+        if isinstance(task_types, (str, bytes)) or not isinstance(task_types, Sequence) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in task_types
+        ):
+            raise TypeError(f"option task_types must be a list of ints in {sorted(TASK_TYPES)}, got {task_types!r}")
+        check_choice("expert", expert, EXPERTS)
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         if not (self.data_dir / "json_2.1.1").is_dir():
             raise FileNotFoundError(f"no ALFWorld game data at {self.data_dir} (expected {self.data_dir}/json_2.1.1/"
                                     f"{{train,valid_seen,valid_unseen}}). {_HOW_TO_GET_DATA}")
         bad = [t for t in task_types if t not in TASK_TYPES]
         if bad or not task_types:
-            raise ValueError(f"task_types must be a non-empty subset of {sorted(TASK_TYPES)}, got {list(task_types)}")
-        if expert not in EXPERTS:
-            raise ValueError(f"expert must be one of {EXPERTS}, got {expert!r}")
+            raise ValueError(f"option task_types must be a non-empty subset of {sorted(TASK_TYPES)}, "
+                             f"got {list(task_types)}")
         self.task_types = tuple(task_types)
         self.expert = expert
         self._split_cache: dict[str, list[str]] = {}
@@ -107,8 +113,9 @@ class ALFWorld(TextEnv):
         return sorted(str(Path(p).parent.relative_to(self.data_dir)) for p in collector.game_files)
 
     def _game_dir(self, task_id: str) -> Path:
-        if not isinstance(task_id, str):
-            raise TypeError(f"task_id must be a str (a game folder relative to data_dir), got {type(task_id).__name__}")
+        check_task_id(task_id, "a game folder relative to data_dir")
+        if not task_id or not task_id.isprintable() or "\x00" in task_id:
+            raise ValueError(f"unknown ALFWorld task {task_id!r}: expected a game folder relative to data_dir")
         game_dir = (self.data_dir / task_id).resolve()
         if self.data_dir.resolve() not in game_dir.parents or not (game_dir / "game.tw-pddl").is_file():
             raise ValueError(f"unknown ALFWorld task {task_id!r}: no {task_id}/game.tw-pddl under {self.data_dir}")
@@ -149,8 +156,7 @@ class ALFWorld(TextEnv):
         return self._env
 
     def step(self, action: str) -> StepResult:
-        if not isinstance(action, str):
-            raise TypeError(f"action must be a str, got {type(action).__name__}")
+        action = action_text(action)
         if not self._started:
             raise RuntimeError("step() called before reset()")
         if self._done:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gopd_fast.envs.options import check_int
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -60,9 +62,7 @@ class TextEnv(abc.ABC):
     name: str = "abstract"
 
     def __init__(self, max_turns: int) -> None:
-        if not isinstance(max_turns, int) or max_turns < 1:
-            raise ValueError(f"max_turns must be a positive int, got {max_turns!r}")
-        self.max_turns = max_turns
+        self.max_turns = check_int("max_turns", max_turns, low=1)
         self.turns = 0
 
     @abc.abstractmethod
@@ -76,8 +76,8 @@ class TextEnv(abc.ABC):
 
     @abc.abstractmethod
     def step(self, action: str) -> StepResult:
-        """Execute one action. A malformed or invalid action gets the env's own "invalid action" observation
-        (never an exception). Stepping after ``done`` -> RuntimeError. Stepping before ``reset`` -> RuntimeError."""
+        """Execute one action. Any str action, however malformed (see ``options.action_text``), gets the env's
+        own observation (never an exception); a non-str action -> TypeError. Stepping after ``done`` -> RuntimeError. Stepping before ``reset`` -> RuntimeError."""
 
     def expert_action(self) -> str | None:
         """The oracle's / gold path's next action from the current state, or None where the env has none."""

@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 
 from gopd_fast.envs.base import EnvError, TextEnv
 from gopd_fast.envs.gold_path import GoldPath
+from gopd_fast.envs.options import action_text, check_seconds
 
 H = TypeVar("H")  # the package's env object (ScienceWorldEnv, TextWorldExpressEnv)
 R = TypeVar("R")
@@ -53,8 +54,7 @@ class JavaSimulator(Generic[H]):
         call_timeout_s: float = 60.0,
         process_of: Callable[[H], subprocess.Popen] = _default_process_of,
     ) -> None:
-        if not (isinstance(call_timeout_s, (int, float)) and call_timeout_s > 0):
-            raise ValueError(f"call_timeout_s must be a positive number of seconds, got {call_timeout_s!r}")
+        check_seconds("step_timeout_s", call_timeout_s)
         self._launch = launch
         self._process_of = process_of
         self.name = name
@@ -172,6 +172,19 @@ class JavaGoldPathEnv(TextEnv):
     _sim: JavaSimulator
     _gold: GoldPath
     _done: bool
+
+    def _command(self, action: str) -> str:
+        """The one place where a policy's text crosses into Java (py4j): a str with no lone surrogate, control
+        character or newline (the simulators read one line; a newline would be parsed as part of an object name),
+        of bounded length, so nothing a policy can emit crashes or stalls the JVM. Non-str -> TypeError. Called
+        first in ``step``, so a bad type is reported before any episode-state error."""
+        return " ".join(action_text(action).split())
+
+    def _check_steppable(self) -> None:
+        if not self._started:
+            raise RuntimeError("step() called before reset()")
+        if self._done:
+            raise RuntimeError("step() called after the episode is done; call reset() first")
 
     def expert_action(self) -> str | None:
         """The next action of the episode's gold path while the agent has followed it exactly; None after the

@@ -19,8 +19,12 @@ checked against the one recorded, and the pending requests are sent again, so th
 future. Each replay counts one failure for the episode (``info["env_failures"]`` in its later results, and
 ``episode_failures(slot)``) and in ``stats()``. An episode that fails more than ``max_failures`` times, or whose
 replay diverges (a non-deterministic env), gets ``EnvError`` from its futures; the caller then calls
-``restart(slot)`` and starts a new episode there. Errors raised by the env for bad input (an unknown task id,
-stepping after done) are passed to the caller's future as they are and never restart anything.
+``restart(slot)`` and starts a new episode there. A finished episode is not replayed (nor charged). A request
+outside any episode's replay (``expert_action``, ``call``) that kills its worker is sent again to the replacement,
+up to ``max_failures`` times. A worker is restarted whatever it held (nothing, busy, mid-reset), as often as it
+fails; it is given up on only when its replacements cannot start: ``max_failures + 2`` processes in a row that die
+or hang before they report ready. Errors raised by the env for bad input (an unknown task id, stepping after
+done) are passed to the caller's future as they are and never restart anything.
 
 Shutdown: ``close()`` (also on ``with`` exit, at interpreter exit, and on garbage collection) asks the workers to
 close their envs, then kills what is left of their process groups. No worker, JVM or thread outlives the pool.
@@ -46,6 +50,7 @@ from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 from gopd_fast.envs.base import EnvError, Reset, StepResult
+from gopd_fast.envs.options import check_int, check_seconds
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -53,6 +58,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _RESET, _STEP, _EXPERT, _CALL, _REPLAY, _DROP = "reset", "step", "expert", "call", "replay", "drop"
+_KINDS = frozenset((_RESET, _STEP, _EXPERT, _CALL, _REPLAY, _DROP))
+
+# The protocol. Every message is a tuple whose first item names it, so no payload (an empty batch, a None
+# answer) can be mistaken for another message:
+#   pool -> worker: (_MSG_REQUESTS, [(req_id, slot, kind, payload), ...])   never sent empty
+#                   (_MSG_SHUTDOWN,)
+#   worker -> pool: (_MSG_READY, pid)                                         once, when it can serve requests
+#                   (_MSG_ANSWER, req_id, status, value)                      status: "ok", "error", "env_error"
+_MSG_REQUESTS, _MSG_SHUTDOWN, _MSG_READY, _MSG_ANSWER = "requests", "shutdown", "ready", "answer"
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -89,10 +103,12 @@ def _serve(envs: dict[int, Any], env_of: Any, slot: int, kind: str, payload: Any
             for action in actions:
                 last = env.step(action)
             return "ok", last.observation
-        env = envs.pop(slot, None)  # _DROP
-        if env is not None:
-            env.close()
-        return "ok", None
+        if kind == _DROP:
+            env = envs.pop(slot, None)
+            if env is not None:
+                env.close()
+            return "ok", None
+        return "error", ValueError(f"unknown EnvPool request kind {kind!r}; known: {sorted(_KINDS)}")
     except EnvError as e:  # the env itself says it is broken: the pool restarts this worker
         return "env_error", f"{type(e).__name__}: {e}"
     except Exception as e:  # noqa: BLE001 - bad input etc.: hand the exception to the caller's future
@@ -124,15 +140,18 @@ def _worker_main(conn: Connection, env_name: str, env_options: dict, preload: Se
         return envs[slot]
 
     try:
+        conn.send((_MSG_READY, os.getpid()))  # a restart has succeeded once this arrives
         while True:
             try:
-                batch = conn.recv()
+                message = conn.recv()
             except (EOFError, OSError):  # the pool (or its process) is gone
                 break
-            if not batch:  # the shutdown message
+            if message[0] == _MSG_SHUTDOWN:
                 break
-            for req_id, slot, kind, payload in batch:
-                conn.send((req_id, *_serve(envs, env_of, slot, kind, payload)))
+            if message[0] != _MSG_REQUESTS:  # a protocol bug: die loudly, the pool sees a crash
+                raise RuntimeError(f"EnvPool worker got an unknown message {message[0]!r}")
+            for req_id, slot, kind, payload in message[1]:
+                conn.send((_MSG_ANSWER, req_id, *_serve(envs, env_of, slot, kind, payload)))
     finally:
         for env in envs.values():
             try:
@@ -150,6 +169,7 @@ class _Request:
     payload: Any
     future: Future | None          # None for internal replays
     timeout_s: float
+    attempts: int = 0              # workers that died serving it (requests not replayed: call, expert, drop)
 
 
 @dataclass
@@ -158,6 +178,7 @@ class _Episode:
     actions: list[str] = field(default_factory=list)
     last_observation: str = ""
     failures: int = 0
+    done: bool = False
 
 
 @dataclass
@@ -168,7 +189,8 @@ class _Worker:
     pending: collections.deque = field(default_factory=collections.deque)
     head_since: float = 0.0
     generation: int = 0
-    failures_in_a_row: int = 0     # restarts since the worker last answered anything
+    ready: bool = False            # the current process said it can serve requests
+    failures_in_a_row: int = 0     # processes in a row that died before they were ready
     broken: str | None = None      # why the pool stopped restarting this worker
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -213,13 +235,11 @@ class EnvPool:
             raise TypeError(f"env_name must be a non-empty str, got {env_name!r}")
         if env_options is not None and not isinstance(env_options, Mapping):
             raise TypeError(f"env_options must be a mapping of keyword options, got {type(env_options).__name__}")
-        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
-            raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
-        for name, value in (("step_timeout_s", step_timeout_s), ("reset_timeout_s", reset_timeout_s)):
-            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if not isinstance(max_failures, int) or max_failures < 0:
-            raise ValueError(f"max_failures must be a non-negative int, got {max_failures!r}")
+        check_int("num_workers", num_workers, low=1)
+        check_seconds("step_timeout_s", step_timeout_s)
+        if reset_timeout_s is not None:
+            check_seconds("reset_timeout_s", reset_timeout_s)
+        check_int("max_failures", max_failures, low=0)
         if isinstance(preload, str) or not all(isinstance(p, str) for p in preload):
             raise TypeError("preload must be a sequence of module names or .py paths")
         self.env_name = env_name
@@ -304,6 +324,17 @@ class EnvPool:
             episode = self._episodes.get(slot)
             return 0 if episode is None else episode.failures
 
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """Block until every live worker has started (imports, preload) and can serve; False on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                if all(w.ready or w.broken is not None for w in self._workers):
+                    return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+
     def worker_pids(self) -> list[int]:
         with self._lock:
             return [w.proc.pid for w in self._workers]
@@ -352,8 +383,14 @@ class EnvPool:
         )
         proc.start()
         child.close()
-        w.proc, w.conn, w.generation = proc, parent, w.generation + 1
+        w.proc, w.conn, w.generation, w.ready = proc, parent, w.generation + 1, False
         w.head_since = time.monotonic()
+
+    def _deadline(self, w: _Worker) -> float:
+        """When ``w``'s head request counts as hung (lock held). Until the worker is ready its start-up (imports,
+        a JVM) is allowed ``reset_timeout_s`` on top; ``_read`` restarts the clock when it becomes ready."""
+        timeout = w.pending[0].timeout_s
+        return w.head_since + (timeout if w.ready else timeout + self.reset_timeout_s)
 
     def _submit(self, slot: int, kind: str, payload: Any, timeout_s: float) -> Future:
         return self._submit_many([(slot, kind, payload, timeout_s)])[0]
@@ -392,8 +429,10 @@ class EnvPool:
 
     @staticmethod
     def _send(conn: Connection, requests: Sequence[_Request]) -> None:
+        if not requests:
+            return
         try:
-            conn.send([(r.req_id, r.slot, r.kind, r.payload) for r in requests])
+            conn.send((_MSG_REQUESTS, [(r.req_id, r.slot, r.kind, r.payload) for r in requests]))
         except (OSError, ValueError):  # a dead worker: the dispatcher restarts it and sends again
             pass
 
@@ -413,7 +452,7 @@ class EnvPool:
                 conns = {w.conn: w for w in live}
                 sentinels = {w.proc.sentinel: w for w in live}
                 now = time.monotonic()
-                deadlines = [w.head_since + w.pending[0].timeout_s for w in self._workers if w.pending]
+                deadlines = [self._deadline(w) for w in live if w.pending]
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
             try:
                 ready = wait([*conns, *sentinels, self._wake_r], timeout=timeout)
@@ -439,7 +478,7 @@ class EnvPool:
             now = time.monotonic()
             for w in self._workers:
                 with self._lock:
-                    hung = bool(w.pending) and now > w.head_since + w.pending[0].timeout_s
+                    hung = w.broken is None and bool(w.pending) and now > self._deadline(w)
                     hung = hung and not self._closing.is_set()
                 if hung:
                     self._recover(w, "hang")
@@ -448,7 +487,13 @@ class EnvPool:
         conn = w.conn
         try:
             while conn.poll():
-                req_id, status, value = conn.recv()
+                message = conn.recv()
+                if message[0] == _MSG_READY:
+                    with self._lock:
+                        if w.conn is conn:
+                            w.ready, w.failures_in_a_row, w.head_since = True, 0, time.monotonic()
+                    continue
+                _, req_id, status, value = message
                 if status == "env_error":
                     self._recover(w, "env_error", detail=value)
                     return
@@ -463,7 +508,6 @@ class EnvPool:
                 return  # an answer from before a restart
             r = w.pending.popleft()
             w.head_since = time.monotonic()
-            w.failures_in_a_row = 0
             episode = self._episodes.get(r.slot)
             if r.kind == _REPLAY:
                 if status != "ok":
@@ -478,6 +522,7 @@ class EnvPool:
                 elif status == "ok" and r.kind == _STEP and episode is not None:
                     episode.actions.append(r.payload)
                     episode.last_observation = value.observation
+                    episode.done = value.done
                     self._counts["steps"] += 1
                 current = self._episodes.get(r.slot)
                 if status == "ok" and r.kind in (_RESET, _STEP) and current is not None and current.failures:
@@ -515,10 +560,14 @@ class EnvPool:
                 w.conn.close()
             except OSError:
                 pass
-            w.failures_in_a_row += 1
+            if not w.ready:
+                w.failures_in_a_row += 1
             if w.failures_in_a_row > self.max_failures + 2:
-                # It dies before answering anything, again and again (a broken install?): stop restarting it.
-                w.broken = f"env worker {w.index} failed {w.failures_in_a_row} times in a row ({why}); not restarted"
+                # Its replacements die (or hang) before they are ready, again and again (a broken install?): it
+                # cannot be restarted, so stop trying. A worker that comes up is never given up on; the episodes
+                # and requests that keep killing it are (max_failures each).
+                w.broken = (f"env worker {w.index} failed to start {w.failures_in_a_row} times in a row ({why}); "
+                            "not restarted")
                 logger.error(w.broken)
                 settle = [(r.future, EnvError(w.broken)) for r in w.pending]
                 w.pending.clear()
@@ -531,20 +580,32 @@ class EnvPool:
     def _restart(self, w: _Worker, settle: list[tuple[Future | None, Any]]) -> None:
         """Start a fresh worker in place of ``w`` (locks held), replay its episodes, resend its requests."""
         self._counts["restarts"] += 1
+        # The head request was being served when the worker failed (a worker serves its requests in order).
+        executing = w.pending[0] if w.pending and w.ready else None
         self._start(w)
         requests = [r for r in w.pending if r.kind != _REPLAY]
-        head = requests[0] if requests else None
         w.pending.clear()
         w.pending.extend(requests)
-        if head is not None and head.kind == _RESET:
+        if executing is not None and executing.kind == _RESET:
             # The failure hit a reset: its old episode (if any) is being replaced, nothing to replay.
-            self._episodes.pop(head.slot, None)
-            self._pending_failures[head.slot] += 1
-            if self._pending_failures[head.slot] > self.max_failures:
-                settle += self._fail_episode(head.slot, f"more than max_failures={self.max_failures} failures")
+            self._episodes.pop(executing.slot, None)
+            self._pending_failures[executing.slot] += 1
+            if self._pending_failures[executing.slot] > self.max_failures:
+                settle += self._fail_episode(executing.slot, f"more than max_failures={self.max_failures} failures")
+        elif executing is not None and executing.kind in (_EXPERT, _CALL, _DROP):
+            # Not part of any episode's replay: charge the request itself, so one that always kills its worker
+            # fails alone instead of restarting the worker forever.
+            executing.attempts += 1
+            if executing.attempts > self.max_failures:
+                w.pending.remove(executing)
+                settle.append((executing.future, EnvError(
+                    f"{executing.kind} request on slot {executing.slot} failed: its worker died "
+                    f"{executing.attempts} times serving it (max_failures={self.max_failures})")))
         replays = []
         for slot in sorted(s for s in self._episodes if s % self.num_workers == w.index):
             episode = self._episodes[slot]
+            if episode.done:
+                continue  # a finished episode needs no replay (a later step gets "before reset" as it would)
             episode.failures += 1
             if episode.failures > self.max_failures:
                 settle += self._fail_episode(slot, f"more than max_failures={self.max_failures} failures")
@@ -563,7 +624,7 @@ class EnvPool:
         closing.set()
         for w in workers:
             try:
-                w.conn.send([])
+                w.conn.send((_MSG_SHUTDOWN,))
             except (OSError, ValueError, AttributeError):
                 pass
         deadline = time.monotonic() + 5.0

@@ -14,6 +14,15 @@ from typing import Any
 from gopd_fast.envs.base import Reset, StepResult, register
 from gopd_fast.envs.gold_path import GoldPath
 from gopd_fast.envs.jvm import JavaGoldPathEnv, JavaSimulator
+from gopd_fast.envs.options import (
+    check_bool,
+    check_int,
+    check_seconds,
+    check_str,
+    check_str_list,
+    check_task_id,
+    parse_index,
+)
 
 try:
     import scienceworld  # noqa: F401  (fail at make() time, with the fix, when the package is missing)
@@ -78,17 +87,14 @@ class ScienceWorld(JavaGoldPathEnv):
         step_timeout_s: float = 120.0,
     ) -> None:
         super().__init__(max_turns)
-        if not isinstance(simplification, str):
-            raise TypeError(f"simplification must be a str such as 'easy', got {type(simplification).__name__}")
-        if max_variations_per_task is not None and (
-            not isinstance(max_variations_per_task, int) or max_variations_per_task < 1
-        ):
-            raise ValueError(f"max_variations_per_task must be a positive int or None, got {max_variations_per_task!r}")
-        self.simplification = simplification
-        self.max_variations_per_task = max_variations_per_task
-        self.seed = seed
-        self.gold_path = gold_path
-        self.with_admissible = admissible_actions
+        task_names = check_str_list("task_names", task_names, optional=True)
+        self.simplification = check_str("simplification", simplification, "a str such as 'easy'")
+        self.max_variations_per_task = check_int("max_variations_per_task", max_variations_per_task, low=1,
+                                                 optional=True)
+        self.seed = check_int("seed", seed)
+        self.gold_path = check_bool("gold_path", gold_path)
+        self.with_admissible = check_bool("admissible_actions", admissible_actions)
+        check_seconds("step_timeout_s", step_timeout_s)
         # The JVM starts on first use (tasks() or reset()), so constructing and validating options is free.
         self._sim = JavaSimulator(_launch, name="scienceworld", call_timeout_s=step_timeout_s)
         self._all_task_names = _known_task_names()
@@ -138,14 +144,13 @@ class ScienceWorld(JavaGoldPathEnv):
             return _VARIATIONS[task]
 
     def parse_task_id(self, task_id: str) -> tuple[str, int]:
-        if not isinstance(task_id, str):
-            raise TypeError(f"task_id must be a str like 'boil:21', got {type(task_id).__name__}")
-        name, sep, var = task_id.rpartition(":")
-        if not sep or not var.isdigit():
-            raise ValueError(f"ScienceWorld task_id must look like '<task-name>:<variation>', got {task_id!r}")
+        expected = "'<task-name>:<variation>' such as 'boil:21'"
+        name, sep, var = check_task_id(task_id, "'boil:21'").rpartition(":")
+        if not sep:
+            raise ValueError(f"ScienceWorld task_id must look like {expected}, got {task_id!r}")
+        variation = parse_index(var, task_id, "ScienceWorld", expected)
         if name not in self._all_task_names:
             raise ValueError(f"unknown ScienceWorld task {name!r} in task_id {task_id!r}")
-        variation = int(var)
         n = sum(len(v) for v in self._variations(name).values())
         if variation >= n:
             raise ValueError(f"task {name!r} has variations 0..{n - 1}, got {variation} in {task_id!r}")
@@ -179,14 +184,8 @@ class ScienceWorld(JavaGoldPathEnv):
         return Reset(observation=observation, task=task, admissible_actions=admissible, info=info)
 
     def step(self, action: str) -> StepResult:
-        if not isinstance(action, str):
-            raise TypeError(f"action must be a str, got {type(action).__name__}")
-        if not self._started:
-            raise RuntimeError("step() called before reset()")
-        if self._done:
-            raise RuntimeError("step() called after the episode is done; call reset() first")
-        # The simulator reads one line; a newline would be parsed as part of an object name.
-        command = " ".join(action.split())
+        command = self._command(action)
+        self._check_steppable()
 
         def act(h: Any) -> tuple[str, float, bool, tuple[str, ...] | None]:
             observation = h.server.step(command)

@@ -14,6 +14,7 @@ from typing import Any
 from gopd_fast.envs.base import Reset, StepResult, register
 from gopd_fast.envs.gold_path import GoldPath
 from gopd_fast.envs.jvm import JavaGoldPathEnv, JavaSimulator
+from gopd_fast.envs.options import check_int, check_seconds, check_str_list, check_task_id, parse_index
 
 GAME_NAMES = ("cookingworld", "twc", "coin", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder")
 SPLITS = ("train", "dev", "test", "eval")
@@ -57,23 +58,27 @@ class TextWorldExpress(JavaGoldPathEnv):
         step_timeout_s: float = 30.0,
     ) -> None:
         super().__init__(max_turns)
-        if isinstance(games, str):
-            raise TypeError(f"games must be a sequence of game names, got the str {games!r}; use ({games!r},)")
+        games = check_str_list("games", games)
         unknown = [g for g in games if g not in GAME_NAMES]
         if unknown or not games:
             raise ValueError(f"unknown TextWorldExpress games {unknown or list(games)}; known: {list(GAME_NAMES)}")
+        if game_params is not None and not isinstance(game_params, dict):
+            raise TypeError(f"option game_params must be a dict of game name -> parameter str or None, "
+                            f"got {game_params!r}")
         game_params = dict(game_params or {})
         bad = [g for g in game_params if g not in GAME_NAMES]
         if bad:
             raise ValueError(f"game_params has unknown games {bad}; known: {list(GAME_NAMES)}")
         if not all(isinstance(p, str) for p in game_params.values()):
-            raise TypeError("game_params values must be strings like 'numLocations=5,includeDoors=1'")
-        if max_seeds_per_game is not None and (not isinstance(max_seeds_per_game, int) or max_seeds_per_game < 1):
-            raise ValueError(f"max_seeds_per_game must be a positive int or None, got {max_seeds_per_game!r}")
+            raise TypeError("option game_params values must be strs like 'numLocations=5,includeDoors=1'")
+        odd = {g: p for g, p in game_params.items() if not (p.isascii() and p.isprintable())}
+        if odd:   # they go to the JVM as they are: only printable ASCII, like every parameter the jar knows
+            raise ValueError(f"option game_params values must be printable ASCII like 'numLocations=5', got {odd}")
         self.games = tuple(games)
         self.game_params = {g: game_params.get(g, "") for g in GAME_NAMES}
-        self.max_seeds_per_game = max_seeds_per_game
-        self.seed = seed
+        self.max_seeds_per_game = check_int("max_seeds_per_game", max_seeds_per_game, low=1, optional=True)
+        self.seed = check_int("seed", seed)
+        check_seconds("step_timeout_s", step_timeout_s)
         self._sim = JavaSimulator(_launch, name="textworld-express", call_timeout_s=step_timeout_s)
         self._gold = GoldPath()
         self._valid: frozenset[str] = frozenset()  # admissible actions of the current state
@@ -116,16 +121,16 @@ class TextWorldExpress(JavaGoldPathEnv):
                              f"for {game!r}: {message.strip()}")
 
     def parse_task_id(self, task_id: str) -> tuple[str, int, str]:
-        if not isinstance(task_id, str):
-            raise TypeError(f"task_id must be a str like 'coin:20003', got {type(task_id).__name__}")
-        game, sep, seed = task_id.rpartition(":")
-        if not sep or not seed.isdigit():
-            raise ValueError(f"TextWorldExpress task_id must look like '<game>:<seed>', got {task_id!r}")
+        expected = "'<game>:<seed>' such as 'coin:20003'"
+        game, sep, text = check_task_id(task_id, "'coin:20003'").rpartition(":")
+        if not sep:
+            raise ValueError(f"TextWorldExpress task_id must look like {expected}, got {task_id!r}")
+        seed = parse_index(text, task_id, "TextWorldExpress", expected)
         if game not in GAME_NAMES:
             raise ValueError(f"unknown TextWorldExpress game {game!r} in {task_id!r}; known: {list(GAME_NAMES)}")
         for fold, seeds in self._seeds(game).items():
-            if int(seed) in seeds:
-                return game, int(seed), fold
+            if seed in seeds:
+                return game, seed, fold
         raise ValueError(f"seed {seed} of {task_id!r} is in no fold of {game!r} "
                          "(train 0-999, dev 10000-10999, test 20000-20999)")
 
@@ -148,13 +153,8 @@ class TextWorldExpress(JavaGoldPathEnv):
         return Reset(infos["observation"], infos["taskDescription"], tuple(sorted(infos["validActions"])), info)
 
     def step(self, action: str) -> StepResult:
-        if not isinstance(action, str):
-            raise TypeError(f"action must be a str, got {type(action).__name__}")
-        if not self._started:
-            raise RuntimeError("step() called before reset()")
-        if self._done:
-            raise RuntimeError("step() called after the episode is done; call reset() first")
-        command = " ".join(action.split())
+        command = self._command(action)
+        self._check_steppable()
         observation, _, _, infos = self._sim.call(lambda h: h.step(command))
         self._gold.observe(command)
         self.turns += 1

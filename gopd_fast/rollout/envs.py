@@ -3,7 +3,8 @@
 The rollout holds one env slot per episode in flight and never calls an env directly, so stepping runs in the
 background while the next generation batch is computed. ``ThreadedEnvs`` is the in-process implementation
 (one ``TextEnv`` per slot, stepped on a thread pool; JVM-backed envs release the GIL while they wait on py4j).
-Any object with the same four methods can replace it (e.g. an adapter over ``gopd_fast.envs.pool``).
+``gopd_fast.envs.EnvPool`` (worker processes that survive crashes and hangs) has the same four methods.
+``env_slots`` is the one place that picks between them (the trainer's and the demo's ``env.pool`` setting).
 
 Failure contract: an env that crashes or hangs raises ``gopd_fast.envs.EnvError`` from the future (a hang is a
 ``TimeoutError`` turned into ``EnvError`` by ``ThreadedEnvs``); the rollout then calls ``restart(slot)`` and
@@ -14,9 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, Protocol
 
 from gopd_fast.envs.base import EnvError, Reset, StepResult, TextEnv
 
@@ -83,6 +84,35 @@ class ThreadedEnvs:
             envs, self._envs = list(self._envs.values()), {}
         for env in envs:
             env.close()
+
+
+def env_slots(env_name: str, env_options: Mapping[str, Any], *, pool: bool, pool_workers: int,
+              step_timeout_s: float, threads: int) -> EnvSlots:
+    """The env slots of a run: ``EnvPool(env_name, env_options)`` with ``pool_workers`` processes and a per-step
+    hang limit of ``step_timeout_s`` when ``pool``, else ``ThreadedEnvs`` with ``threads`` threads over
+    ``envs.make(env_name, **env_options)``."""
+    if pool:
+        from gopd_fast.envs.pool import EnvPool
+
+        # A reset may start a JVM in a fresh worker: allow it well beyond one step.
+        return EnvPool(env_name, env_options, num_workers=pool_workers, step_timeout_s=step_timeout_s,
+                       reset_timeout_s=max(step_timeout_s, 300.0))
+    from gopd_fast import envs
+
+    options = dict(env_options)
+    return ThreadedEnvs(lambda: envs.make(env_name, **options), max_workers=threads)
+
+
+def pool_counts(slots: EnvSlots) -> dict[str, float]:
+    """Cumulative failure counts of an ``EnvPool`` (``env_restarts``, ``env_crashes``, ``env_hangs``,
+    ``env_replays``, ``env_episodes_failed``); {} for other slots."""
+    from gopd_fast.envs.pool import EnvPool
+
+    if not isinstance(slots, EnvPool):
+        return {}
+    s = slots.stats()
+    return {"env_restarts": float(s.worker_restarts), "env_crashes": float(s.crashes), "env_hangs": float(s.hangs),
+            "env_replays": float(s.replays), "env_episodes_failed": float(s.episodes_failed)}
 
 
 def wait_env(future: Future, timeout: float | None):

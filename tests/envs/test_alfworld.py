@@ -176,3 +176,29 @@ def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))  # the default comes from $ALFWORLD_DATA
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         make("alfworld")
+
+
+@pytest.mark.parametrize(("options", "error", "name"), [
+    ({"max_turns": True}, TypeError, "max_turns"), ({"max_turns": "30"}, TypeError, "max_turns"),
+    ({"task_types": [True]}, TypeError, "task_types"), ({"task_types": "12"}, TypeError, "task_types"),
+    ({"task_types": [1.0]}, TypeError, "task_types"), ({"expert": None}, ValueError, "expert"),
+    ({"data_dir": 3}, TypeError, "data_dir"), ({"colour": 1}, TypeError, "colour"),
+])
+def test_options_are_checked_not_coerced(data_dir, options, error, name):
+    with pytest.raises(error, match=name):
+        make("alfworld", **{"data_dir": data_dir, **options})
+
+
+def test_odd_task_ids_are_unknown_tasks(env):
+    for bad in ["", "json_2.1.1/\udcff", "json_2.1.1/\x00", "\n"]:
+        with pytest.raises(ValueError, match="unknown ALFWorld task"):
+            env.reset(bad)
+
+
+def test_any_str_action_gets_the_envs_own_observation(env, malformed_actions):
+    env.reset(env.tasks("eval")[0])
+    for action in malformed_actions:
+        step = env.step(action)
+        assert step.observation == "Nothing happens." and step.info["invalid_action"] and not step.done
+        env.turns = 0   # stay under the turn limit: this checks the answers, not the limit
+    assert env.expert_action() is not None

@@ -59,9 +59,10 @@ def test_register_twice_and_unknown_names(echo_registered):
         envs.make(None)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, "3"])
-def test_max_turns_validated(bad):
-    with pytest.raises(ValueError, match="max_turns must be a positive int"):
+@pytest.mark.parametrize(("bad", "error"), [(0, ValueError), (-1, ValueError), (2.5, TypeError), ("3", TypeError),
+                                            (True, TypeError), (None, TypeError)])
+def test_max_turns_validated(bad, error):
+    with pytest.raises(error, match=r"option max_turns must be an int in \[1, inf\], got"):
         _Echo(max_turns=bad)
 
 

@@ -139,16 +139,20 @@ def test_bad_task_ids_and_options():
     env = envs.make("household")
     with pytest.raises(RuntimeError, match="before reset"):
         env.step("look")
-    for bad in ["household/train/1000", "household/test/0", "alfworld/train/0", "household/train/-1", 7]:
+    for bad in ["household/train/1000", "household/test/0", "alfworld/train/0", "household/train/-1",
+                "household/eval/²", "household/eval/٣", "household/eval/03", "household/eval/ 3", "household/eval/",
+                "household/eval/1/2", "household/eval/1.0"]:
         with pytest.raises(ValueError, match="unknown household task id"):
             env.reset(bad)
+    with pytest.raises(TypeError, match="task_id must be a str"):
+        env.reset(7)
     with pytest.raises(ValueError, match="unknown split"):
         env.tasks("dev")
     with pytest.raises(ValueError, match="unknown environment"):
         envs.make("no-such-env")
     with pytest.raises(TypeError, match="unknown household option"):
         envs.make("household", room=3)
-    with pytest.raises(ValueError, match="rooms must be an int"):
+    with pytest.raises(ValueError, match=r"option rooms must be an int in \[2, \d+\]"):
         envs.make("household", rooms=1)
     with pytest.raises(ValueError, match="locked_doors"):
         envs.make("household", rooms=3, locked_doors=3)

@@ -161,3 +161,37 @@ def test_admissible_actions_on_request(env):
     finally:
         env.with_admissible = False
     assert env.reset(TASK).admissible_actions is None
+
+
+@pytest.mark.parametrize(("options", "error", "name"), [
+    ({"max_turns": True}, TypeError, "max_turns"), ({"seed": "0"}, TypeError, "seed"),
+    ({"seed": 1.5}, TypeError, "seed"), ({"gold_path": "no"}, TypeError, "gold_path"),
+    ({"admissible_actions": 1}, TypeError, "admissible_actions"),
+    ({"max_variations_per_task": True}, TypeError, "max_variations_per_task"),
+    ({"max_variations_per_task": 0}, ValueError, "max_variations_per_task"),
+    ({"step_timeout_s": 0}, ValueError, "step_timeout_s"), ({"step_timeout_s": "9"}, TypeError, "step_timeout_s"),
+    ({"task_names": "boil"}, TypeError, "task_names"), ({"simplification": None}, TypeError, "simplification"),
+    ({"colour": 1}, TypeError, "colour"),
+])
+def test_options_are_checked_not_coerced(options, error, name):
+    with pytest.raises(error, match=name):
+        make("scienceworld", **options)
+
+
+@pytest.mark.parametrize("bad", ["boil:²", "boil:٣", "boil:-1", "boil:01", "boil:", "boil: 1", "boil:1.0"])
+def test_odd_task_ids_name_the_expected_form(env, bad):
+    with pytest.raises(ValueError, match="<task-name>:<variation>"):
+        env.reset(bad)
+
+
+def test_any_str_action_gets_the_simulators_own_answer_and_the_jvm_survives(env, malformed_actions):
+    env.reset(TASK)
+    pid = env.jvm.pid
+    for action in malformed_actions:
+        step = env.step(action)
+        assert isinstance(step.observation, str) and not step.done, action[:40]
+        env.turns = 0   # stay under the turn limit: this checks the answers, not the limit
+    assert env.jvm.pid == pid    # the same JVM answered every action
+    with pytest.raises(TypeError, match="action must be a str"):
+        env.step(b"look around")
+    assert env.step("look around").observation.startswith("This room is called")

@@ -126,7 +126,7 @@ def test_bad_input_is_rejected_with_clear_errors(env):
         env.step(42)
     with pytest.raises(ValueError, match="unknown TextWorldExpress games"):
         make("textworld-express", games=["zork"])
-    with pytest.raises(TypeError, match="sequence of game names"):
+    with pytest.raises(TypeError, match="option games must be a list of strs"):
         make("textworld-express", games="coin")
     fresh = make("textworld-express", games=["coin"])
     with pytest.raises(RuntimeError, match="before reset"):
@@ -224,3 +224,35 @@ def test_missing_java_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="needs a Java runtime"):
         e.reset("coin:3")  # (split lists may be cached by earlier envs; an episode always needs the JVM)
     e.close()
+
+
+@pytest.mark.parametrize(("options", "error", "name"), [
+    ({"max_turns": True}, TypeError, "max_turns"), ({"seed": "0"}, TypeError, "seed"),
+    ({"seed": 1.5}, TypeError, "seed"), ({"max_seeds_per_game": True}, TypeError, "max_seeds_per_game"),
+    ({"max_seeds_per_game": 0}, ValueError, "max_seeds_per_game"),
+    ({"step_timeout_s": -1}, ValueError, "step_timeout_s"), ({"game_params": "coin"}, TypeError, "game_params"),
+    ({"games": [1]}, TypeError, "games"), ({"colour": 1}, TypeError, "colour"),
+    ({"game_params": {"coin": "numLocations=5\udcff"}}, ValueError, "game_params"),
+    ({"game_params": {"coin": "numLocations=5\n"}}, ValueError, "game_params"),
+])
+def test_options_are_checked_not_coerced(options, error, name):
+    with pytest.raises(error, match=name):
+        make("textworld-express", **options)
+
+
+@pytest.mark.parametrize("bad", ["coin:²", "coin:٣", "coin:-1", "coin:020003", "coin:", "coin:+20003"])
+def test_odd_task_ids_name_the_expected_form(env, bad):
+    with pytest.raises(ValueError, match="<game>:<seed>"):
+        env.reset(bad)
+
+
+def test_any_str_action_gets_the_games_own_answer_and_the_jvm_survives(env, malformed_actions):
+    env.reset(env.tasks("dev")[0])
+    pid, restarts = env.jvm.pid, env.jvm.restarts
+    for action in malformed_actions:
+        step = env.step(action)
+        assert isinstance(step.observation, str) and not step.done, action[:40]
+        env.turns = 0   # stay under the turn limit: this checks the answers, not the limit
+    assert env.jvm.pid == pid and env.jvm.restarts == restarts
+    with pytest.raises(TypeError, match="action must be a str"):
+        env.step(b"look around")

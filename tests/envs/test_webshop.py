@@ -353,3 +353,33 @@ def test_fuzzy_ratios_match_thefuzz():
     assert token_set_ratio("new york mets vs atlanta braves", "atlanta braves vs new york mets") == 100
     assert token_set_ratio("navy blue", "Navy-Blue!") == 100
     assert token_set_ratio("x-large", "small") < 50
+
+
+@pytest.mark.parametrize(("options", "error", "name"), [
+    ({"max_turns": True}, TypeError, "max_turns"), ({"seed": "0"}, TypeError, "seed"),
+    ({"seed": 1.5}, TypeError, "seed"), ({"num_products": True}, TypeError, "num_products"),
+    ({"num_products": 0}, ValueError, "num_products"), ({"goals": "all"}, ValueError, "goals"),
+    ({"data_dir": 3}, TypeError, "data_dir"), ({"colour": 1}, TypeError, "colour"),
+])
+def test_options_are_checked_not_coerced(data_dir, options, error, name):
+    with pytest.raises(error, match=name):
+        make("webshop", **{"data_dir": data_dir, **options})
+
+
+@pytest.mark.parametrize("bad", ["fixed_²", "fixed_٣", "fixed_-1", "fixed_01", "fixed_", "fixed", "fixed_1_2",
+                                 "Fixed_1", "fixed_1\x00"])
+def test_odd_task_ids_name_the_expected_form(env, bad):
+    with pytest.raises(ValueError, match="fixed_<goal index>"):
+        env.reset(bad)
+
+
+def test_any_str_action_gets_the_envs_own_observation(env, malformed_actions):
+    env.reset(_goal_task(env, "B00LAMP001"))
+    for action in malformed_actions:
+        step = env.step(action)
+        assert step.info.get("invalid_action") and not step.done and step.info["page"] == "search"
+        step.observation.encode("utf-8")
+        env.turns = 0   # stay under the turn limit: this checks the answers, not the limit
+    assert env.step("search[desk lamp]").info["page"] == "results"
+    with pytest.raises(TypeError, match="action must be a str"):
+        env.step(b"search[lamp]")

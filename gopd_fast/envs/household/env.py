@@ -10,6 +10,14 @@ from gopd_fast.envs.household import engine
 from gopd_fast.envs.household.observe import OBSERVE_MODES, status, world_map
 from gopd_fast.envs.household.oracle import Oracle
 from gopd_fast.envs.household.world import PRESETS, World, WorldConfig, generate
+from gopd_fast.envs.options import (
+    action_text,
+    check_bool,
+    check_choice,
+    check_int,
+    check_task_id,
+    parse_index,
+)
 
 SPLITS = ("train", "eval")
 PRESET_LIMITS = {"easy": (20, 15), "medium": (20, 15), "hard": (30, 24)}   # default (max_turns, max_solution)
@@ -75,32 +83,25 @@ class HouseholdEnv(TextEnv):
         observe: str = "room",
         **world_options: Any,
     ) -> None:
-        if difficulty not in PRESETS:
-            raise ValueError(f"difficulty must be one of {sorted(PRESETS)}, got {difficulty!r}")
+        difficulty = check_choice("difficulty", difficulty, PRESETS)
         default_turns, default_solution = PRESET_LIMITS[difficulty]
         super().__init__(default_turns if max_turns is None else max_turns)
-        max_solution = default_solution if max_solution is None else max_solution
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         unknown = set(world_options) - set(WorldConfig.__dataclass_fields__)
         if unknown:
             known = ["seed", "difficulty", "max_turns", "num_train", "num_eval", "max_solution", "report_distance",
                      "observe"]
             known += list(WorldConfig.__dataclass_fields__)
             raise TypeError(f"unknown household option(s) {sorted(unknown)}; known: {known}")
-        for name, value in (("num_train", num_train), ("num_eval", num_eval)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if observe not in OBSERVE_MODES:
-            raise ValueError(f"household option observe must be one of {list(OBSERVE_MODES)}, got {observe!r}")
-        self.observe = observe
-        self.max_solution = max_solution
-        if not isinstance(max_solution, int) or max_solution < 1:
-            raise ValueError(f"max_solution must be a positive int, got {max_solution!r}")
+        check_int("seed", seed)
+        check_int("num_train", num_train, low=1)
+        check_int("num_eval", num_eval, low=1)
+        self.max_solution = check_int("max_solution", default_solution if max_solution is None else max_solution,
+                                      low=1)
+        self.observe = check_choice("observe", observe, OBSERVE_MODES)
+        self.report_distance = check_bool("report_distance", report_distance)
         self.seed = seed
         self.config = replace(PRESETS[difficulty], **world_options)
         self.split_sizes = {"train": num_train, "eval": num_eval}
-        self.report_distance = bool(report_distance)
         # task id -> (world, its caching oracle, the doors every solution must unlock)
         self._worlds: dict[str, tuple[World, Oracle, frozenset[int]]] = {}
         self.world: World | None = None
@@ -113,6 +114,19 @@ class HouseholdEnv(TextEnv):
             raise ValueError(f"unknown split {split!r}; household has {list(SPLITS)}")
         return [f"household/{split}/{i}" for i in range(self.split_sizes[split])]
 
+    def parse_task_id(self, task_id: str) -> tuple[str, int]:
+        """``"household/<split>/<index>"`` -> (split, index); anything else -> ValueError naming the id."""
+        expected = f"'household/<split>/<index>' with split in {list(SPLITS)} and index < the split size " \
+                   f"{self.split_sizes}"
+        parts = check_task_id(task_id, "'household/train/3'").split("/")
+        if len(parts) != 3 or parts[0] != "household" or parts[1] not in self.split_sizes:
+            raise ValueError(f"unknown household task id {task_id!r}; expected {expected}")
+        index = parse_index(parts[2], task_id, "household", expected)
+        if index >= self.split_sizes[parts[1]]:
+            raise ValueError(f"unknown household task id {task_id!r}: index {index} is past the split; "
+                             f"expected {expected}")
+        return parts[1], index
+
     def world_of(self, task_id: str) -> World:
         """The world of ``task_id`` (generated once, then cached)."""
         return self._load(task_id)[0]
@@ -121,16 +135,7 @@ class HouseholdEnv(TextEnv):
         cached = self._worlds.get(task_id)
         if cached is not None:
             return cached
-        parts = task_id.split("/") if isinstance(task_id, str) else []
-        if (
-            len(parts) != 3 or parts[0] != "household" or parts[1] not in self.split_sizes
-            or not parts[2].isdigit() or int(parts[2]) >= self.split_sizes[parts[1]]
-        ):
-            raise ValueError(
-                f"unknown household task id {task_id!r}; expected 'household/<split>/<index>' with split in "
-                f"{list(SPLITS)} and index < the split size {self.split_sizes}"
-            )
-        split, index = parts[1], int(parts[2])
+        split, index = self.parse_task_id(task_id)
         for attempt in range(1000):
             world = generate(world_seed(self.seed, split, index, attempt), self.config)
             oracle = Oracle(world)
@@ -162,12 +167,11 @@ class HouseholdEnv(TextEnv):
         return Reset(observation, task, tuple(self._admissible), info)
 
     def step(self, action: str) -> StepResult:
+        action = action_text(action)
         if self.world is None:
             raise RuntimeError("step() before reset(): call reset(task_id) first")
         if self.done:
             raise RuntimeError(f"step() after the episode of {self.task_id!r} is done; call reset() first")
-        if not isinstance(action, str):
-            raise TypeError(f"action must be a str, got {type(action).__name__}")
         self.turns += 1
         world, state = self.world, self.state
         text = action if action in self._admissible else engine.normalize(action)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from gopd_fast.envs.options import check_int
+
 # The closed vocabulary. Container names are unique within a world, so "open fridge" is never ambiguous.
 ROOMS = ("kitchen", "hall", "bedroom", "bathroom", "office", "garage", "pantry", "cellar", "attic", "study")
 RECEPTACLES = ("table", "shelf", "counter", "sink", "desk", "bed", "bench", "tub", "stand", "rack")  # always open
@@ -42,9 +44,7 @@ class WorldConfig:
             "distractors": (0, 6), "closables": (0, len(CLOSABLES)), "chutes": (0, len(ROOMS)), "hand_capacity": (1, 4),
         }
         for name, (lo, hi) in checks.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-                raise ValueError(f"household option {name} must be an int in [{lo}, {hi}], got {value!r}")
+            check_int(name, getattr(self, name), low=lo, high=hi)
         if self.locked_doors > self.rooms - 1:
             raise ValueError(
                 f"household option locked_doors ({self.locked_doors}) must be < rooms ({self.rooms}): "

@@ -18,6 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
+from gopd_fast.envs.options import (
+    action_text,
+    check_choice,
+    check_int,
+    check_path,
+    check_task_id,
+    parse_index,
+)
 from gopd_fast.envs.webshop.data import Goal, Product, load_goals, load_products, product_prices
 from gopd_fast.envs.webshop.pages import (
     BACK_TO_SEARCH,
@@ -96,10 +104,10 @@ class WebShop(TextEnv):
         seed: int = 0,
     ) -> None:
         super().__init__(max_turns)
-        if goals not in ("human", "synthetic"):
-            raise ValueError(f"goals must be 'human' or 'synthetic', got {goals!r}")
-        if num_products is not None and (not isinstance(num_products, int) or num_products < 1):
-            raise ValueError(f"num_products must be a positive int or None, got {num_products!r}")
+        check_choice("goals", goals, ("human", "synthetic"))
+        check_int("num_products", num_products, low=1, optional=True)
+        check_int("seed", seed)
+        check_path("data_dir", data_dir, optional=True)
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         if not self.data_dir.is_dir():
             raise FileNotFoundError(
@@ -124,12 +132,11 @@ class WebShop(TextEnv):
         return [f"fixed_{i}" for i in self.catalogue.splits[split]]
 
     def _goal_index(self, task_id: str) -> int:
-        if not isinstance(task_id, str):
-            raise TypeError(f"task_id must be a str like 'fixed_4096', got {type(task_id).__name__}")
-        m = re.fullmatch(r"fixed_(\d+)", task_id)
-        if m is None:
-            raise ValueError(f"WebShop task_id must look like 'fixed_<goal index>', got {task_id!r}")
-        index = int(m.group(1))
+        expected = "'fixed_<goal index>' such as 'fixed_4096'"
+        prefix, sep, text = check_task_id(task_id, "'fixed_4096'").partition("_")
+        if prefix != "fixed" or not sep:
+            raise ValueError(f"WebShop task_id must look like {expected}, got {task_id!r}")
+        index = parse_index(text, task_id, "WebShop", expected)
         if index >= len(self.catalogue.goals):
             raise ValueError(f"{task_id!r}: this catalogue has goals 0..{len(self.catalogue.goals) - 1}")
         return index
@@ -144,9 +151,7 @@ class WebShop(TextEnv):
                      {"has_search_bar": True, "goal_asin": goal.asin})
 
     def step(self, action: str) -> StepResult:
-        if not isinstance(action, str):
-            raise TypeError(f"action must be a str such as 'search[red shoes]' or 'click[buy now]', "
-                            f"got {type(action).__name__}")
+        action = action_text(action)   # a str such as 'search[red shoes]' or 'click[buy now]'
         if self.session is None:
             raise RuntimeError("step() called before reset()")
         if self._done:
