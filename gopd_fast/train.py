@@ -73,24 +73,6 @@ __all__ = ["EpisodeSource", "ExpertSource", "RunResult", "Trainer", "cli", "expe
 class EpisodeSource(Protocol):
     """Produces finished episodes for task ids; receives the student's new weights after every update."""
 
-    def _teacher_engine(self, info: DistInfo) -> Any:
-        """The teacher's generation engine: the shared server when ``rollout.teacher_server`` is set (every rank
-        sends its guided turns there), else an in-process engine like the student's."""
-        r = self.cfg.rollout
-        if not r.teacher_server:
-            return self._engine(self.cfg.model.teacher, info)
-        from gopd_fast.rollout.engines.remote import RemoteEngine, RemoteOptions
-
-        engine = RemoteEngine(r.teacher_server, RemoteOptions(
-            model=r.teacher_server_model, request_timeout_s=r.server_timeout_s,
-            max_concurrency=r.server_max_concurrency, retry_deadline_s=r.server_retry_deadline_s))
-        if engine.served_root not in (self.cfg.model.teacher, str(Path(self.cfg.model.teacher).resolve())):
-            logging.getLogger("gopd_fast.train").warning(
-                "the teacher server at %s serves %r but model.teacher is %r: guided turns and teacher scores "
-                "come from different checkpoints unless they hold the same weights", engine.url,
-                engine.served_root, self.cfg.model.teacher)
-        return engine
-
     def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]: ...
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
@@ -119,24 +101,6 @@ class ExpertSource:
         self.chat_format = ChatFormat(tokenizer)
         self.eos_token_id = int(tokenizer.eos_token_id)
         self._cache: dict[str, Episode] = {}
-
-    def _teacher_engine(self, info: DistInfo) -> Any:
-        """The teacher's generation engine: the shared server when ``rollout.teacher_server`` is set (every rank
-        sends its guided turns there), else an in-process engine like the student's."""
-        r = self.cfg.rollout
-        if not r.teacher_server:
-            return self._engine(self.cfg.model.teacher, info)
-        from gopd_fast.rollout.engines.remote import RemoteEngine, RemoteOptions
-
-        engine = RemoteEngine(r.teacher_server, RemoteOptions(
-            model=r.teacher_server_model, request_timeout_s=r.server_timeout_s,
-            max_concurrency=r.server_max_concurrency, retry_deadline_s=r.server_retry_deadline_s))
-        if engine.served_root not in (self.cfg.model.teacher, str(Path(self.cfg.model.teacher).resolve())):
-            logging.getLogger("gopd_fast.train").warning(
-                "the teacher server at %s serves %r but model.teacher is %r: guided turns and teacher scores "
-                "come from different checkpoints unless they hold the same weights", engine.url,
-                engine.served_root, self.cfg.model.teacher)
-        return engine
 
     def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]:
         out = []
