@@ -66,9 +66,19 @@ class FieldSpec:
     path: bool = False         # str: a file-system path (not blank, no NUL byte)
 
     def describe(self) -> str:
-        bounds = ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
-        return " and ".join(f"{op} {v if isinstance(v, int) else format(v, 'g')}" for op, v in bounds
-                            if v is not None)
+        """The range as ``in [0, 1)``, ``>= 1`` or ``""`` (no bound)."""
+        lo, hi = (self.ge if self.ge is not None else self.gt), (self.le if self.le is not None else self.lt)
+        if lo is not None and hi is not None:
+            return f"in {'[' if self.ge is not None else '('}{_num(lo)}, {_num(hi)}{']' if self.le is not None else ')'}"
+        if lo is not None:
+            return f"{'>=' if self.ge is not None else '>'} {_num(lo)}"
+        if hi is not None:
+            return f"{'<=' if self.le is not None else '<'} {_num(hi)}"
+        return ""
+
+
+def _num(v: float) -> str:
+    return str(v) if isinstance(v, int) else format(v, "g")
 
 
 def spec(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **bounds: Any) -> Any:
@@ -222,6 +232,7 @@ class Section:
 
 def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """``cls`` from a plain nested dict: unknown keys and wrong types are ``ConfigError``s naming the key."""
+    prefix = prefix or getattr(cls, "SECTION", "")
     if not isinstance(data, dict):
         _fail(prefix or "config", f"a table [{prefix}]", data)
     fields = {name: (tp, fs) for name, tp, fs in _fields(cls)}
