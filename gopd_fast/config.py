@@ -105,12 +105,26 @@ class RolloutConfig(Section, section="rollout"):
     # vLLM on GPU: the fraction of the GPU each engine (student, teacher) may take; they share the GPU with the
     # trainer's sharded models, so the two engines and training must fit together.
     gpu_memory_utilization: float = spec(0.25, gt=0, lt=1)
+    # A shared teacher server (docs/training.md, "The paper's setup"): guided turns are written by a vLLM
+    # OpenAI-compatible server at this URL (http://host:port) instead of an in-process engine on every rank; the
+    # trainer still scores the teacher's log-probs with its own sharded copy. "" = the in-process engine.
+    teacher_server: str = ""
+    teacher_server_model: str = ""                         # served model name ("" = the server's only model)
+    server_timeout_s: float = spec(600.0, gt=0)            # one request (a whole turn's generation)
+    server_max_concurrency: int = spec(64, ge=1, le=10 ** 6)   # requests in flight per rank
+    server_retry_deadline_s: float = spec(300.0, gt=0)     # retry a failed request (connection error, 5xx)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_prompt_tokens <= self.max_new_tokens:
             raise ConfigError(f"rollout.max_prompt_tokens ({self.max_prompt_tokens}) must exceed "
                               f"rollout.max_new_tokens ({self.max_new_tokens}): a prompt plus one response must fit")
+        if self.teacher_server and not self.teacher_server.startswith(("http://", "https://")):
+            raise ConfigError(f'rollout.teacher_server: expected "" or an http(s)://host:port URL, got '
+                              f"{self.teacher_server!r}")
+        if self.teacher_server and self.engine == "expert":
+            raise ConfigError('rollout.teacher_server: expected "" with rollout.engine = "expert" (the oracle '
+                              f"writes every turn), got {self.teacher_server!r}")
 
 
 @dataclass(frozen=True)

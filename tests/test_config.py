@@ -300,6 +300,7 @@ def test_any_accepted_curriculum_gives_a_finite_beta_in_0_1(schedule, sharpness,
     ("env.max_turns=0", "env.max_turns"),
     ("run.resume=1", "run.resume"),
     ("objective.temperature=1e-30", "objective.temperature"),
+    ("rollout.teacher_server=localhost:8000", "rollout.teacher_server"),
 ])
 def test_issue_examples_are_config_errors(override, key):
     with pytest.raises(ConfigError) as e:
