@@ -215,7 +215,7 @@ class Section:
         super().__init_subclass__(**kwargs)
         cls.SECTION = section
 
-    def key(self, name: str) -> str:
+    def _key(self, name: str) -> str:
         return f"{self.SECTION}.{name}" if self.SECTION else name
 
     def __post_init__(self) -> None:
@@ -223,9 +223,9 @@ class Section:
             value = getattr(self, name)
             if dataclasses.is_dataclass(tp):
                 if not isinstance(value, tp):
-                    _fail(self.key(name), f"a [{self.key(name)}] table", value)
+                    _fail(self._key(name), f"a [{self._key(name)}] table", value)
                 continue
-            checked = check_value(self.key(name), tp, fs, value)
+            checked = check_value(self._key(name), tp, fs, value)
             if checked is not value:   # 1 -> 1.0, [a, b] -> (a, b): the field holds its declared type
                 object.__setattr__(self, name, checked)
 
