@@ -235,7 +235,7 @@ class CheckpointManager:
                 if rejected and self.info.is_main:
                     log.warning("resuming from %s, the newest checkpoint that verifies", path)
                 return path, self._load_verified(path, model, optimizer)
-            rejected.append(f"{path}: " + "; ".join(problems))
+            rejected.append("; ".join(problems))   # each problem names its file or the checkpoint
             if self.info.is_main:
                 log.warning("checkpoint %s is not usable, skipped: %s", path, "; ".join(problems))
         raise CheckpointError(f"no usable checkpoint in {self.root} ({len(rejected)} found, none verifies): "
