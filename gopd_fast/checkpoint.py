@@ -7,11 +7,18 @@ Layout under ``<output_dir>/checkpoints``:
                                 and a resume may use a different world size (DCP reshards on load)
       trainer.pt                step, LR scheduler, curriculum, task cursor, counters (identical on every rank)
       rng-rank{r}.pt            python / numpy / torch (and CUDA) RNG states of rank r
-      COMPLETE                  JSON {step, world_size}, written last, before the rename
+      COMPLETE                  JSON {step, world_size, files: {name: {bytes, sha256}}}: the manifest of every
+                                other file, written last, before the rename
     step-00000060.tmp/        a save in progress; renamed to step-00000060 only after every rank finished
 
 A crash mid-save leaves a ``.tmp`` folder that is never loaded and is deleted by the next save, and the previous
 checkpoints stay untouched (``keep`` newest are kept; older ones are deleted only after a new one is complete).
+
+Integrity: a checkpoint is used only if its manifest verifies (every listed file present, with its size and
+sha256; the ranks hash disjoint shares of the files). ``resume`` takes the newest checkpoint that verifies and
+logs every newer one it skips with its path and what is wrong (a missing marker, a missing, truncated or
+altered file); checkpoints exist but none verifies: ``CheckpointError``. A save removes every checkpoint newer
+than itself (an abandoned line of training: a fresh start, or one resumed past a damaged checkpoint).
 
 The export (``export_hf``) gathers the full student on rank 0 and writes ``save_pretrained`` safetensors plus the
 tokenizer: ``AutoModelForCausalLM.from_pretrained(dir)`` loads it, and so does vLLM (``vllm serve <dir>`` or
@@ -19,7 +26,9 @@ tokenizer: ``AutoModelForCausalLM.from_pretrained(dir)`` loads it, and so does v
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -38,10 +47,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from gopd_fast.distributed import DistInfo, barrier
+from gopd_fast.distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 COMPLETE = "COMPLETE"
+_HASH_CHUNK = 8 << 20
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was required, or a checkpoint failed to load (the message names its path)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,26 +74,92 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def step_of(path: Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint folder (step-XXXXXXXX)")
+    return int(m.group(1))
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The COMPLETE marker of checkpoint ``path``; a missing or malformed one is a ``CheckpointError``."""
+    marker = path / COMPLETE
+    if not marker.is_file():
+        raise CheckpointError(f"{path}: no {COMPLETE} marker (an interrupted save, or the marker was deleted)")
+    try:
+        manifest = json.loads(marker.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: the {COMPLETE} marker is unreadable ({e})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    ok = (isinstance(files, dict) and isinstance(manifest.get("step"), int)
+          and isinstance(manifest.get("world_size"), int) and manifest["world_size"] >= 1
+          and all(isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+                  for v in files.values()))
+    if not ok:
+        raise CheckpointError(f"{path}: the {COMPLETE} marker holds no valid manifest {{step, world_size, files}} "
+                              "(damaged, or written by a version without checksums)")
+    if _STEP_DIR.match(path.name) and manifest["step"] != step_of(path):
+        raise CheckpointError(f"{path}: the {COMPLETE} marker says step {manifest['step']}")
+    return manifest
+
+
 class CheckpointManager:
     def __init__(self, root: str | os.PathLike, info: DistInfo, keep: int = 2) -> None:
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an int >= 1, got {keep!r}")
         self.root = Path(root)
         self.info = info
         self.keep = keep
 
     # -- discovery ---------------------------------------------------------------------------------------
-    def complete_checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+    def step_dirs(self) -> list[Path]:
+        """Every checkpoint folder (complete or not, ``.tmp`` saves excluded), oldest first."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir()
-                 if p.is_dir() and _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()]
-        return sorted(found, key=lambda p: p.name)
+        return sorted((p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)),
+                      key=lambda p: p.name)
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Checkpoints with a COMPLETE marker (not yet verified), oldest first."""
+        return [p for p in self.step_dirs() if (p / COMPLETE).is_file()]
 
     def latest(self) -> Path | None:
         found = self.complete_checkpoints()
         return found[-1] if found else None
+
+    def verify(self, path: str | os.PathLike) -> list[str]:
+        """What is wrong with checkpoint ``path`` (empty: its manifest verifies). Every rank must call it."""
+        path = Path(path)
+        manifest: dict[str, Any] | str
+        if self.info.is_main:
+            try:
+                manifest = read_manifest(path)
+            except CheckpointError as e:
+                manifest = str(e)
+        else:
+            manifest = ""
+        manifest = broadcast_object(manifest)
+        if isinstance(manifest, str):
+            return [manifest]
+        names = sorted(manifest["files"])
+        problems = []
+        for name in names[self.info.rank::self.info.world_size]:
+            want, file = manifest["files"][name], path / name
+            if not file.is_file():
+                problems.append(f"{file}: missing")
+            elif (size := file.stat().st_size) != want["bytes"]:
+                problems.append(f"{file}: {size} bytes, the manifest says {want['bytes']} (truncated or extended)")
+            elif file_sha256(file) != want["sha256"]:
+                problems.append(f"{file}: sha256 differs from the manifest (the file was altered or damaged)")
+        return [p for part in all_gather_objects(problems) for p in part]
 
     # -- save --------------------------------------------------------------------------------------------
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -98,31 +179,80 @@ class CheckpointManager:
         if self.info.is_main:
             torch.save(dict(trainer_state, step=step), tmp / "trainer.pt")
         barrier()   # every rank's shards and RNG file are on disk
+        names = broadcast_object(sorted(p.name for p in tmp.iterdir() if p.is_file()) if self.info.is_main else None)
+        files = self._hash(tmp, names)
         if self.info.is_main:
             with open(tmp / COMPLETE, "w") as f:
-                json.dump({"step": step, "world_size": self.info.world_size}, f)
+                json.dump({"step": step, "world_size": self.info.world_size, "files": files}, f)
                 f.flush()
                 os.fsync(f.fileno())
             if final.exists():                              # re-saving the same step (e.g. final == periodic)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in self.complete_checkpoints()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._prune(step)
         barrier()
         return final
 
+    def _hash(self, folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+        """{name: {bytes, sha256}} of ``names`` in ``folder``, each rank hashing its share (collective)."""
+        mine = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+                for name in names[self.info.rank::self.info.world_size]}
+        out: dict[str, dict[str, Any]] = {}
+        for part in all_gather_objects(mine):
+            out.update(part)
+        return dict(sorted(out.items()))
+
+    def _prune(self, step: int) -> None:
+        """Keep the ``keep`` newest complete checkpoints up to ``step``; remove every other checkpoint folder
+        (older ones, incomplete ones, and newer ones: those belong to a line of training that was abandoned)."""
+        current = [p for p in self.complete_checkpoints() if step_of(p) <= step][-self.keep:]
+        for old in self.step_dirs():
+            if old not in current:
+                shutil.rmtree(old, ignore_errors=True)
+
     # -- load --------------------------------------------------------------------------------------------
     def load(self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Restore model, optimizer and this rank's RNG from ``path``; returns the trainer state."""
+        """Verify checkpoint ``path``, then restore model, optimizer and this rank's RNG; returns the trainer
+        state. A checkpoint that does not verify is a ``CheckpointError`` naming it and what is wrong."""
         path = Path(path)
-        if not (path / COMPLETE).is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+        problems = self.verify(path)
+        if problems:
+            raise CheckpointError(f"{path} is not usable: " + "; ".join(problems))
+        return self._load_verified(path, model, optimizer)
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Path, dict[str, Any]] | None:
+        """Load the newest checkpoint that verifies; None when there is no checkpoint at all.
+
+        Every newer checkpoint that does not verify is logged (path and problems) and skipped. Checkpoints
+        exist but none verifies: ``CheckpointError`` listing each one. Every rank must call it."""
+        candidates = self.step_dirs()
+        if not candidates:
+            return None
+        rejected: list[str] = []
+        for path in reversed(candidates):
+            problems = self.verify(path)
+            if not problems:
+                if rejected and self.info.is_main:
+                    log.warning("resuming from %s, the newest checkpoint that verifies", path)
+                return path, self._load_verified(path, model, optimizer)
+            rejected.append("; ".join(problems))   # each problem names its file or the checkpoint
+            if self.info.is_main:
+                log.warning("checkpoint %s is not usable, skipped: %s", path, "; ".join(problems))
+        raise CheckpointError(f"no usable checkpoint in {self.root} ({len(rejected)} found, none verifies): "
+                              + " | ".join(rejected))
+
+    def _load_verified(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        saved_world = read_manifest(path)["world_size"]
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:   # e.g. a model that does not match the checkpoint's keys or shapes
+            raise CheckpointError(f"{path}: the model/optimizer shards do not load into this run's model: "
+                                  f"{type(e).__name__}: {e}") from e
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng_file = path / f"rng-rank{self.info.rank}.pt"
-        if rng_file.is_file():
+        if self.info.rank < saved_world:
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:   # resumed on more ranks than saved: a fresh, rank-distinct stream
             torch.manual_seed(1_000_003 * (self.info.rank + 1))

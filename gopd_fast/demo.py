@@ -31,9 +31,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import tomllib
+from gopd_fast.typed_config import SEED_RANGE, ConfigError, Section, build, load_toml, spec
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -55,123 +55,83 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
 # ---------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class TeacherSpec:
-    asset: str = "household-full-teacher"     # gopd_fast/assets/<asset>: the committed checkpoint + tokenizer
-    size: str = "teacher-tiny"
-    num_hidden_layers: int = 0           # 0: the size's default depth; else override it
-    vocab_size: int = 512
-    tokenizer_tasks: int = 400           # train tasks whose (noisy) oracle text trains the tokenizer
-    sft_episodes: int = 1000             # oracle episodes the teacher is trained on (at most the train split)
-    noise: float = 0.1                   # fraction of random (non-expert) turns in its data: it sees some recovery
-    sft_steps: int = 250
-    batch_size: int = 16
-    lr: float = 3e-3
-    seed: int = 0
+class TeacherSpec(Section, section="teacher"):
+    asset: str = spec("household-full-teacher", path=True)   # gopd_fast/assets/<asset>: committed checkpoint
+    size: str = spec("teacher-tiny", nonempty=True)
+    num_hidden_layers: int = spec(0, ge=0, le=1000)   # 0: the size's default depth; else override it
+    vocab_size: int = spec(512, ge=64, le=10 ** 7)
+    tokenizer_tasks: int = spec(400, ge=1, le=10 ** 7)  # train tasks whose (noisy) oracle text trains the tokenizer
+    sft_episodes: int = spec(1000, ge=1, le=10 ** 7)    # oracle episodes the teacher is trained on (<= train split)
+    noise: float = spec(0.1, ge=0, le=1)   # fraction of random (non-expert) turns in its data: it sees some recovery
+    sft_steps: int = spec(250, ge=1, le=10 ** 7)
+    batch_size: int = spec(16, ge=1, le=10 ** 6)
+    lr: float = spec(3e-3, gt=0, le=10)
+    seed: int = spec(0, **SEED_RANGE)
 
 
 @dataclass(frozen=True)
-class StudentSpec:
-    size: str = "student-tiny"
-    num_hidden_layers: int = 0           # 0: the size's default depth; else override it
-    base_episodes: int = 32              # expert episodes of the brief base SFT
-    base_steps: int = 40
-    batch_size: int = 16
-    lr: float = 3e-3
-    seed: int = 1
+class StudentSpec(Section, section="student"):
+    size: str = spec("student-tiny", nonempty=True)
+    num_hidden_layers: int = spec(0, ge=0, le=1000)   # 0: the size's default depth; else override it
+    base_episodes: int = spec(32, ge=1, le=10 ** 7)   # expert episodes of the brief base SFT
+    base_steps: int = spec(40, ge=1, le=10 ** 7)
+    batch_size: int = spec(16, ge=1, le=10 ** 6)
+    lr: float = spec(3e-3, gt=0, le=10)
+    seed: int = spec(1, **SEED_RANGE)
 
 
 @dataclass(frozen=True)
-class DistillSpec:
-    trainer_config: str = "configs/demo-trainer.toml"
-    total_steps: int = 8
-    episodes_per_step: int = 8
-    lr: float = 1e-3
-    eval_every: int = 4                  # learning-curve points
-    curve_eval_episodes: int = 16        # held-out tasks per learning-curve point
-    extra_overrides: tuple[str, ...] = ()
+class DistillSpec(Section, section="distill"):
+    trainer_config: str = spec("configs/demo-trainer.toml", path=True)
+    total_steps: int = spec(8, ge=1, le=10 ** 7)
+    episodes_per_step: int = spec(8, ge=1, le=10 ** 6)
+    lr: float = spec(1e-3, gt=0, le=10)
+    eval_every: int = spec(4, ge=0, le=10 ** 7)             # learning-curve points (0: only at the end)
+    curve_eval_episodes: int = spec(16, ge=1, le=10 ** 6)   # held-out tasks per learning-curve point
+    extra_overrides: tuple[str, ...] = ()   # more trainer section.key=value overrides
 
 
 @dataclass(frozen=True)
-class EvalSpec:
-    tasks: int = 48                      # held-out (eval split) tasks per evaluation
-    temperature: float = 0.4
-    max_new_tokens: int = 24
-    diagnostic_tasks: int = 12
+class EvalSpec(Section, section="eval"):
+    tasks: int = spec(48, ge=1, le=10 ** 6)              # held-out (eval split) tasks per evaluation
+    temperature: float = spec(0.4, ge=0, le=100)
+    max_new_tokens: int = spec(24, ge=1, le=10 ** 6)
+    diagnostic_tasks: int = spec(12, ge=1, le=10 ** 6)
     # Episodes generated together (0: all tasks at once). Each in-flight episode holds an env: set a cap for
     # envs that are expensive to start or hold (ScienceWorld / TextWorldExpress start a JVM per env).
-    max_in_flight: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_in_flight, int) or self.max_in_flight < 0:
-            raise ValueError(f"eval.max_in_flight must be an int >= 0 (0: every task at once), got "
-                             f"{self.max_in_flight!r}")
+    max_in_flight: int = spec(0, ge=0, le=10 ** 6)
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    env: str = "household"
+class DemoConfig(Section):
+    env: str = spec("household", nonempty=True)
     # observe="full": the state the oracle plans on is in every observation, so a CPU-sized teacher can learn the
     # oracle (gopd_fast/envs/household/observe.py); the compounding-error mechanisms are unchanged.
     env_options: dict[str, Any] = field(default_factory=lambda: {"seed": 0, "observe": "full"})
-    max_turns: int = 15
+    max_turns: int = spec(15, ge=1, le=10 ** 6)
     # Evaluation and training rollouts step their envs in an EnvPool (worker processes surviving crashes and
     # hangs) instead of threads; passed to the trainer as env.pool / env.pool_workers / env.step_timeout_s.
     env_pool: bool = False
-    env_pool_workers: int = 2
-    env_step_timeout_s: float = 120.0
-    seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[str, ...] = METHODS
-    budget_s: float = 1200.0             # the wall-time target the plan is checked against
-    plan_s: dict[str, float] = field(default_factory=dict)   # phase -> planned seconds
+    env_pool_workers: int = spec(2, ge=1, le=4096)
+    env_step_timeout_s: float = spec(120.0, gt=0, le=86400.0)
+    seeds: tuple[int, ...] = spec((0, 1, 2), nonempty=True, **SEED_RANGE)
+    methods: tuple[Literal[METHODS], ...] = spec(METHODS, nonempty=True)
+    budget_s: float = spec(1200.0, gt=0)             # the wall-time target the plan is checked against
+    plan_s: dict[str, float] = spec(factory=dict, ge=0)  # noqa: RUF009 (a field(default_factory=dict)); phase -> planned s ([plan])
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: StudentSpec = field(default_factory=StudentSpec)
     distill: DistillSpec = field(default_factory=DistillSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
 
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"methods: unknown {unknown}; known: {list(METHODS)}")
-        if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
-            raise ValueError(f"seeds must be a non-empty list of non-negative ints, got {self.seeds!r}")
-        if self.max_turns < 1:
-            raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
-        if not isinstance(self.env_pool, bool):
-            raise ValueError(f"env_pool must be true or false, got {self.env_pool!r}")  # noqa: TRY004 - loader catches ValueError
-        if not isinstance(self.env_pool_workers, int) or isinstance(self.env_pool_workers, bool) \
-                or self.env_pool_workers < 1:
-            raise ValueError(f"env_pool_workers must be an int >= 1, got {self.env_pool_workers!r}")
-        t = self.env_step_timeout_s
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (math.isfinite(t) and t > 0):
-            raise ValueError(f"env_step_timeout_s must be a finite number of seconds > 0, got {t!r}")
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = {"teacher": TeacherSpec, "student": StudentSpec, "distill": DistillSpec, "eval": EvalSpec}
-        if cls is DemoConfig and name in sub:
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: [{name}] must be a table")
-            value = _build(sub[name], value, f"{where} [{name}]")
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
-
 
 def load_demo_config(path: str | Path) -> DemoConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"demo config {str(path)!r} does not exist")
-    data = tomllib.loads(path.read_text())
+    """The demo TOML at ``path``, through the trainer's typed loader: every problem is a ``ConfigError``."""
+    data = load_toml(path, what="demo config")
     if "plan" in data:
+        if "plan_s" in data:
+            raise ConfigError("demo config: give the phase plan once, as the [plan] table (not also plan_s)")
         data["plan_s"] = data.pop("plan")
-    return _build(DemoConfig, data, str(path))
+    return build(DemoConfig, data)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -717,7 +677,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    help="re-train the committed teacher in gopd_fast/assets/<teacher.asset> and exit")
     args = p.parse_args(argv)
     path = args.config or REPO_DIR / "configs" / ("demo-quick.toml" if args.quick else "demo.toml")
-    cfg = load_demo_config(path)
+    try:
+        cfg = load_demo_config(path)
+    except ConfigError as e:   # one clear line and status 2, like the trainer's console script
+        print(f"gopd_fast.demo: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if args.seeds is not None:
         cfg = dataclasses.replace(cfg, seeds=args.seeds)
     run_dir = Path(args.out) if args.out else REPO_DIR / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -18,14 +18,41 @@ Keys of a training record (``"kind": "train"``); means are over the GLOBAL batch
 Evaluation records (``"kind": "eval"``) carry ``step``, ``eval/episodes`` and ``eval/score``, ``eval/success_rate``,
 ``eval/rounds``, each with its 95% interval as ``<key>_low`` / ``<key>_high`` (Student's t for Score and Rounds,
 Wilson for the Success Rate; NaN bounds with a single episode). TensorBoard gets every numeric key under the same name (``train/<key>`` for train records).
+
+A run that starts at ``initial_step`` (a resume, or 0 for a fresh start) first drops every record after that step
+from an existing ``metrics.jsonl`` (and TensorBoard purges its events from there), so each step appears once.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Rewrite ``path`` (metrics.jsonl) without the records after ``last_step`` and without unreadable lines (a
+    line cut by a kill mid-write); atomic (temporary file + rename). Returns the number of records kept."""
+    if not path.is_file():
+        return 0
+    kept = []
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw)
+            except ValueError:    # a partial line (killed mid-write) or non-UTF-8 bytes
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+                kept.append(raw.rstrip(b"\n") + b"\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(kept)
 
 
 class MetricsLogger:
@@ -40,11 +67,12 @@ class MetricsLogger:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.jsonl"
+        truncate_metrics(self.path, initial_step)
         self._file = open(self.path, "a")  # noqa: SIM115  (kept open for the run; closed in close())
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=initial_step + 1)
         if progress_bar:
             from tqdm.auto import tqdm
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from gopd_fast.envs.base import TextEnv
 from gopd_fast.rollout.episode import Episode, Role
 from gopd_fast.rollout.history import ChatFormat, History
+from gopd_fast.typed_config import SEED_RANGE, Section, spec
 
 # How an action is written as an assistant turn: the ReAct "Action:" line that the rollout's default
 # ActionParser (gopd_fast.rollout.guidance.DEFAULT_ACTION_PATTERN) reads back.
@@ -29,27 +30,15 @@ ACTION_FORMAT = "Action: {action}"
 
 
 @dataclass(frozen=True)
-class SFTConfig:
-    steps: int = 200
-    batch_size: int = 16               # episodes per optimizer step
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1          # cosine decay to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"SFTConfig.{name} must be a positive int, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"SFTConfig.lr must be a positive finite float, got {self.lr!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"SFTConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.warmup_steps < 0 or self.grad_clip <= 0:
-            raise ValueError("SFTConfig.warmup_steps must be >= 0 and grad_clip > 0")
+class SFTConfig(Section, section="SFTConfig"):
+    steps: int = spec(200, ge=1, le=10 ** 9)
+    batch_size: int = spec(16, ge=1, le=10 ** 6)     # episodes per optimizer step
+    lr: float = spec(3e-3, gt=0, le=10)
+    min_lr_ratio: float = spec(0.1, ge=0, le=1)      # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = spec(10, ge=0, le=10 ** 9)
+    weight_decay: float = spec(0.0, ge=0, le=1)
+    grad_clip: float = spec(1.0, gt=0)
+    seed: int = spec(0, **SEED_RANGE)
 
 
 def _lr_at(step: int, cfg: SFTConfig) -> float:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gopd_fast.checkpoint import CheckpointManager, export_hf, full_state_dict
+from gopd_fast.checkpoint import CheckpointError, CheckpointManager, export_hf, full_state_dict
 from gopd_fast.config import Config, ConfigError, OptimConfig, config_to_dict, load_config
 from gopd_fast.curriculum import BetaSchedule, TaskCursor
 from gopd_fast.distributed import (
@@ -533,8 +533,14 @@ def _run(cfg: Config, info: DistInfo, source: EpisodeSource | None) -> RunResult
     ckpt = CheckpointManager(out_dir / "checkpoints", info, keep=cfg.run.keep_checkpoints)
 
     start, resumed_from = 0, None
-    if cfg.run.resume and (latest := ckpt.latest()) is not None:
-        state = ckpt.load(latest, student, trainer.optimizer)
+    # resume: the newest checkpoint that verifies (newer damaged ones are logged and skipped); checkpoints
+    # exist but none verifies: CheckpointError (the run stops; run.resume=false starts at step 1 instead)
+    try:
+        found = ckpt.resume(student, trainer.optimizer) if cfg.run.resume else None
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}. Repair or remove them, or set run.resume=false to start at step 1") from None
+    if found is not None:
+        latest, state = found
         trainer.scheduler.load_state_dict(state["scheduler"])
         schedule.load_state_dict(state["curriculum"])
         cursor.load_state_dict(state["cursor"])
@@ -636,11 +642,15 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
 
 
 def cli() -> None:
-    """Console script ``gopd-fast``: config errors print one clear line and exit with status 2."""
+    """Console script ``gopd-fast``: config errors and unusable checkpoints print one clear line and exit with
+    status 2."""
     try:
         main(sys.argv[1:])
     except ConfigError as e:
         print(f"gopd-fast: config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except CheckpointError as e:
+        print(f"gopd-fast: checkpoint error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

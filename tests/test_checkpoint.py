@@ -1,4 +1,6 @@
-"""DCP checkpoints: round trip, atomicity under a crash mid-save, pruning, and the Hugging Face export."""
+"""DCP checkpoints: round trip, atomicity under a crash mid-save, pruning, checksums with fault injection (each
+kind of file truncated, altered, deleted; the marker missing or damaged), resume falling back to the previous good
+checkpoint, and the Hugging Face export."""
 from __future__ import annotations
 
 import random
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gopd_fast.checkpoint import CheckpointManager, export_hf
+from gopd_fast.checkpoint import COMPLETE, CheckpointError, CheckpointManager, export_hf
 from gopd_fast.distributed import DistInfo
 
 INFO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -111,8 +113,129 @@ def test_keep_prunes_old_checkpoints_and_incomplete_dirs_are_ignored(tmp_path, t
     assert [p.name for p in mgr.complete_checkpoints()] == ["step-00000002", "step-00000003"]
     (tmp_path / "step-00000009").mkdir()                        # no COMPLETE marker
     assert mgr.latest().name == "step-00000003"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match=f"step-00000009: no {COMPLETE} marker"):
         mgr.load(tmp_path / "step-00000009", model, opt)
+
+
+def _flip_bit(path, offset_fraction=0.5):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * offset_fraction)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _shard(ckpt):
+    return max(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+# (what is damaged, how, a fragment of the reported problem)
+FAULTS = {
+    "shard-truncated": (_shard, _truncate, "truncated"),
+    "shard-bit-flip": (_shard, _flip_bit, "sha256"),
+    "shard-deleted": (_shard, lambda p: p.unlink(), "missing"),
+    "metadata-bit-flip": (lambda c: c / ".metadata", _flip_bit, "sha256"),
+    "metadata-deleted": (lambda c: c / ".metadata", lambda p: p.unlink(), "missing"),
+    "trainer-truncated": (lambda c: c / "trainer.pt", _truncate, "truncated"),
+    "trainer-bit-flip": (lambda c: c / "trainer.pt", _flip_bit, "sha256"),
+    "rng-deleted": (lambda c: c / "rng-rank0.pt", lambda p: p.unlink(), "missing"),
+    "rng-bit-flip": (lambda c: c / "rng-rank0.pt", lambda p: _flip_bit(p, 0.9), "sha256"),
+    "marker-deleted": (lambda c: c / COMPLETE, lambda p: p.unlink(), f"no {COMPLETE} marker"),
+    "marker-garbage": (lambda c: c / COMPLETE, lambda p: p.write_bytes(b"\xff{not json"), "unreadable"),
+    "marker-without-checksums": (lambda c: c / COMPLETE, lambda p: p.write_text('{"step": 2, "world_size": 1}'),
+                                 "no valid manifest"),
+    "marker-wrong-step": (lambda c: c / COMPLETE,
+                          lambda p: p.write_text(p.read_text().replace('"step": 2', '"step": 7')), "says step 7"),
+}
+
+
+@pytest.fixture()
+def two_checkpoints(tmp_path, tokenizer):
+    """Checkpoints at steps 1 and 2 of a short training run, and the parameters each one holds."""
+    model = _model(tokenizer, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mgr = CheckpointManager(tmp_path, INFO, keep=2)
+    saved = {}
+    for step in (1, 2):
+        _train_a_bit(model, opt, seed=step)
+        mgr.save(step, model, opt, {"tag": step})
+        saved[step] = _state(model, opt)[0]
+    return mgr, saved
+
+
+def test_the_manifest_lists_every_file_with_its_checksum(two_checkpoints):
+    import hashlib
+    import json
+
+    mgr, _ = two_checkpoints
+    ckpt = mgr.latest()
+    manifest = json.loads((ckpt / COMPLETE).read_text())
+    files = {p.name for p in ckpt.iterdir()} - {COMPLETE}
+    assert set(manifest["files"]) == files and {"trainer.pt", "rng-rank0.pt", ".metadata"} <= files
+    for name, entry in manifest["files"].items():
+        data = (ckpt / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert mgr.verify(ckpt) == []
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_is_used(fault, two_checkpoints, tokenizer,
+                                                                              caplog):
+    mgr, saved = two_checkpoints
+    newest = mgr.root / "step-00000002"
+    target, damage, problem = FAULTS[fault]
+    damage(target(newest))
+
+    problems = mgr.verify(newest)
+    assert problems and all(str(newest) in p for p in problems) and problem in " ".join(problems)
+    fresh = _model(tokenizer, 5)
+    opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    with pytest.raises(CheckpointError, match="step-00000002"):
+        mgr.load(newest, fresh, opt)
+
+    with caplog.at_level("WARNING", logger="gopd_fast.checkpoint"):
+        path, state = mgr.resume(fresh, opt)
+    assert path.name == "step-00000001" and state["tag"] == 1 and state["step"] == 1
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, saved[1][k], rtol=0, atol=0)
+    log = caplog.text
+    assert str(newest) in log and problem in log and f"resuming from {path}" in log
+
+
+def test_no_usable_checkpoint_is_an_error_naming_each_one(two_checkpoints, tokenizer):
+    mgr, _ = two_checkpoints
+    _flip_bit(_shard(mgr.root / "step-00000002"))
+    (mgr.root / "step-00000001" / "trainer.pt").unlink()
+    fresh = _model(tokenizer, 5)
+    with pytest.raises(CheckpointError) as e:
+        mgr.resume(fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+    msg = str(e.value)
+    assert "no usable checkpoint" in msg and "2 found" in msg
+    assert str(mgr.root / "step-00000002") in msg and str(mgr.root / "step-00000001" / "trainer.pt") in msg
+
+
+def test_nothing_to_resume_is_not_an_error(tmp_path, tokenizer):
+    model = _model(tokenizer, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    assert CheckpointManager(tmp_path / "absent", INFO).resume(model, opt) is None
+    (tmp_path / "step-00000003.tmp").mkdir()           # an interrupted first save is not a checkpoint
+    assert CheckpointManager(tmp_path, INFO).resume(model, opt) is None
+
+
+def test_a_save_removes_newer_checkpoints_of_an_abandoned_run(two_checkpoints, tokenizer):
+    """After a fresh start (or a resume past a damaged checkpoint) the first save makes the run's own checkpoint
+    the newest: every newer folder, damaged or not, and every older one beyond ``keep`` goes."""
+    mgr, _ = two_checkpoints
+    (mgr.root / "step-00000002" / COMPLETE).unlink()
+    model = _model(tokenizer, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mgr.keep = 1
+    mgr.save(1, model, opt, {"tag": "new"})
+    assert [p.name for p in mgr.step_dirs()] == ["step-00000001"]
+    assert mgr.load(mgr.latest(), model, opt)["tag"] == "new"
 
 
 def test_export_loads_with_from_pretrained_and_gives_the_same_logits(tmp_path, tokenizer):

@@ -100,10 +100,50 @@ def test_bad_config_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ValueError, match="stepz"):
         demo.load_demo_config(bad)
     bad.write_text('env = "household"\n[eval]\nmax_in_flight = -1\n')
-    with pytest.raises(ValueError, match="eval.max_in_flight must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"eval.max_in_flight: expected an int in \[0, "):
         demo.load_demo_config(bad)
     with pytest.raises(SystemExit):
         demo.main(["--seeds", "x,y"])
+
+
+@pytest.mark.parametrize("toml,key", [
+    ('budget_s = "fast"', "budget_s"),
+    ("budget_s = inf", "budget_s"),
+    ("[eval]\ntasks = -8", "eval.tasks"),
+    ("[distill]\ntotal_steps = 0", "distill.total_steps"),
+    ("[distill]\nlr = nan", "distill.lr"),
+    ('[distill]\ntrainer_config = ""', "distill.trainer_config"),
+    ("[teacher]\nnoise = 1.5", "teacher.noise"),
+    ("[student]\nseed = -1", "student.seed"),
+    ("seeds = []", "seeds"),
+    ("seeds = [0, true]", "seeds[1]"),
+    ("max_turns = 1.5", "max_turns"),
+    ('methods = ["opd", "magic"]', "methods[1]"),
+    ("[plan]\ndistill = -5", "plan_s.distill"),
+    ("[eval]\ndiagnostic_tasks = 0", "eval.diagnostic_tasks"),
+    ("[teacher]\nsft_steps = " + "9" * 400, "teacher.sft_steps"),
+])
+def test_demo_config_uses_the_typed_loader(tmp_path: Path, toml: str, key: str):
+    from gopd_fast.config import ConfigError
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'env = "household"\n{toml}\n')
+    with pytest.raises(ConfigError) as e:
+        demo.load_demo_config(bad)
+    assert str(e.value).startswith(f"{key}:"), str(e.value)
+
+
+def test_demo_cli_config_errors_exit_2(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b'env = "household"\n[eval]\ntasks = -8\n')
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--config", str(bad)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("gopd_fast.demo: config error: eval.tasks")
+    bad.write_bytes(b'env = "caf\xe9"\n')
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--config", str(bad)])
+    assert e.value.code == 2 and "not UTF-8" in capsys.readouterr().err
 
 
 def test_run_envs_are_reused_and_capped(monkeypatch):

@@ -109,6 +109,91 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(expert_runs, models, t
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
 
 
+def _flip_a_bit_in_a_shard(ckpt: Path) -> None:
+    shard = max(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+def test_kill_then_a_damaged_newest_checkpoint_resumes_from_the_previous_one(expert_runs, models, tmp_path,
+                                                                               caplog):
+    """SIGKILL a run once it has two checkpoints, flip one bit in the newest one's largest shard: the restart
+    reports that checkpoint (path and problem), resumes from the one before, reproduces the uninterrupted run's
+    losses, and metrics.jsonl ends with every step exactly once."""
+    import signal
+    import time
+
+    from gopd_fast.checkpoint import CheckpointManager
+    from gopd_fast.train import run
+
+    _, _, single = expert_runs
+    out = tmp_path / "damaged"
+    overrides = [*_expert_overrides(models, out), "run.save_every=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, "-m", "gopd_fast.train", *overrides], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints" / "step-00000002" / "COMPLETE").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no second checkpoint within 180 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    newest = CheckpointManager(out / "checkpoints", CPU).latest()
+    step = int(newest.name.split("-")[1])
+    assert step >= 2
+    _flip_a_bit_in_a_shard(newest)
+
+    with caplog.at_level("WARNING", logger="gopd_fast.checkpoint"):
+        resumed = run(load_config(None, overrides))
+    assert resumed.resumed_from.name == f"step-{step - 1:08d}"
+    assert str(newest) in caplog.text and "sha256" in caplog.text
+    assert [r["step"] for r in resumed.history] == list(range(step, 4))
+    for got, want in zip(resumed.history, single.history[step - 1:]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    assert [r["step"] for r in _records(out)] == [1, 2, 3]
+    mgr = CheckpointManager(out / "checkpoints", CPU)
+    assert [p.name for p in mgr.step_dirs()] == ["step-00000002", "step-00000003"]
+    assert all(mgr.verify(p) == [] for p in mgr.step_dirs())     # the damaged one was replaced
+
+
+def test_no_usable_checkpoint_stops_the_run_unless_told_to_start_fresh(expert_runs, models, tmp_path,
+                                                                        monkeypatch, capsys):
+    """Every checkpoint damaged (a flipped bit, a missing RNG file): the console script names them and exits 2
+    without training; run.resume=false starts at step 1, and its metrics.jsonl and checkpoints replace the old."""
+    import shutil
+
+    from gopd_fast import train
+    from gopd_fast.checkpoint import CheckpointManager
+
+    root, _, single = expert_runs
+    out = tmp_path / "unusable"
+    shutil.copytree(root / "dp1", out)
+    _flip_a_bit_in_a_shard(out / "checkpoints" / "step-00000003")
+    (out / "checkpoints" / "step-00000002" / "rng-rank0.pt").unlink()
+    before = (out / "metrics.jsonl").read_bytes()
+
+    monkeypatch.setattr("sys.argv", ["gopd-fast", *_expert_overrides(models, out)])
+    with pytest.raises(SystemExit) as e:
+        train.cli()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]     # (after transformers' weight-loading bars)
+    assert err.startswith("gopd-fast: checkpoint error: no usable checkpoint"), err
+    assert str(out / "checkpoints" / "step-00000002" / "rng-rank0.pt") in err and "run.resume=false" in err
+    assert (out / "metrics.jsonl").read_bytes() == before       # nothing was trained or rewritten
+
+    fresh = train.run(load_config(None, [*_expert_overrides(models, out), "run.resume=false"]))
+    assert fresh.resumed_from is None and [r["step"] for r in fresh.history] == [1, 2, 3]
+    assert [r["loss"] for r in fresh.history] == pytest.approx([r["loss"] for r in single.history], rel=1e-6)
+    assert [r["step"] for r in _records(out)] == [1, 2, 3]
+    mgr = CheckpointManager(out / "checkpoints", CPU)
+    assert [p.name for p in mgr.step_dirs()] == ["step-00000002", "step-00000003"]
+    assert all(mgr.verify(p) == [] for p in mgr.step_dirs())
+
+
 def test_resume_on_a_different_number_of_processes(expert_runs, models, tmp_path):
     """The two-process run's step-2 checkpoint (FSDP2 shards) resumed by one process (DCP reshards on load)."""
     import shutil
