@@ -246,12 +246,22 @@ def test_gradcheck_chunked(rng):
     assert torch.autograd.gradcheck(g, (p["student_hidden"], p["student_weight"], p["student_bias"]))
 
 
-def test_scalar_reduction_supports_one_backward(rng):
-    p = make_problem(rng)
-    loss = run(p, "chunked")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("jsd_beta", [None, 0.4])
+def test_second_backward_with_retain_graph_accumulates_again(rng, backend, reduction, jsd_beta):
+    # Liger's behaviour: a second backward through the same graph adds the same gradients once more
+    p = make_problem(rng, dtype=torch.float64)
+    leaves = [p["student_hidden"], p["student_weight"], p["student_bias"]]
+    loss = run(p, backend, reduction=reduction, jsd_beta=jsd_beta).sum()
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="reduction='none'"):
-        loss.backward()
+    first = [t.grad.clone() for t in leaves]
+    loss.backward()
+    for t, g in zip(leaves, first):
+        assert g.abs().sum() > 0
+        assert_close(t.grad, 2 * g, rtol=1e-12)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()  # without retain_graph the saved gradients are freed, as for any autograd graph
 
 
 def test_scaled_upstream_gradient(rng):
