@@ -29,10 +29,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gopd_fast.loss import fused_linear_kl
+from gopd_fast.loss import check_backend, fused_linear_kl
+from gopd_fast.ops.autocast import autocast_cast
+from gopd_fast.ops.checks import (
+    check_bool,
+    check_int,
+    check_labels,
+    check_probability,
+    check_real,
+    check_temperature,
+)
 from gopd_fast.ops.token_logprob import fused_linear_logprob
 
 __all__ = ["LigerFusedLinearJSDLoss", "liger_fused_linear_jsd"]
+
+
+def _options(weight_hard_loss, weight_soft_loss, beta, ignore_index, temperature, compiled, chunk_size,
+             return_soft_hard_loss) -> dict:
+    """The constructor's arguments, validated once (class: at construction; function: per call)."""
+    return {
+        "weight_hard_loss": check_real("weight_hard_loss", weight_hard_loss),
+        "weight_soft_loss": check_real("weight_soft_loss", weight_soft_loss),
+        "beta": check_probability("beta", beta),
+        "ignore_index": check_int("ignore_index", ignore_index),
+        "temperature": check_temperature(temperature),
+        "compiled": check_bool("compiled", compiled),
+        "chunk_size": check_int("chunk_size", chunk_size, low=1),
+        "return_soft_hard_loss": check_bool("return_soft_hard_loss", return_soft_hard_loss),
+    }
 
 
 def liger_fused_linear_jsd(
@@ -55,20 +79,24 @@ def liger_fused_linear_jsd(
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Functional form, argument order of ``liger_kernel.chunked_loss.functional.liger_fused_linear_jsd``."""
+    opts = _options(weight_hard_loss, weight_soft_loss, beta, ignore_index, temperature, compiled, chunk_size,
+                    return_soft_hard_loss)
+    return _jsd_loss(student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias,
+                     teacher_bias, backend=check_backend(backend), **opts)
+
+
+def _jsd_loss(student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias,
+              teacher_bias, *, weight_hard_loss: float, weight_soft_loss: float, beta: float, ignore_index: int,
+              temperature: float, compiled: bool, chunk_size: int, return_soft_hard_loss: bool, backend: str):
     del compiled, chunk_size  # Liger's token chunking / torch.compile knobs: the fused loss tiles on its own
-    if not isinstance(true_labels, Tensor):
-        raise TypeError(f"true_labels must be an integer tensor [N], got {type(true_labels).__name__}")
-    if true_labels.dtype.is_floating_point or true_labels.dtype == torch.bool:
-        raise TypeError(f"true_labels must be an integer tensor, got {true_labels.dtype}")
-    if not 0.0 <= float(beta) <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    labels = true_labels.reshape(-1)
-    if labels.shape[0] != student_input.reshape(-1, student_input.shape[-1]).shape[0]:
-        raise ValueError(
-            f"true_labels must have one label per token ({student_input.shape[:-1]}), got {tuple(true_labels.shape)}"
-        )
+    if not isinstance(student_input, Tensor):
+        raise TypeError(f"student_input must be a torch.Tensor, got {type(student_input).__name__}")
+    labels = check_labels("true_labels", true_labels, student_input)
+    if not all(isinstance(t, Tensor) for t in (student_weight, teacher_weight)):
+        raise TypeError("student_weight and teacher_weight must be torch.Tensors [V, hidden]")
+    # autocast: cast before the zero padding below so the padded head has one dtype
+    student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias = autocast_cast(
+        student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias)
     valid = labels != ignore_index
     n_valid = valid.sum().clamp_min(1)
 
@@ -88,8 +116,8 @@ def liger_fused_linear_jsd(
         teacher_input.reshape(-1, teacher_input.shape[-1]),
         teacher_weight,
         reverse_weight=valid,
-        jsd_beta=float(beta),
-        temperature=float(temperature),
+        jsd_beta=beta,
+        temperature=temperature,
         student_bias=s_bias,
         teacher_bias=teacher_bias,
         reduction="sum",
@@ -141,19 +169,11 @@ class LigerFusedLinearJSDLoss(torch.nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if temperature == 0:
-            raise ValueError("Temperature cannot be 0.")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
-        self.weight_hard_loss = weight_hard_loss
-        self.weight_soft_loss = weight_soft_loss
-        self.ignore_index = ignore_index
-        self.temperature = temperature
-        self.compiled = compiled
-        self.beta = beta
-        self.chunk_size = chunk_size
-        self.return_soft_hard_loss = return_soft_hard_loss
-        self.backend = backend
+        # validated here, not at the first call (Liger's own asserts would fail later, with a '<=' TypeError)
+        for name, value in _options(weight_hard_loss, weight_soft_loss, beta, ignore_index, temperature, compiled,
+                                    chunk_size, return_soft_hard_loss).items():
+            setattr(self, name, value)
+        self.backend = check_backend(backend)
 
     def forward(
         self,
@@ -165,21 +185,9 @@ class LigerFusedLinearJSDLoss(torch.nn.Module):
         student_bias: Tensor | None = None,
         teacher_bias: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-        return liger_fused_linear_jsd(
-            student_input,
-            student_weight,
-            teacher_input,
-            teacher_weight,
-            true_labels,
-            student_bias,
-            teacher_bias,
-            self.weight_hard_loss,
-            self.weight_soft_loss,
-            self.beta,
-            self.ignore_index,
-            self.temperature,
-            self.compiled,
-            self.chunk_size,
-            self.return_soft_hard_loss,
-            backend=self.backend,
+        return _jsd_loss(
+            student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias, teacher_bias,
+            weight_hard_loss=self.weight_hard_loss, weight_soft_loss=self.weight_soft_loss, beta=self.beta,
+            ignore_index=self.ignore_index, temperature=self.temperature, compiled=self.compiled,
+            chunk_size=self.chunk_size, return_soft_hard_loss=self.return_soft_hard_loss, backend=self.backend,
         )

@@ -90,7 +90,7 @@ def test_same_constructor_signature_as_liger():
 
 
 def test_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="Temperature"):
+    with pytest.raises(ValueError, match="temperature"):
         LigerFusedLinearJSDLoss(temperature=0)
     with pytest.raises(ValueError, match="beta"):
         LigerFusedLinearJSDLoss(beta=1.5)
