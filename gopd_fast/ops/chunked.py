@@ -239,10 +239,14 @@ def _grad_sweep(ops: _Operands, st: _Stats, coef_r: Tensor, coef_f: Tensor | Non
     overwritten tile by tile, or added to when ``accumulate`` (token blocks; then they are in acc dtype).
     """
     dtype = ops.h_s.dtype
-    # a token whose RKL is +inf (teacher masks what the student predicts) has no usable reverse-KL gradient: 0
-    c_r = torch.where(torch.isfinite(st.reverse_kl), coef_r.to(dtype), 0.0)[:, None]
+    c_r = coef_r.to(dtype)[:, None]
     c_f = None if coef_f is None else coef_f.to(dtype)[:, None]
-    rkl = torch.where(torch.isfinite(st.reverse_kl), st.reverse_kl, 0.0)[:, None]
+    rkl = st.reverse_kl[:, None]
+    if jsd_beta is None and ops.masked:
+        # a token whose RKL is +inf (the teacher masks what the student predicts) has no usable reverse-KL
+        # gradient: 0 (JSD stays finite and needs no such rule)
+        finite = torch.isfinite(rkl)
+        c_r, rkl = torch.where(finite, c_r, 0.0), torch.where(finite, rkl, 0.0)
     for i, lo, hi in ops.tiles():
         z_s, z_t = ops.logits(i, lo, hi)  # last reader: free to work in place
         ok_s, ok_t = _masks(z_s, z_t) if ops.masked else (None, None)
@@ -304,10 +308,12 @@ def _values(ops: _Operands, reverse_weight: Tensor, forward_weight: Tensor, jsd_
     if jsd_beta is not None:
         jsd, kl_s_m = _jsd_sweep(ops, st, jsd_beta)
         loss = reverse_weight.to(dtype) * jsd
-    else:
-        loss = reverse_weight.to(dtype) * st.reverse_kl
+    else:  # a zero weight drops its term even where that KL is +inf (a -inf bias in one model)
+        rw = reverse_weight.to(dtype)
+        loss = torch.where(rw != 0, rw * st.reverse_kl, 0.0)
         if use_forward:
-            loss = loss + forward_weight.to(dtype) * st.forward_kl
+            fw = forward_weight.to(dtype)
+            loss = loss + torch.where(fw != 0, fw * st.forward_kl, 0.0)
     return loss, st, kl_s_m
 
 
