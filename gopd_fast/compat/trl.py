@@ -120,14 +120,20 @@ def fused_gkd_loss(
         temperature=temperature, reduction="sum", backend=backend,
     )
     if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        else:
-            check_real("num_items_in_batch", num_items_in_batch, low=0.0, low_open=True)
-        return total / num_items_in_batch
+        return total / _items_in_batch(num_items_in_batch, total.device)
     if mask is None:  # TRL's batchmean without labels: divide by the batch (first) dimension
         return total / max(student_hidden.shape[0], 1)
     return total / mask.sum().clamp_min(1)
+
+
+def _items_in_batch(value: int | Tensor, device: torch.device) -> float | Tensor:
+    """TRL's ``num_items_in_batch``: a positive number, or a one-element tensor (left on its device: no sync)."""
+    if not isinstance(value, Tensor):
+        return check_real("num_items_in_batch", value, low=0.0, low_open=True)
+    if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
+        raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
+                         f"{list(value.shape)} dtype {value.dtype}")
+    return value.to(device).reshape(())
 
 
 class FusedGKDMixin:
@@ -231,9 +237,7 @@ def _make_trainers() -> tuple[type, type]:
             if num_items_in_batch is None:
                 loss = total / n_valid.clamp(min=1)
             else:
-                if isinstance(num_items_in_batch, Tensor):
-                    num_items_in_batch = num_items_in_batch.to(total.device)
-                loss = total / num_items_in_batch
+                loss = total / _items_in_batch(num_items_in_batch, total.device)
             return loss, stats.student_entropy.sum().detach(), n_valid
 
     for cls in (FusedGKDTrainer, FusedDistillationTrainer):

@@ -60,8 +60,9 @@ def test_same_loss_and_grads_as_liger(tmp_path):
     torch.save(CASES, tmp_path / "cases.pt")
     torch.save(inputs, tmp_path / "inputs.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", _LIGER_SCRIPT, str(tmp_path / "cases.pt"), str(tmp_path / "inputs.pt"),
-                          str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=600)
+    paths = [str(tmp_path / name) for name in ("cases.pt", "inputs.pt", "out.pt")]
+    run = subprocess.run([sys.executable, "-c", _LIGER_SCRIPT, *paths], env=env, capture_output=True, text=True,
+                         timeout=600, check=False)
     if run.returncode != 0 and "triton" in run.stderr.lower() and "No module named" in run.stderr:
         pytest.skip(f"Liger's Triton kernel cannot run here: {run.stderr[-300:]}")
     assert run.returncode == 0, run.stderr[-2000:]
