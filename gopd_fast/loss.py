@@ -142,10 +142,13 @@ def fused_linear_kl(
             if not bool(torch.isfinite(h).all()):
                 raise ValueError(f"{name} has non-finite values (NaN/inf) at tokens with a nonzero loss weight; "
                                  "pass check_finite=False to let them propagate into the loss instead")
-        _check_scale(h_s, student_weight, student_bias, h_t, w_t, b_t, args.temperature)
 
     denominator = float(normalizer) if normalizer is not None else float(max(n_active, 1))
     grad_scale = None if args.reduction == "none" else (1.0 / denominator if args.reduction == "mean" else 1.0)
+    if check_finite and n_active:
+        weight_max = float(torch.maximum(rw.max(), fw.max()))
+        _check_scale(h_s, student_weight, student_bias, h_t, w_t, b_t, args.temperature,
+                     weight_max * (1.0 if grad_scale is None else grad_scale), n_active)
     # With a -inf bias a token's KL may be +inf: the per-token KLs are needed to report it (_report_infinite).
     want_stats = return_stats or (args.masked_vocab and args.jsd_beta is None)
 
@@ -452,16 +455,20 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, re
 # |logit| / temperature above this is rejected: float32 no longer resolves logit differences of 1 beyond ~1.7e7,
 # and the gradients (logit-sized factors times hidden states or weights) head for float32 overflow.
 LOGIT_LIMIT = 1e8
-# Bound on |dLoss/dz| * max(|hidden|, |weight row|) / temperature, i.e. on one token's gradient entries.
-GRADIENT_LIMIT = 1e30
+# Bound on the loss and on every gradient entry (float32 overflows at 3.4e38; the bound leaves room for sums).
+OVERFLOW_LIMIT = 1e30
 
 
 def _check_scale(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t: Tensor, b_t: Tensor | None,
-                 temperature: float) -> None:
-    """Reject inputs whose logits or gradients would overflow float32 (a finite loss with inf/NaN gradients).
+                 temperature: float, weight_scale: float, n_tokens: int) -> None:
+    """Reject inputs whose logits, loss or gradients would overflow float32 (e.g. a finite loss with inf
+    gradients), naming the arguments to change. Bounds, from Cauchy-Schwarz (-inf bias entries are masks):
 
-    Bounds |z| / tau <= max_i |h_i| * max_v |w_v| / tau + max |b| / tau (Cauchy-Schwarz; -inf bias entries are
-    masks, not magnitudes). Costs one read of each weight, skipped with check_finite=False.
+        |z| / tau        <= (max_i |h_i| * max_v |w_v| + max |b|) / tau            (per model, <= LOGIT_LIMIT)
+        |dKL / d(z/tau)| <= G = 2 (|z_s| + |z_t|) / tau + 1, times the largest per-token weight (and 1/normalizer)
+        loss <= N G,   |grad h| <= G |w| / tau,   |grad w| <= N G |h| / tau,   |grad b| <= N G / tau
+
+    Costs one read of each head weight; skipped with check_finite=False.
     """
     def norm_max(t: Tensor) -> float:
         return float(torch.linalg.vector_norm(t, dim=-1, dtype=torch.float64).max()) if t.numel() else 0.0
@@ -469,7 +476,7 @@ def _check_scale(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t:
     def bias_max(b: Tensor | None) -> float:
         return 0.0 if b is None else float(b.detach().double().masked_fill(torch.isneginf(b), 0.0).abs().max())
 
-    scales = []
+    logits = []
     for role, h, w, b in (("student", h_s, w_s, b_s), ("teacher", h_t, w_t, b_t)):
         h_max, w_max = norm_max(h.detach()), norm_max(w.detach())
         if not math.isfinite(w_max):
@@ -482,13 +489,16 @@ def _check_scale(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t:
                              f"over temperature={temperature:g}); they must stay within {LOGIT_LIMIT:g}, beyond "
                              "which float32 logits and their gradients are not finite or not meaningful: rescale "
                              f"{role}_hidden / {role}_weight or raise the temperature")
-        scales.append((logit, h_max, w_max))
-    (z_s, h_max, w_max), (z_t, _, _) = scales
-    gradient = (2.0 * (z_s + z_t) + 1.0) * max(h_max, w_max) / temperature
-    if not gradient <= GRADIENT_LIMIT:
-        raise ValueError(f"the student's gradients can reach {gradient:.3g} (|student_hidden| {h_max:.3g}, "
-                         f"|student_weight row| {w_max:.3g}, temperature={temperature:g}), beyond {GRADIENT_LIMIT:g} "
-                         "where float32 overflows: rescale student_hidden / student_weight")
+        logits.append((logit, h_max, w_max))
+    (z_s, h_max, w_max), (z_t, _, _) = logits
+    per_token = (2.0 * (z_s + z_t) + 1.0) * weight_scale
+    bound = max(n_tokens * per_token, per_token * w_max / temperature, n_tokens * per_token * max(h_max, 1.0)
+                / temperature)
+    if not bound <= OVERFLOW_LIMIT:
+        raise ValueError(f"the loss or the student's gradients can reach {bound:.3g} > {OVERFLOW_LIMIT:g} (float32 "
+                         f"overflows): largest reverse_weight/forward_weight (over the normalizer) {weight_scale:.3g}, "
+                         f"{n_tokens} tokens, |student_hidden| {h_max:.3g}, |student_weight row| {w_max:.3g}, "
+                         f"temperature={temperature:g}; lower the weights or raise the normalizer")
 
 
 def _check_result(loss: Tensor, stats: dict[str, Tensor] | None, rw: Tensor, fw: Tensor, args: _Checked,
@@ -514,9 +524,8 @@ def _check_result(loss: Tensor, stats: dict[str, Tensor] | None, rw: Tensor, fw:
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} has non-finite values (NaN/inf); pass check_finite=False to let them "
                              "propagate into the loss instead")
-    raise ValueError(f"the loss is not finite although every input is: the logits (hidden @ weight.T + bias) / "
-                     f"temperature (temperature={args.temperature:g}) overflow float32; rescale student_weight / "
-                     "teacher_weight / the hidden states so that |logit| / temperature stays far below 3e38")
+    raise ValueError("the loss is not finite although every input is (float32 overflow): rescale the hidden "
+                     "states / head weights, lower reverse_weight/forward_weight or raise the normalizer")
 
 
 def _connected_zero(*tensors: Tensor | None) -> Tensor:
