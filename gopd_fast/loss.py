@@ -106,7 +106,14 @@ def fused_linear_kl(
     Returns:
         The loss (float32, float64 for float64 inputs), and with ``return_stats`` a ``(loss, KLStats)`` tuple.
         With a scalar reduction the backend computes the gradients during the forward pass (no logit recompute);
-        that scalar supports a single backward.
+        a second backward through the same graph (``retain_graph=True``) accumulates them again, as for any loss.
+
+    Mixed precision: under ``torch.autocast`` the logit GEMMs take their operands (hidden states, weights, biases)
+    in the autocast dtype, like an ``nn.Linear``; softmax, KL and accumulation stay float32
+    (``gopd_fast.ops.autocast``). Masked vocabularies: a -inf bias entry removes that entry from a model's
+    distribution (``gopd_fast.ops`` states the rules); a per-token KL that is +inf because of it is returned as
+    +inf with a ``RuntimeWarning`` naming the direction and the token count. With ``check_finite``, inputs whose
+    logits, loss or gradients would overflow float32 are rejected with the bound they break.
     """
     # Under torch.autocast the logit GEMMs take autocast-dtype operands (as an nn.Linear would); the loss itself
     # then runs with autocast off and accumulates in float32 (gopd_fast.ops.autocast).

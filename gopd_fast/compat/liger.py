@@ -21,8 +21,11 @@ Semantics replicated from liger-kernel 0.8.5 (``chunked_loss/jsd_loss.py`` and `
 Differences, all on the safe side: no ``[N, V]`` logits are built (``gopd_fast.fused_linear_kl`` for the soft loss,
 ``gopd_fast.fused_linear_logprob`` for the hard loss, both tiled over the vocabulary); logits are accumulated in
 float32 even for bf16 inputs (Liger takes the JSD's log-softmax in the input dtype); ``compiled`` and
-``chunk_size`` (Liger's token-chunking knobs) are accepted and ignored; ``temperature`` must be > 0 (Liger only
-asserts != 0).
+``chunk_size`` (Liger's token-chunking knobs) are accepted and ignored; ``temperature`` must lie in
+``gopd_fast.ops.checks.TEMPERATURE_RANGE`` (Liger only asserts != 0); every argument is validated when the class is
+built (Liger's own checks fail later, e.g. ``beta="0.5"`` with a ``'<='`` TypeError). Under ``torch.autocast`` the
+inputs are cast like an ``nn.Linear``'s and the loss accumulates in float32 (``gopd_fast.ops.autocast``). Liger's
+older API (``liger_kernel.transformers.LigerFusedLinearJSD``) is ``gopd_fast.compat.liger_transformers``.
 """
 from __future__ import annotations
 
