@@ -153,9 +153,8 @@ def fused_linear_kl(
     denominator = float(normalizer) if normalizer is not None else float(max(n_active, 1))
     grad_scale = None if args.reduction == "none" else (1.0 / denominator if args.reduction == "mean" else 1.0)
     if check_finite and n_active:
-        weight_max = float(torch.maximum(rw.max(), fw.max()))
-        _check_scale(h_s, student_weight, student_bias, h_t, w_t, b_t, args.temperature,
-                     weight_max * (1.0 if grad_scale is None else grad_scale), n_active)
+        _check_scale(h_s, student_weight, student_bias, h_t, w_t, b_t, args.temperature, rw, fw,
+                     1.0 if grad_scale is None else grad_scale, n_active)
     # With a -inf bias a token's KL may be +inf: the per-token KLs are needed to report it (_report_infinite).
     want_stats = return_stats or (args.masked_vocab and args.jsd_beta is None)
 
@@ -467,37 +466,43 @@ OVERFLOW_LIMIT = 1e30
 
 
 def _check_scale(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t: Tensor, b_t: Tensor | None,
-                 temperature: float, weight_scale: float, n_tokens: int) -> None:
+                 temperature: float, rw: Tensor, fw: Tensor, scale: float, n_tokens: int) -> None:
     """Reject inputs whose logits, loss or gradients would overflow float32 (e.g. a finite loss with inf
     gradients), naming the arguments to change. Bounds, from Cauchy-Schwarz (-inf bias entries are masks):
 
         |z| / tau        <= (max_i |h_i| * max_v |w_v| + max |b|) / tau            (per model, <= LOGIT_LIMIT)
-        |dKL / d(z/tau)| <= G = 2 (|z_s| + |z_t|) / tau + 1, times the largest per-token weight (and 1/normalizer)
+        |dKL / d(z/tau)| <= G = 2 (|z_s| + |z_t|) / tau + 1, times the largest per-token weight and ``scale``
         loss <= N G,   |grad h| <= G |w| / tau,   |grad w| <= N G |h| / tau,   |grad b| <= N G / tau
 
-    Costs one read of each head weight; skipped with check_finite=False.
+    Costs one read of each head weight and one host sync; skipped with check_finite=False.
     """
-    def norm_max(t: Tensor) -> float:
-        return float(torch.linalg.vector_norm(t, dim=-1, dtype=torch.float64).max()) if t.numel() else 0.0
+    def norm_max(t: Tensor) -> Tensor:  # row norms in the tensor's dtype (float32 accumulation), no copy
+        if not t.numel():
+            return t.new_zeros((), dtype=torch.float32)
+        return torch.linalg.vector_norm(t.detach(), dim=-1).max().float()
 
-    def bias_max(b: Tensor | None) -> float:
-        return 0.0 if b is None else float(b.detach().double().masked_fill(torch.isneginf(b), 0.0).abs().max())
+    def bias_max(b: Tensor | None) -> Tensor:
+        if b is None:
+            return h_s.new_zeros((), dtype=torch.float32)
+        return b.detach().masked_fill(torch.isneginf(b), 0.0).abs().max().float()
 
+    values = torch.stack([norm_max(h_s), norm_max(w_s), bias_max(b_s), norm_max(h_t), norm_max(w_t), bias_max(b_t),
+                          torch.maximum(rw.max(), fw.max()).float()]).tolist()  # the one sync
     logits = []
-    for role, h, w, b in (("student", h_s, w_s, b_s), ("teacher", h_t, w_t, b_t)):
-        h_max, w_max = norm_max(h.detach()), norm_max(w.detach())
-        if not math.isfinite(w_max):
+    for role, (h_max, w_max, b_max), h, w in (("student", values[0:3], h_s, w_s), ("teacher", values[3:6], h_t, w_t)):
+        if not math.isfinite(w_max) and not bool(torch.isfinite(w).all()):
             raise ValueError(f"{role}_weight has non-finite values (NaN/inf); pass check_finite=False to let them "
                              "propagate into the loss instead")
-        logit = (h_max * w_max + bias_max(b)) / temperature
+        logit = (h_max * w_max + b_max) / temperature  # inf when a norm overflows float32: rejected below
         if not logit <= LOGIT_LIMIT:
             raise ValueError(f"the {role}'s logits / temperature can reach {logit:.3g} (|{role}_hidden| "
-                             f"{h_max:.3g} x |{role}_weight row| {w_max:.3g} + |{role}_bias| {bias_max(b):.3g}, "
+                             f"{h_max:.3g} x |{role}_weight row| {w_max:.3g} + |{role}_bias| {b_max:.3g}, "
                              f"over temperature={temperature:g}); they must stay within {LOGIT_LIMIT:g}, beyond "
                              "which float32 logits and their gradients are not finite or not meaningful: rescale "
                              f"{role}_hidden / {role}_weight or raise the temperature")
         logits.append((logit, h_max, w_max))
     (z_s, h_max, w_max), (z_t, _, _) = logits
+    weight_scale = values[6] * scale
     per_token = (2.0 * (z_s + z_t) + 1.0) * weight_scale
     bound = max(n_tokens * per_token, per_token * w_max / temperature, n_tokens * per_token * max(h_max, 1.0)
                 / temperature)

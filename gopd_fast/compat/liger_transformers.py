@@ -7,14 +7,10 @@ Swap one import line::
 
 Liger has two functions named ``liger_fused_linear_jsd`` with different signatures; here they have two names:
 
-==========================================================================  ================================================
-Liger-Kernel                                                                gopd_fast.compat
-==========================================================================  ================================================
-``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss``                       ``LigerFusedLinearJSDLoss``
-``liger_kernel.chunked_loss.functional.liger_fused_linear_jsd``             ``liger_fused_linear_jsd``
-``liger_kernel.transformers.LigerFusedLinearJSD``                           ``LigerFusedLinearJSD`` (this module)
-``liger_kernel.transformers.functional.liger_fused_linear_jsd``             ``liger_fused_linear_jsd_shift_labels`` (here)
-==========================================================================  ================================================
+- ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` -> ``LigerFusedLinearJSDLoss``
+- ``liger_kernel.chunked_loss.functional.liger_fused_linear_jsd`` -> ``liger_fused_linear_jsd``
+- ``liger_kernel.transformers.LigerFusedLinearJSD`` -> ``LigerFusedLinearJSD`` (this module)
+- ``liger_kernel.transformers.functional.liger_fused_linear_jsd`` -> ``liger_fused_linear_jsd_shift_labels`` (here)
 
 Semantics replicated from liger-kernel 0.8.5 (``ops/fused_linear_jsd.py``, ``ops/jsd.py``): with
 ``valid = shift_labels != ignore_index`` (every token when ``shift_labels`` is None),

@@ -13,7 +13,8 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor
 
-__all__ = ["TEMPERATURE_RANGE", "check_bias", "check_bool", "check_int", "check_labels", "check_probability", "check_real", "check_temperature"]
+__all__ = ["TEMPERATURE_RANGE", "check_bias", "check_bool", "check_int", "check_labels", "check_probability",
+           "check_real", "check_temperature"]
 
 # Temperatures outside this range are rejected rather than computed: below it, z / tau and the 1/tau chain factor
 # of the gradients overflow float32 for ordinary logits (the loss may stay finite while the gradients are inf);

@@ -43,7 +43,8 @@ def test_check_real_accepts_real_numbers_of_every_kind():
 @pytest.mark.parametrize("value,error", [
     ("2", TypeError), (True, TypeError), (None, TypeError), ([1.0], TypeError), (1j, TypeError),
     (torch.tensor([1.0, 2.0]), TypeError), (torch.tensor(True), TypeError), (math.nan, ValueError),
-    (math.inf, ValueError), (-math.inf, ValueError), (np.float64("nan"), ValueError), (torch.tensor(math.nan), ValueError),
+    (math.inf, ValueError), (-math.inf, ValueError), (np.float64("nan"), ValueError),
+    (torch.tensor(math.nan), ValueError),
 ])
 def test_check_real_rejects(value, error):
     with pytest.raises(error, match="my_arg"):
