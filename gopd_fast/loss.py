@@ -86,8 +86,10 @@ def fused_linear_kl(
             fine. Default: 1 on every token when both weights are None, else 0.
         forward_weight: [N] weights >= 0 of KL(p_t||p_s). Default 0. Not allowed together with ``jsd_beta``.
         jsd_beta: in [0, 1]: use the generalised JSD instead (beta=0 forward KL, beta=1 reverse KL).
-        temperature: > 0; both models' logits are divided by it.
-        student_bias / teacher_bias: optional [V] / [Vt] lm_head biases.
+        temperature: in [1e-4, 1e4] (``gopd_fast.ops.checks.TEMPERATURE_RANGE``); both models' logits are divided
+            by it.
+        student_bias / teacher_bias: optional [V] / [Vt] lm_head biases; -inf entries mask the vocabulary
+            (``gopd_fast.ops`` states the rules), NaN/+inf entries are errors.
         target_ids: optional [N] integer ids in [0, V) (checked on weighted tokens only) for the log-prob stats.
         reduction: "mean" (sum over tokens / number of tokens with a nonzero weight, or / ``normalizer``), "sum",
             or "none" (per-token [N] or [*B] loss, 0 on zero-weight tokens).
@@ -100,8 +102,10 @@ def fused_linear_kl(
             vs 151936 rows).
         chunk_size: vocabulary tile of the chunked backend (default: about 4 Mi logits per tile); other backends
             choose their own tiles and ignore it.
-        check_finite: raise on non-finite hidden states of weighted tokens. False skips that check (and its host
-            sync on GPU): NaN/inf then propagate into the loss, never into a finite wrong value.
+        check_finite: raise on non-finite hidden states of weighted tokens or head weights, and on inputs whose
+            logits, loss or gradients would overflow float32 (bounds ``LOGIT_LIMIT``, ``OVERFLOW_LIMIT``). False
+            skips these checks (and their host syncs on GPU): NaN/inf then propagate into the loss, never into a
+            finite wrong value.
 
     Returns:
         The loss (float32, float64 for float64 inputs), and with ``return_stats`` a ``(loss, KLStats)`` tuple.
@@ -175,9 +179,7 @@ def fused_linear_kl(
             )
         if grad_scale is not None and not needs_grad:
             loss_active = loss_active.sum() * grad_scale
-        if check_finite:
-            _check_result(loss_active, stats_active, rw, fw, args, (student_weight, teacher_weight, student_bias,
-                                                                     teacher_bias))
+        _check_result(loss_active, stats_active, rw, fw, args, (student_weight, teacher_weight), check_finite)
 
     if args.reduction == "none":
         if loss_active is None:
@@ -514,9 +516,9 @@ def _check_scale(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t:
 
 
 def _check_result(loss: Tensor, stats: dict[str, Tensor] | None, rw: Tensor, fw: Tensor, args: _Checked,
-                  heads: tuple[Tensor | None, ...]) -> None:
-    """Report an infinite per-token KL (a -inf bias in one head only) with a warning, and turn a NaN/inf that no
-    mask explains (non-finite or overflowing head weights) into an error naming the argument."""
+                  heads: tuple[Tensor, Tensor], check_finite: bool) -> None:
+    """Report an infinite per-token KL (a -inf bias in one head only) with a warning; with ``check_finite``, turn
+    a NaN/inf that no mask explains (non-finite or overflowing head weights) into an error naming the argument."""
     if args.masked_vocab and stats is not None and args.jsd_beta is None:
         counts = {direction: int(((stats[key] == math.inf) & (weight > 0)).sum())
                   for direction, key, weight in (("reverse KL(p_s||p_t)", "reverse_kl", rw),
@@ -530,9 +532,13 @@ def _check_result(loss: Tensor, stats: dict[str, Tensor] | None, rw: Tensor, fw:
                           "p_s - p_t.", RuntimeWarning, stacklevel=3)
             if not bool(torch.isnan(loss).any()):
                 return
-    if bool(torch.isfinite(loss).all()):
+    if not check_finite or bool(torch.isfinite(loss).all()):
         return
-    for name, t in zip(("student_weight", "teacher_weight"), heads[:2]):
+    if args.masked_vocab and bool(torch.isnan(loss).any()):
+        raise RuntimeError(f"fused_linear_kl: backend {args.backend!r} returned NaN for a vocabulary masked with -inf "
+                           "biases, which must give the loss over the unmasked entries (gopd_fast.ops states the "
+                           "rules); use backend='chunked' until this backend implements them")
+    for name, t in zip(("student_weight", "teacher_weight"), heads):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} has non-finite values (NaN/inf); pass check_finite=False to let them "
                              "propagate into the loss instead")

@@ -194,3 +194,23 @@ def test_masked_teacher_rows_beyond_the_student_vocabulary_are_ignored(rng):
                           student_bias=p["student_bias"], teacher_bias=b_t, truncate_teacher_vocab=True,
                           reduction="none", backend="chunked", chunk_size=CHUNK)
     torch.testing.assert_close(got, reference(p, "reverse"), rtol=1e-10, atol=1e-12)
+
+
+def test_a_backend_returning_nan_on_a_masked_vocabulary_is_named(rng, monkeypatch):
+    # a backend that does not implement the rules must not pass its NaN off as a result (or as an overflow)
+    import gopd_fast.loss as loss_module
+
+    def nan_backend(*args, **kwargs):
+        loss, stats = loss_module.fused_linear_kl_chunked(*args, **kwargs)
+        return loss * math.nan, stats
+
+    monkeypatch.setattr(loss_module, "_backend_fn", lambda name, chunk_size: nan_backend)
+    p = problem(rng, {3}, {3})
+    with pytest.raises(RuntimeError, match="backend 'naive' returned NaN for a vocabulary masked"):
+        run(p, "naive")
+
+
+def test_infinite_kl_is_reported_also_with_check_finite_false(rng):
+    p = problem(rng, set(), {6})
+    with pytest.warns(RuntimeWarning, match="reverse KL"):
+        assert run(p, "chunked", check_finite=False).item() == math.inf
