@@ -159,7 +159,7 @@ def fused_linear_kl(
     if check_finite and n_active:
         _check_scale(h_s, student_weight, student_bias, h_t, w_t, b_t, args.temperature, rw, fw,
                      1.0 if grad_scale is None else grad_scale, n_active)
-    # With a -inf bias a token's KL may be +inf: the per-token KLs are needed to report it (_report_infinite).
+    # With a -inf bias a token's KL may be +inf: the per-token KLs are needed to report it (_check_result).
     want_stats = return_stats or (args.masked_vocab and args.jsd_beta is None)
 
     if n_active == 0:  # all masked: an exact 0 that still reaches every student input with zero gradients
