@@ -29,6 +29,9 @@ older API (``liger_kernel.transformers.LigerFusedLinearJSD``) is ``gopd_fast.com
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -44,7 +47,39 @@ from gopd_fast.ops.checks import (
 )
 from gopd_fast.ops.token_logprob import fused_linear_logprob
 
-__all__ = ["LigerFusedLinearJSDLoss", "liger_fused_linear_jsd"]
+__all__ = ["LigerFusedLinearJSDLoss", "check_liger_inputs", "liger_argument_names", "liger_fused_linear_jsd"]
+
+
+def check_liger_inputs(student_input: object, student_weight: object, teacher_input: object, teacher_weight: object,
+                       student_bias: object = None, teacher_bias: object = None) -> None:
+    """Liger's tensor arguments, named as Liger names them: inputs [N, hidden] (or [*B, hidden]), weights
+    [V, hidden], biases None or [V] (their sizes and dtypes are checked by ``fused_linear_kl``)."""
+    for name, t, shape in (("student_input", student_input, "[N, hidden] or [*B, hidden]"),
+                           ("student_weight", student_weight, "[V, hidden]"),
+                           ("teacher_input", teacher_input, "[N, hidden] or [*B, hidden]"),
+                           ("teacher_weight", teacher_weight, "[V, hidden]"),
+                           ("student_bias", student_bias, "[V]"), ("teacher_bias", teacher_bias, "[V]")):
+        if t is None and name.endswith("bias"):
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        ndim_ok = t.ndim == 1 if name.endswith("bias") else (t.ndim == 2 if name.endswith("weight") else t.ndim >= 2)
+        if not ndim_ok:
+            raise ValueError(f"{name} must be {shape}, got shape {list(t.shape)}")
+
+
+@contextlib.contextmanager
+def liger_argument_names() -> Iterator[None]:
+    """Errors of ``fused_linear_kl`` renamed to Liger's argument names (student_input, teacher_input)."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        for ours, theirs in (("student_hidden", "student_input"), ("teacher_hidden", "teacher_input")):
+            message = message.replace(ours, theirs)
+        if message == str(err):
+            raise
+        raise type(err)(message) from err
 
 
 def _options(weight_hard_loss, weight_soft_loss, beta, ignore_index, temperature, compiled, chunk_size,
@@ -92,11 +127,13 @@ def _jsd_loss(student_input, student_weight, teacher_input, teacher_weight, true
               teacher_bias, *, weight_hard_loss: float, weight_soft_loss: float, beta: float, ignore_index: int,
               temperature: float, compiled: bool, chunk_size: int, return_soft_hard_loss: bool, backend: str):
     del compiled, chunk_size  # Liger's token chunking / torch.compile knobs: the fused loss tiles on its own
-    if not isinstance(student_input, Tensor):
-        raise TypeError(f"student_input must be a torch.Tensor, got {type(student_input).__name__}")
+    check_liger_inputs(student_input, student_weight, teacher_input, teacher_weight, student_bias, teacher_bias)
     labels = check_labels("true_labels", true_labels, student_input)
-    if not all(isinstance(t, Tensor) for t in (student_weight, teacher_weight)):
-        raise TypeError("student_weight and teacher_weight must be torch.Tensors [V, hidden]")
+    if weight_hard_loss != 0 or return_soft_hard_loss:  # the cross-entropy reads the labels as vocabulary ids
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= student_weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"true_labels must lie in [0, {student_weight.shape[0]}) or equal ignore_index="
+                             f"{ignore_index}, got {labels[bad][0].item()}")
     # autocast: cast before the zero padding below so the padded head has one dtype
     student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias = autocast_cast(
         student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias)
@@ -113,19 +150,9 @@ def _jsd_loss(student_input, student_weight, teacher_input, teacher_weight, true
     elif vocab_t < vocab:
         raise ValueError(f"teacher_weight has {vocab_t} rows, fewer than student_weight's {vocab}")
 
-    soft_sum = fused_linear_kl(
-        student_input.reshape(-1, student_input.shape[-1]),
-        s_weight,
-        teacher_input.reshape(-1, teacher_input.shape[-1]),
-        teacher_weight,
-        reverse_weight=valid,
-        jsd_beta=beta,
-        temperature=temperature,
-        student_bias=s_bias,
-        teacher_bias=teacher_bias,
-        reduction="sum",
-        backend=backend,
-    )
+    with liger_argument_names():
+        soft_sum = _soft_sum(student_input, s_weight, teacher_input, teacher_weight, valid, beta, temperature, s_bias,
+                             teacher_bias, backend)
     soft = soft_sum / n_valid
     if weight_hard_loss != 0 or return_soft_hard_loss:
         logprob = fused_linear_logprob(
@@ -142,6 +169,23 @@ def _jsd_loss(student_input, student_weight, teacher_input, teacher_weight, true
     if return_soft_hard_loss:
         return loss, soft, hard
     return loss
+
+
+def _soft_sum(student_input, s_weight, teacher_input, teacher_weight, valid, beta, temperature, s_bias, teacher_bias,
+              backend) -> Tensor:
+    return fused_linear_kl(
+        student_input.reshape(-1, student_input.shape[-1]),
+        s_weight,
+        teacher_input.reshape(-1, teacher_input.shape[-1]),
+        teacher_weight,
+        reverse_weight=valid,
+        jsd_beta=beta,
+        temperature=temperature,
+        student_bias=s_bias,
+        teacher_bias=teacher_bias,
+        reduction="sum",
+        backend=backend,
+    )
 
 
 class LigerFusedLinearJSDLoss(torch.nn.Module):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gopd_fast.compat.liger import check_liger_inputs, liger_argument_names
 from gopd_fast.loss import check_backend, fused_linear_kl
 from gopd_fast.ops.checks import check_int, check_labels, check_probability, check_temperature
 
@@ -46,12 +47,12 @@ def _options(jsd_beta: object, ignore_index: object, temperature: object, accum_
 def _jsd(student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
          shift_labels: Tensor | None, *, jsd_beta: float, ignore_index: int, temperature: float,
          backend: str) -> Tensor:
-    if not isinstance(student_input, Tensor):
-        raise TypeError(f"student_input must be a torch.Tensor, got {type(student_input).__name__}")
+    check_liger_inputs(student_input, student_weight, teacher_input, teacher_weight)
     valid = None if shift_labels is None else check_labels("shift_labels", shift_labels, student_input) != ignore_index
     # reduction="mean" divides by the number of valid tokens, as Liger's n_non_ignore (an all-ignored batch is 0)
-    return fused_linear_kl(student_input, student_weight, teacher_input, teacher_weight, reverse_weight=valid,
-                           jsd_beta=jsd_beta, temperature=temperature, reduction="mean", backend=backend)
+    with liger_argument_names():
+        return fused_linear_kl(student_input, student_weight, teacher_input, teacher_weight, reverse_weight=valid,
+                               jsd_beta=jsd_beta, temperature=temperature, reduction="mean", backend=backend)
 
 
 def liger_fused_linear_jsd_shift_labels(
