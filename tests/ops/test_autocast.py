@@ -160,3 +160,26 @@ def test_float64_inputs_are_left_alone_under_autocast():
                                backend="chunked")
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, _reference(x), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_autocast_triton_backend_matches_float64_and_backpropagates_twice(dtype, reduction):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (the Triton backend of fused_linear_kl under CUDA autocast)")
+    x = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if v.dtype.is_floating_point else v.cuda())
+         for k, v in _inputs(seed=7).items()}
+    with torch.autocast("cuda", dtype=dtype):
+        loss = fused_linear_kl(x["h_s"], x["w_s"], x["h_t"], x["w_t"], student_bias=x["b_s"], teacher_bias=x["b_t"],
+                               backend="triton", reduction=reduction).mean()
+    assert loss.dtype == torch.float32
+    ref_x = _rounded64(x, dtype)
+    torch.testing.assert_close(loss.double(), _reference(ref_x).detach(), rtol=1e-5, atol=1e-6)
+    loss.backward(retain_graph=True)
+    first = x["w_s"].grad.clone()
+    loss.backward()  # a second backward accumulates the same gradient again
+    torch.testing.assert_close(x["w_s"].grad, 2 * first)
+    (ref_w,) = torch.autograd.grad(_reference(ref_x), [ref_x["w_s"]])
+    assert first.dtype == torch.float32
+    torch.testing.assert_close(first.double(), ref_w, rtol=GRAD_RTOL[dtype], atol=GRAD_RTOL[dtype] * ref_w.abs().max())
