@@ -109,8 +109,10 @@ def fused_gkd_loss(
     beta = check_probability("beta", beta)
     temperature = check_temperature(temperature)
     ignore_index = check_int("ignore_index", ignore_index)
-    if not isinstance(student_hidden, Tensor):
-        raise TypeError(f"student_hidden must be a torch.Tensor, got {type(student_hidden).__name__}")
+    for name, hidden in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+        if not isinstance(hidden, Tensor) or hidden.ndim < 2:
+            raise TypeError(f"{name} must be a torch.Tensor [B, L, D] or [N, D], got "
+                            f"{type(hidden).__name__} {list(getattr(hidden, 'shape', []))}")
     mask = None if labels is None else check_labels("labels", labels, student_hidden) != ignore_index
     h_s, w_s, b_s = effective_head(student_head, student_hidden)
     with torch.no_grad():
