@@ -110,9 +110,10 @@ def fused_gkd_loss(
     temperature = check_temperature(temperature)
     ignore_index = check_int("ignore_index", ignore_index)
     for name, hidden in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
-        if not isinstance(hidden, Tensor) or hidden.ndim < 2:
-            raise TypeError(f"{name} must be a torch.Tensor [B, L, D] or [N, D], got "
-                            f"{type(hidden).__name__} {list(getattr(hidden, 'shape', []))}")
+        if not isinstance(hidden, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [B, L, D] or [N, D], got {type(hidden).__name__}")
+        if hidden.ndim < 2:
+            raise ValueError(f"{name} must be [B, L, D] or [N, D], got shape {list(hidden.shape)}")
     mask = None if labels is None else check_labels("labels", labels, student_hidden) != ignore_index
     h_s, w_s, b_s = effective_head(student_head, student_hidden)
     with torch.no_grad():
