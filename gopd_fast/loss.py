@@ -17,11 +17,19 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from numbers import Real
 
 import torch
 from torch import Tensor
 
+from gopd_fast.ops.autocast import autocast_cast, autocast_off
+from gopd_fast.ops.checks import (
+    check_bias,
+    check_bool,
+    check_int,
+    check_probability,
+    check_real,
+    check_temperature,
+)
 from gopd_fast.ops.chunked import fused_linear_kl_chunked
 from gopd_fast.ops.naive import accumulation_dtype, fused_linear_kl_naive
 
@@ -29,7 +37,8 @@ BACKENDS = ("auto", "naive", "chunked", "triton")
 REDUCTIONS = ("mean", "sum", "none")
 BACKEND_ENV = "GOPD_BACKEND"
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "REDUCTIONS", "KLStats", "fused_linear_kl", "resolve_backend"]
+__all__ = ["BACKENDS", "BACKEND_ENV", "REDUCTIONS", "KLStats", "check_backend", "check_options",
+           "fused_linear_kl", "resolve_backend"]
 
 
 @dataclass(frozen=True)
@@ -77,8 +86,10 @@ def fused_linear_kl(
             fine. Default: 1 on every token when both weights are None, else 0.
         forward_weight: [N] weights >= 0 of KL(p_t||p_s). Default 0. Not allowed together with ``jsd_beta``.
         jsd_beta: in [0, 1]: use the generalised JSD instead (beta=0 forward KL, beta=1 reverse KL).
-        temperature: > 0; both models' logits are divided by it.
-        student_bias / teacher_bias: optional [V] / [Vt] lm_head biases.
+        temperature: in [1e-4, 1e4] (``gopd_fast.ops.checks.TEMPERATURE_RANGE``); both models' logits are divided
+            by it.
+        student_bias / teacher_bias: optional [V] / [Vt] lm_head biases; -inf entries mask the vocabulary
+            (``gopd_fast.ops`` states the rules), NaN/+inf entries are errors.
         target_ids: optional [N] integer ids in [0, V) (checked on weighted tokens only) for the log-prob stats.
         reduction: "mean" (sum over tokens / number of tokens with a nonzero weight, or / ``normalizer``), "sum",
             or "none" (per-token [N] or [*B] loss, 0 on zero-weight tokens).
@@ -91,18 +102,31 @@ def fused_linear_kl(
             vs 151936 rows).
         chunk_size: vocabulary tile of the chunked backend (default: about 4 Mi logits per tile); other backends
             choose their own tiles and ignore it.
-        check_finite: raise on non-finite hidden states of weighted tokens. False skips that check (and its host
-            sync on GPU): NaN/inf then propagate into the loss, never into a finite wrong value.
+        check_finite: raise on non-finite hidden states of weighted tokens or head weights, and on inputs whose
+            logits, loss or gradients would overflow float32 (bounds ``LOGIT_LIMIT``, ``OVERFLOW_LIMIT``). False
+            skips these checks (and their host syncs on GPU): NaN/inf then propagate into the loss, never into a
+            finite wrong value.
 
     Returns:
         The loss (float32, float64 for float64 inputs), and with ``return_stats`` a ``(loss, KLStats)`` tuple.
         With a scalar reduction the backend computes the gradients during the forward pass (no logit recompute);
-        that scalar supports a single backward.
+        a second backward through the same graph (``retain_graph=True``) accumulates them again, as for any loss.
+
+    Mixed precision: under ``torch.autocast`` the logit GEMMs take their operands (hidden states, weights, biases)
+    in the autocast dtype, like an ``nn.Linear``; softmax, KL and accumulation stay float32
+    (``gopd_fast.ops.autocast``). Masked vocabularies: a -inf bias entry removes that entry from a model's
+    distribution (``gopd_fast.ops`` states the rules); a per-token KL that is +inf because of it is returned as
+    +inf with a ``RuntimeWarning`` naming the direction and the token count. With ``check_finite``, inputs whose
+    logits, loss or gradients would overflow float32 are rejected with the bound they break.
     """
+    # Under torch.autocast the logit GEMMs take autocast-dtype operands (as an nn.Linear would); the loss itself
+    # then runs with autocast off and accumulates in float32 (gopd_fast.ops.autocast).
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = autocast_cast(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
     args = _validate(
         student_hidden, student_weight, teacher_hidden, teacher_weight, reverse_weight, forward_weight, jsd_beta,
         temperature, student_bias, teacher_bias, target_ids, reduction, normalizer, backend, truncate_teacher_vocab,
-        chunk_size,
+        chunk_size, return_stats, check_finite,
     )
     lead_shape, n_tokens, vocab = args.lead_shape, args.n_tokens, args.vocab
     h_s = student_hidden.reshape(n_tokens, student_hidden.shape[-1])
@@ -132,6 +156,11 @@ def fused_linear_kl(
 
     denominator = float(normalizer) if normalizer is not None else float(max(n_active, 1))
     grad_scale = None if args.reduction == "none" else (1.0 / denominator if args.reduction == "mean" else 1.0)
+    if check_finite and n_active:
+        _check_scale(h_s, student_weight, student_bias, h_t, w_t, b_t, args.temperature, rw, fw,
+                     1.0 if grad_scale is None else grad_scale, n_active)
+    # With a -inf bias a token's KL may be +inf: the per-token KLs are needed to report it (_check_result).
+    want_stats = return_stats or (args.masked_vocab and args.jsd_beta is None)
 
     if n_active == 0:  # all masked: an exact 0 that still reaches every student input with zero gradients
         loss_active = None
@@ -142,13 +171,15 @@ def fused_linear_kl(
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias))
         run = _backend_fn(args.backend, chunk_size)
-        loss_active, stats_active = run(
-            h_s, student_weight, h_t, w_t, student_bias, b_t, rw, fw,
-            jsd_beta=args.jsd_beta, temperature=float(temperature), target_ids=targets,
-            grad_scale=grad_scale if needs_grad else None, return_stats=return_stats,
-        )
+        with autocast_off(h_s.device):
+            loss_active, stats_active = run(
+                h_s, student_weight, h_t, w_t, student_bias, b_t, rw, fw,
+                jsd_beta=args.jsd_beta, temperature=args.temperature, target_ids=targets,
+                grad_scale=grad_scale if needs_grad else None, return_stats=want_stats,
+            )
         if grad_scale is not None and not needs_grad:
             loss_active = loss_active.sum() * grad_scale
+        _check_result(loss_active, stats_active, rw, fw, args, (student_weight, teacher_weight), check_finite)
 
     if args.reduction == "none":
         if loss_active is None:
@@ -171,11 +202,16 @@ def fused_linear_kl(
 _warned_triton_fallback = False
 
 
+def check_backend(backend: object) -> str:
+    """``backend`` as given to ``fused_linear_kl`` and the classes built on it (checked at their construction)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend name for ``backend`` ("auto" honours GOPD_BACKEND, then the device)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
+    if check_backend(backend) != "auto":
         return backend
     env = os.environ.get(BACKEND_ENV, "").strip()
     if env:
@@ -247,6 +283,8 @@ class _Checked:
     jsd_beta: float | None  # None or strictly inside (0, 1): the endpoints are mapped to plain KL
     reduction: str
     backend: str
+    temperature: float
+    masked_vocab: bool  # some vocabulary entry has a -inf bias in the student's or the teacher's head
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -268,21 +306,10 @@ def _check_float(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
 
 
-def _check_number(name: str, value: object) -> float:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
 def _token_weight(name: str, value: object, lead_shape: tuple[int, ...], n_tokens: int, device,
                   dtype: torch.dtype) -> Tensor:
     if not isinstance(value, Tensor):
-        number = _check_number(name, value)
+        number = check_real(name, value, low=0.0)
         value = torch.full((n_tokens,), number, dtype=dtype, device=device)
     if tuple(value.shape) not in (lead_shape, (n_tokens,)):
         raise ValueError(f"{name} must have shape {list(lead_shape)} (or [{n_tokens}]) to match the hidden states, "
@@ -306,9 +333,53 @@ def _check_target_range(targets: Tensor, vocab: int) -> None:
         raise ValueError(f"target_ids must lie in [0, {vocab}) at tokens with a nonzero loss weight, got {bad}")
 
 
+_SCALAR_DEFAULTS = {"jsd_beta": None, "temperature": 1.0, "reduction": "mean", "normalizer": None, "backend": "auto",
+                    "return_stats": False, "truncate_teacher_vocab": False, "chunk_size": None, "check_finite": True}
+_PER_TOKEN = ("reverse_weight", "forward_weight", "target_ids")
+
+
+def check_options(**options: object) -> dict[str, object]:
+    """The keyword options of ``fused_linear_kl`` other than tensors, validated (the one owner of these rules).
+
+    ``FusedLinearKL`` and the compat classes call it at construction so that a bad default fails there, not at
+    the first step. Unknown names are a TypeError; ``reverse_weight`` / ``forward_weight`` given as numbers are
+    checked too (tensors are checked per call). Returns the options with numbers as floats/ints.
+    """
+    unknown = sorted(set(options) - set(_SCALAR_DEFAULTS) - set(_PER_TOKEN))
+    if unknown:
+        raise TypeError(f"unknown fused_linear_kl option(s) {unknown}; known: {sorted(_SCALAR_DEFAULTS)} and "
+                        f"{list(_PER_TOKEN)}")
+    out = dict(options)
+    for name in ("return_stats", "truncate_teacher_vocab", "check_finite"):
+        if name in out:
+            check_bool(name, out[name])
+    if out.get("jsd_beta") is not None:
+        out["jsd_beta"] = check_probability("jsd_beta", out["jsd_beta"])
+    if "temperature" in out:
+        out["temperature"] = check_temperature(out["temperature"])
+    reduction = out.get("reduction", "mean")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if out.get("normalizer") is not None:
+        if reduction != "mean":
+            raise ValueError(f"normalizer is only used with reduction='mean', got reduction={reduction!r}")
+        out["normalizer"] = check_real("normalizer", out["normalizer"], low=0.0, low_open=True)
+    if "backend" in out:
+        check_backend(out["backend"])
+    if out.get("chunk_size") is not None:
+        out["chunk_size"] = check_int("chunk_size", out["chunk_size"], low=1)
+    for name in ("reverse_weight", "forward_weight"):
+        if out.get(name) is not None and not isinstance(out[name], Tensor):
+            out[name] = check_real(name, out[name], low=0.0)
+    if out.get("target_ids") is not None and not isinstance(out["target_ids"], Tensor):
+        raise TypeError(f"target_ids must be an integer tensor, got {type(out['target_ids']).__name__}")
+    return out
+
+
 def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, reverse_weight, forward_weight,
               jsd_beta, temperature, student_bias, teacher_bias, target_ids, reduction, normalizer, backend,
-              truncate_teacher_vocab, chunk_size) -> _Checked:
+              truncate_teacher_vocab, chunk_size, return_stats, check_finite) -> _Checked:
+    check_bool("truncate_teacher_vocab", truncate_teacher_vocab)
     h_s = _check_tensor("student_hidden", student_hidden, min_ndim=2)
     h_t = _check_tensor("teacher_hidden", teacher_hidden, min_ndim=2)
     w_s = _check_tensor("student_weight", student_weight, ndim=2)
@@ -352,25 +423,12 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, re
             raise ValueError(f"{name} is on {t.device} but student_hidden is on {device}; all inputs must share one "
                              "device")
 
-    if jsd_beta is not None:
-        jsd_beta = _check_number("jsd_beta", jsd_beta)
-        if not 0.0 <= jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta}")
-        if forward_weight is not None:
-            raise ValueError("forward_weight is not used with jsd_beta; pass the per-token weights as reverse_weight")
-    temperature = _check_number("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if normalizer is not None:
-        if reduction != "mean":
-            raise ValueError(f"normalizer is only used with reduction='mean', got reduction={reduction!r}")
-        if _check_number("normalizer", normalizer) <= 0:
-            raise ValueError(f"normalizer must be > 0, got {float(normalizer)}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    opts = check_options(jsd_beta=jsd_beta, temperature=temperature, reduction=reduction, normalizer=normalizer,
+                         backend=backend, return_stats=return_stats, truncate_teacher_vocab=truncate_teacher_vocab,
+                         chunk_size=chunk_size, check_finite=check_finite)
+    jsd_beta, temperature = opts["jsd_beta"], opts["temperature"]
+    if jsd_beta is not None and forward_weight is not None:
+        raise ValueError("forward_weight is not used with jsd_beta; pass the per-token weights as reverse_weight")
     if target_ids is not None:
         _check_tensor("target_ids", target_ids)
         if target_ids.dtype.is_floating_point or target_ids.dtype.is_complex or target_ids.dtype == torch.bool:
@@ -379,6 +437,10 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, re
             raise ValueError(f"target_ids must have shape {list(lead_shape)} (or [{n_tokens}]), "
                              f"got {list(target_ids.shape)}")
     concrete = _choose_backend(backend, device, h_s.dtype)
+    masked_vocab = False
+    for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if bias is not None:
+            masked_vocab |= check_bias(name, bias[:vocab])
 
     dtype = accumulation_dtype(h_s, h_t)  # weights stay exact for float64 inputs
     if reverse_weight is None and forward_weight is None:
@@ -392,12 +454,98 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, re
         rw, fw, jsd_beta = fw, rw, None
     elif jsd_beta == 1.0:
         jsd_beta = None
-    return _Checked(lead_shape, n_tokens, vocab, rw, fw, jsd_beta, reduction, concrete)
+    return _Checked(lead_shape, n_tokens, vocab, rw, fw, jsd_beta, reduction, concrete, temperature, masked_vocab)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------------------------------------------
+# |logit| / temperature above this is rejected: float32 no longer resolves logit differences of 1 beyond ~1.7e7,
+# and the gradients (logit-sized factors times hidden states or weights) head for float32 overflow.
+LOGIT_LIMIT = 1e8
+# Bound on the loss and on every gradient entry (float32 overflows at 3.4e38; the bound leaves room for sums).
+OVERFLOW_LIMIT = 1e30
+
+
+def _check_scale(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t: Tensor, b_t: Tensor | None,
+                 temperature: float, rw: Tensor, fw: Tensor, scale: float, n_tokens: int) -> None:
+    """Reject inputs whose logits, loss or gradients would overflow float32 (e.g. a finite loss with inf
+    gradients), naming the arguments to change. Bounds, from Cauchy-Schwarz (-inf bias entries are masks):
+
+        |z| / tau        <= (max_i |h_i| * max_v |w_v| + max |b|) / tau            (per model, <= LOGIT_LIMIT)
+        |dKL / d(z/tau)| <= G = 2 (|z_s| + |z_t|) / tau + 1, times the largest per-token weight and ``scale``
+        loss <= N G,   |grad h| <= G |w| / tau,   |grad w| <= N G |h| / tau,   |grad b| <= N G / tau
+
+    Costs one read of each head weight and one host sync; skipped with check_finite=False.
+    """
+    def norm_max(t: Tensor) -> Tensor:  # row norms in the tensor's dtype (float32 accumulation), no copy
+        if not t.numel():
+            return t.new_zeros((), dtype=torch.float32)
+        return torch.linalg.vector_norm(t.detach(), dim=-1).max().float()
+
+    def bias_max(b: Tensor | None) -> Tensor:
+        if b is None:
+            return h_s.new_zeros((), dtype=torch.float32)
+        return b.detach().masked_fill(torch.isneginf(b), 0.0).abs().max().float()
+
+    values = torch.stack([norm_max(h_s), norm_max(w_s), bias_max(b_s), norm_max(h_t), norm_max(w_t), bias_max(b_t),
+                          torch.maximum(rw.max(), fw.max()).float()]).tolist()  # the one sync
+    logits = []
+    for role, (h_max, w_max, b_max), h, w in (("student", values[0:3], h_s, w_s), ("teacher", values[3:6], h_t, w_t)):
+        if not math.isfinite(w_max) and not bool(torch.isfinite(w).all()):
+            raise ValueError(f"{role}_weight has non-finite values (NaN/inf); pass check_finite=False to let them "
+                             "propagate into the loss instead")
+        logit = (h_max * w_max + b_max) / temperature  # inf when a norm overflows float32: rejected below
+        if not logit <= LOGIT_LIMIT:
+            raise ValueError(f"the {role}'s logits / temperature can reach {logit:.3g} (|{role}_hidden| "
+                             f"{h_max:.3g} x |{role}_weight row| {w_max:.3g} + |{role}_bias| {b_max:.3g}, "
+                             f"over temperature={temperature:g}); they must stay within {LOGIT_LIMIT:g}, beyond "
+                             "which float32 logits and their gradients are not finite or not meaningful: rescale "
+                             f"{role}_hidden / {role}_weight or raise the temperature")
+        logits.append((logit, h_max, w_max))
+    (z_s, h_max, w_max), (z_t, _, _) = logits
+    weight_scale = values[6] * scale
+    per_token = (2.0 * (z_s + z_t) + 1.0) * weight_scale
+    bound = max(n_tokens * per_token, per_token * w_max / temperature, n_tokens * per_token * max(h_max, 1.0)
+                / temperature)
+    if not bound <= OVERFLOW_LIMIT:
+        raise ValueError(f"the loss or the student's gradients can reach {bound:.3g} > {OVERFLOW_LIMIT:g} (float32 "
+                         f"overflows): largest reverse_weight/forward_weight (over the normalizer) {weight_scale:.3g}, "
+                         f"{n_tokens} tokens, |student_hidden| {h_max:.3g}, |student_weight row| {w_max:.3g}, "
+                         f"temperature={temperature:g}; lower the weights or raise the normalizer")
+
+
+def _check_result(loss: Tensor, stats: dict[str, Tensor] | None, rw: Tensor, fw: Tensor, args: _Checked,
+                  heads: tuple[Tensor, Tensor], check_finite: bool) -> None:
+    """Report an infinite per-token KL (a -inf bias in one head only) with a warning; with ``check_finite``, turn
+    a NaN/inf that no mask explains (non-finite or overflowing head weights) into an error naming the argument."""
+    if args.masked_vocab and stats is not None and args.jsd_beta is None:
+        counts = {direction: int(((stats[key] == math.inf) & (weight > 0)).sum())
+                  for direction, key, weight in (("reverse KL(p_s||p_t)", "reverse_kl", rw),
+                                                 ("forward KL(p_t||p_s)", "forward_kl", fw))}
+        found = [f"{direction} on {count} token(s)" for direction, count in counts.items() if count]
+        if found:
+            warnings.warn(f"fused_linear_kl: the loss is +inf: {', '.join(found)} is infinite because a -inf bias "
+                          "masks vocabulary entries in one model that the other gives probability > 0 (reverse: "
+                          "teacher_bias masks what the student predicts; forward: student_bias masks what the "
+                          "teacher predicts). Those tokens' reverse-KL gradients are 0; forward-KL gradients stay "
+                          "p_s - p_t.", RuntimeWarning, stacklevel=3)
+            if not bool(torch.isnan(loss).any()):
+                return
+    if not check_finite or bool(torch.isfinite(loss).all()):
+        return
+    if args.masked_vocab and bool(torch.isnan(loss).any()):
+        raise RuntimeError(f"fused_linear_kl: backend {args.backend!r} returned NaN for a vocabulary masked with -inf "
+                           "biases, which must give the loss over the unmasked entries (gopd_fast.ops states the "
+                           "rules); use backend='chunked' until this backend implements them")
+    for name, t in zip(("student_weight", "teacher_weight"), heads):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} has non-finite values (NaN/inf); pass check_finite=False to let them "
+                             "propagate into the loss instead")
+    raise ValueError("the loss is not finite although every input is (float32 overflow): rescale the hidden "
+                     "states / head weights, lower reverse_weight/forward_weight or raise the normalizer")
+
+
 def _connected_zero(*tensors: Tensor | None) -> Tensor:
     """0.0 that depends on every given tensor (so each gets an all-zero gradient), even if they hold NaN."""
     parts = [t.reshape(-1)[:0].sum() for t in tensors if t is not None]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gopd_fast.loss import KLStats, fused_linear_kl
+from gopd_fast.loss import KLStats, check_options, fused_linear_kl
 
 __all__ = ["FusedLinearKL", "effective_head"]
 
@@ -109,7 +109,9 @@ class FusedLinearKL(nn.Module):
         student_head: the student's lm_head (``nn.Linear``-like; FSDP2-sharded and PEFT LoRA heads work).
         teacher_head: the teacher's lm_head. It never gets gradients.
         **defaults: default keyword arguments of ``fused_linear_kl`` (e.g. ``temperature``, ``jsd_beta``,
-            ``reduction``, ``truncate_teacher_vocab``); per-call keywords of ``forward`` override them.
+            ``reduction``, ``truncate_teacher_vocab``), validated here; per-call keywords of ``forward`` override
+            them. Under ``torch.autocast`` the heads are cast like the operands of an ``nn.Linear``
+            (``gopd_fast.ops.autocast``).
 
     Example::
 
@@ -124,7 +126,7 @@ class FusedLinearKL(nn.Module):
             raise TypeError(f"FusedLinearKL takes the weights from the heads; do not pass {bad}")
         self.student_head = student_head
         self.teacher_head = teacher_head
-        self.defaults = defaults
+        self.defaults = check_options(**defaults)  # a bad default fails here, not at the first step
 
     def forward(self, student_hidden: Tensor, teacher_hidden: Tensor, **kwargs: Any) -> Tensor | tuple[Tensor, KLStats]:
         bad = sorted(set(kwargs) & set(_FIXED))

@@ -246,12 +246,22 @@ def test_gradcheck_chunked(rng):
     assert torch.autograd.gradcheck(g, (p["student_hidden"], p["student_weight"], p["student_bias"]))
 
 
-def test_scalar_reduction_supports_one_backward(rng):
-    p = make_problem(rng)
-    loss = run(p, "chunked")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("jsd_beta", [None, 0.4])
+def test_second_backward_with_retain_graph_accumulates_again(rng, backend, reduction, jsd_beta):
+    # Liger's behaviour: a second backward through the same graph adds the same gradients once more
+    p = make_problem(rng, dtype=torch.float64)
+    leaves = [p["student_hidden"], p["student_weight"], p["student_bias"]]
+    loss = run(p, backend, reduction=reduction, jsd_beta=jsd_beta).sum()
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="reduction='none'"):
-        loss.backward()
+    first = [t.grad.clone() for t in leaves]
+    loss.backward()
+    for t, g in zip(leaves, first):
+        assert g.abs().sum() > 0
+        assert_close(t.grad, 2 * g, rtol=1e-12)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()  # without retain_graph the saved gradients are freed, as for any autograd graph
 
 
 def test_scaled_upstream_gradient(rng):
@@ -369,3 +379,66 @@ def test_bad_input_names_the_argument(case):
 def test_non_tensor_input_is_a_type_error():
     with pytest.raises(TypeError, match="student_hidden"):
         fused_linear_kl([[1.0]], torch.randn(3, 1), torch.randn(1, 1), torch.randn(3, 1))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Extreme but accepted inputs: finite loss -> finite gradients, or a clear bound naming the argument
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [1e-4, 1e4])
+def test_temperatures_at_the_accepted_bounds_are_exact(rng, reference_loss, backend, temperature):
+    p = make_problem(rng, dtype=torch.float64)
+    loss = run(p, backend, temperature=temperature, reduction="sum")
+    want, _ = reference_of(reference_loss, p, temperature=temperature)
+    assert_close(loss, want.sum(), rtol=1e-9, atol=1e-12)
+    for got, ref in zip(student_grads(p, loss), student_grads(p, want.sum())):
+        assert bool(torch.isfinite(got).all())
+        # at tau=1e-4 the distributions are one-hot and the true gradient ~0 is a difference of logit/tau-sized
+        # terms: float64 rounding of those (|z|/tau ~ 1e4) is the floor
+        assert_close(got, ref, rtol=1e-8, atol=1e-10 * max(ref.abs().max().item(), 1.0) / temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [5e-324, 1e-12, 1 - 1e-12])
+def test_jsd_beta_next_to_the_endpoints_is_finite_and_exact(rng, reference_loss, backend, beta):
+    p = make_problem(rng, dtype=torch.float64)
+    loss = run(p, backend, jsd_beta=beta, reduction="sum")
+    want, _ = reference_of(reference_loss, p, jsd_beta=beta)
+    assert_close(loss, want.sum(), rtol=1e-6, atol=1e-12)
+    for got, ref in zip(student_grads(p, loss), student_grads(p, want.sum())):
+        assert bool(torch.isfinite(got).all())
+        # the interior formula tends to 0 at the endpoints: float64 rounding (~1e-16 of O(1) terms) is the floor
+        assert_close(got, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item() + 1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_below_the_limit_give_finite_gradients(rng, backend):
+    # logits near 1e6 with a small temperature: the loss is finite and so are the float32 gradients
+    p = make_problem(rng, scale=30.0)
+    loss = run(p, backend, temperature=1e-3)
+    grads = student_grads(p, loss)
+    assert math.isfinite(loss.item()) and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+@pytest.mark.parametrize("override,name", [
+    ({"scale": 1e4}, "student_hidden"),  # logits / temperature ~ 1e9
+    ({"scale": 1e2, "temperature": 1e-4}, "temperature"),
+    ({"reverse_weight": 1e38}, "reverse_weight"),  # the loss itself would overflow
+    ({"reverse_weight": 1e29}, "reverse_weight"),  # a finite loss, but the gradients would overflow
+    ({"normalizer": 1e-40}, "normalizer"),
+])
+def test_inputs_that_would_overflow_are_rejected_naming_the_argument(rng, override, name):
+    override = dict(override)
+    p = make_problem(rng, scale=override.pop("scale", 1.0))
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match=name):
+            run(p, backend, **override)
+
+
+def test_non_finite_head_weights_are_rejected_or_propagate_with_check_finite_false(rng):
+    p = make_problem(rng)
+    with torch.no_grad():
+        p["teacher_weight"][4, 2] = math.inf
+    with pytest.raises(ValueError, match="teacher_weight has non-finite values"):
+        run(p, "chunked")
+    assert not math.isfinite(run(p, "chunked", check_finite=False).item())

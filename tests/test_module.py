@@ -66,6 +66,35 @@ def test_master_weights_are_cast_to_the_activation_dtype(rng):
     assert student.weight.grad.dtype == torch.float32 and torch.isfinite(student.weight.grad).all()
 
 
+@pytest.mark.parametrize("defaults,error,name", [
+    ({"temperature": "2"}, TypeError, "temperature"),
+    ({"temperature": True}, TypeError, "temperature"),
+    ({"jsd_beta": 1.5}, ValueError, "jsd_beta"),
+    ({"reduction": "avg"}, ValueError, "reduction"),
+    ({"backend": "fast"}, ValueError, "backend"),
+    ({"truncate_teacher_vocab": "yes"}, TypeError, "truncate_teacher_vocab"),
+    ({"tempurature": 2.0}, TypeError, "tempurature"),  # a typo is not silently ignored until the first call
+])
+def test_bad_defaults_fail_at_construction(rng, defaults, error, name):
+    with pytest.raises(error, match=name):
+        FusedLinearKL(*_heads(rng), **defaults)
+
+
+def test_heads_with_minus_inf_bias_and_autocast(rng):
+    # padded vocabulary: the last rows of both heads are masked; under bf16 autocast, float32 heads
+    student, teacher = _heads(rng, dtype=torch.float32)
+    with torch.no_grad():
+        student.bias[-3:] = float("-inf")
+        teacher.bias[-3:] = float("-inf")
+    h_s, h_t = (h.detach().float().requires_grad_() for h in _hidden(rng))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = FusedLinearKL(student, teacher, backend="chunked")(h_s, h_t)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert student.weight.grad.dtype == torch.float32 and bool(torch.isfinite(student.weight.grad).all())
+    assert bool((student.weight.grad[-3:] == 0).all())
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_peft_lora_head_includes_the_delta_and_trains_the_adapters(rng, dropout):
     peft = pytest.importorskip("peft")

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from gopd_fast.loss import fused_linear_kl
 from gopd_fast.module import effective_head
+from gopd_fast.ops.checks import check_int, check_labels, check_probability, check_real, check_temperature
 
 __all__ = [
     "FusedDistillationTrainer",  # noqa: F822 (built on first access, see __getattr__)
@@ -83,7 +84,7 @@ def fused_gkd_loss(
     teacher_hidden: Tensor,
     student_head: nn.Module,
     teacher_head: nn.Module,
-    labels: Tensor,
+    labels: Tensor | None = None,
     *,
     beta: float = 0.5,
     temperature: float = 1.0,
@@ -97,25 +98,45 @@ def fused_gkd_loss(
         student_hidden: ``[B, L, Ds]`` (or ``[N, Ds]``) student hidden states, aligned with ``labels``.
         teacher_hidden: ``[B, L, Dt]`` teacher hidden states at the same positions.
         student_head / teacher_head: the ``lm_head`` modules (``nn.Linear``, FSDP2-sharded or PEFT LoRA).
-        labels: ``[B, L]`` next-token labels; ``ignore_index`` marks positions without loss.
+        labels: ``[B, L]`` next-token labels; ``ignore_index`` marks positions without loss. None: every position
+            counts.
         beta: generalised-JSD coefficient (0: forward KL, 1: reverse KL).
         temperature: divides both models' logits.
         num_items_in_batch: if given, the loss is ``sum / num_items_in_batch`` (gradient-accumulation correct);
-            else ``sum / max(#unmasked, 1)``.
+            else ``sum / max(#unmasked, 1)``, or without labels ``sum / B`` (TRL's "batchmean": the size of the
+            hidden states' first dimension).
     """
-    mask = labels != ignore_index
+    beta = check_probability("beta", beta)
+    temperature = check_temperature(temperature)
+    ignore_index = check_int("ignore_index", ignore_index)
+    for name, hidden in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+        if not isinstance(hidden, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [B, L, D] or [N, D], got {type(hidden).__name__}")
+        if hidden.ndim < 2:
+            raise ValueError(f"{name} must be [B, L, D] or [N, D], got shape {list(hidden.shape)}")
+    mask = None if labels is None else check_labels("labels", labels, student_hidden) != ignore_index
     h_s, w_s, b_s = effective_head(student_head, student_hidden)
     with torch.no_grad():
         h_t, w_t, b_t = effective_head(teacher_head, teacher_hidden.detach())
     total = fused_linear_kl(
-        h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, reverse_weight=mask, jsd_beta=float(beta),
+        h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, reverse_weight=mask, jsd_beta=beta,
         temperature=temperature, reduction="sum", backend=backend,
     )
     if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
+        return total / _items_in_batch(num_items_in_batch, total.device)
+    if mask is None:  # TRL's batchmean without labels: divide by the batch (first) dimension
+        return total / max(student_hidden.shape[0], 1)
     return total / mask.sum().clamp_min(1)
+
+
+def _items_in_batch(value: int | Tensor, device: torch.device) -> float | Tensor:
+    """TRL's ``num_items_in_batch``: a positive number, or a one-element tensor (left on its device: no sync)."""
+    if not isinstance(value, Tensor):
+        return check_real("num_items_in_batch", value, low=0.0, low_open=True)
+    if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
+        raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
+                         f"{list(value.shape)} dtype {value.dtype}")
+    return value.to(device).reshape(())
 
 
 class FusedGKDMixin:
@@ -219,9 +240,7 @@ def _make_trainers() -> tuple[type, type]:
             if num_items_in_batch is None:
                 loss = total / n_valid.clamp(min=1)
             else:
-                if isinstance(num_items_in_batch, Tensor):
-                    num_items_in_batch = num_items_in_batch.to(total.device)
-                loss = total / num_items_in_batch
+                loss = total / _items_in_batch(num_items_in_batch, total.device)
             return loss, stats.student_entropy.sum().detach(), n_valid
 
     for cls in (FusedGKDTrainer, FusedDistillationTrainer):

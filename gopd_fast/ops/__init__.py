@@ -39,4 +39,17 @@ and the endpoints are *defined* separately as beta=0 -> KL(p_t||p_s) (forward) a
 (reverse); the interior formula itself tends to 0 at both ends. ``gopd_fast.loss`` maps the endpoints to plain
 KL before calling a backend, so a backend only ever sees jsd_beta=None or 0 < jsd_beta < 1.
 Its gradient w.r.t. the student logits is (1-beta) * p_s * (log(p_s/M) - KL(p_s||M)).
+
+Masked vocabulary entries (-inf bias, in the student's head, the teacher's, or both), the same in every backend:
+the loss is the loss over the unmasked entries, with 0 * log 0 = 0.
+- an entry with probability 0 under both models adds nothing to any term and gets zero gradient;
+- reverse KL(p_s||p_t): an entry the student gives 0 adds nothing; one the student gives p > 0 and the teacher 0
+  makes that token's RKL +inf, and its reverse-KL gradient is 0 (p_s (log p_s - log p_t - RKL) is inf - inf there);
+- forward KL(p_t||p_s): symmetric (teacher p > 0, student 0 -> +inf); its gradient stays p_s - p_t (finite);
+- JSD with 0 < beta < 1 stays finite (M > 0 wherever either model is);
+- a zero loss weight drops its term exactly, even where that KL is +inf (never 0 * inf = NaN).
+``gopd_fast.loss`` rejects a model with every entry masked, NaN/+inf biases, and reports infinite KLs with a
+warning. The backward of the scalar path (``grad_scale``) keeps its gradients as saved tensors, so a second backward
+with ``retain_graph=True`` accumulates them again. Under ``torch.autocast`` ``gopd_fast.loss`` calls the backend with
+autocast off and operands already in the autocast dtype (``gopd_fast.ops.autocast``).
 """

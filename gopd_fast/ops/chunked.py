@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from gopd_fast.ops.autocast import autocast_off
 from gopd_fast.ops.naive import accumulation_dtype
 
 # Elements per [N, chunk] tile: 4 Mi fp32 = 16 MiB, so the handful of live temporaries stays near 100 MiB.
@@ -61,6 +62,8 @@ class _Operands:
     w_t: Tensor
     b_t: Tensor | None
     chunk: int
+    # Some bias has a -inf entry: the sweeps then apply the masking rules (gopd_fast.ops); else they skip them.
+    masked: bool = False
     # None: every sweep recomputes its tiles. A list: the first sweep appends its (z_s, z_t) tiles, later sweeps
     # read them back instead of recomputing (only the last sweep, the gradient one, may modify them in place).
     cache: list[tuple[Tensor, Tensor]] | None = None
@@ -110,6 +113,7 @@ def _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teach
         h_s=scaled(student_hidden), w_s=student_weight.detach(), b_s=scaled(student_bias),
         h_t=scaled(teacher_hidden), w_t=teacher_weight.detach(), b_t=scaled(teacher_bias),
         chunk=chunk or default_chunk_size(n, v),
+        masked=any(b is not None and bool(torch.isneginf(b).any()) for b in (student_bias, teacher_bias)),
     )
 
 
@@ -125,8 +129,22 @@ class _Stats:
     student_entropy: Tensor | None
 
 
+def _masks(z_s: Tensor, z_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Entries not masked by a -inf bias, per model (``gopd_fast.ops``: the -inf semantics)."""
+    return z_s > -math.inf, z_t > -math.inf
+
+
+def _safe_max(m: Tensor) -> Tensor:
+    """A running maximum usable as an exponent shift: 0 where every entry so far is -inf (masked)."""
+    return torch.where(m > -math.inf, m, 0.0)
+
+
 def _stats_sweep(ops: _Operands, need_forward_kl: bool, need_entropy: bool) -> _Stats:
-    """One sweep: lse of both models, RKL, and optionally FKL and the student entropy (online recurrences)."""
+    """One sweep: lse of both models, RKL, and optionally FKL and the student entropy (online recurrences).
+
+    -inf logits (masked entries) add nothing; an entry one model masks and the other does not makes that
+    direction's KL +inf (0 * log 0 = 0 everywhere else).
+    """
     def zeros() -> Tensor:
         return ops.h_s.new_zeros(ops.h_s.shape[0])
 
@@ -138,18 +156,29 @@ def _stats_sweep(ops: _Operands, need_forward_kl: bool, need_entropy: bool) -> _
         z_s, z_t = ops.logits(i, lo, hi)  # read-only here: they may be cached for later sweeps
         new_m_s = torch.maximum(m_s, z_s.amax(1))
         new_m_t = torch.maximum(m_t, z_t.amax(1))
-        rescale_s, rescale_t = torch.exp(m_s - new_m_s), torch.exp(m_t - new_m_t)
+        shift_s, shift_t = _safe_max(new_m_s), _safe_max(new_m_t)
+        rescale_s, rescale_t = torch.exp(m_s - shift_s), torch.exp(m_t - shift_t)
         m_s, m_t = new_m_s, new_m_t
-        e_s = torch.exp(z_s - m_s[:, None])
-        e_t = torch.exp(z_t - m_t[:, None])
-        if acc_e is not None:
-            acc_e = acc_e * rescale_s + (e_s * z_s).sum(1)
-        diff = z_s - z_t
+        e_s = torch.exp(z_s - shift_s[:, None])
+        e_t = torch.exp(z_t - shift_t[:, None])
         l_s = l_s * rescale_s + e_s.sum(1)
         l_t = l_t * rescale_t + e_t.sum(1)
-        acc_a = acc_a * rescale_s + (e_s * diff).sum(1)
+        if not ops.masked:
+            diff = z_s - z_t
+            term_a, term_b = e_s * diff, None if acc_b is None else -(e_t * diff)
+            term_e = None if acc_e is None else e_s * z_s
+        else:
+            ok_s, ok_t = _masks(z_s, z_t)
+            diff = torch.where(ok_s & ok_t, z_s - z_t, 0.0)
+            # an entry only the teacher masks makes RKL +inf (only the student: FKL); masked in both: nothing
+            term_a = torch.where(ok_s & ~ok_t, math.inf, e_s * diff)
+            term_b = None if acc_b is None else torch.where(ok_t & ~ok_s, math.inf, -(e_t * diff))
+            term_e = None if acc_e is None else torch.where(ok_s, e_s * z_s, 0.0)
+        acc_a = acc_a * rescale_s + term_a.sum(1)
         if acc_b is not None:
-            acc_b = acc_b * rescale_t - (e_t * diff).sum(1)
+            acc_b = acc_b * rescale_t + term_b.sum(1)
+        if acc_e is not None:
+            acc_e = acc_e * rescale_s + term_e.sum(1)
     lse_s, lse_t = m_s + l_s.log(), m_t + l_t.log()
     return _Stats(
         lse_s=lse_s,
@@ -161,7 +190,8 @@ def _stats_sweep(ops: _Operands, need_forward_kl: bool, need_entropy: bool) -> _
 
 
 def _log_mixture(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
-    """log M with M = beta p_t + (1 - beta) p_s (TRL/Liger convention), computed in log space."""
+    """log M with M = beta p_t + (1 - beta) p_s (TRL/Liger convention), computed in log space (-inf only where
+    both models mask the entry)."""
     return torch.logaddexp(logp_t + math.log(beta), logp_s + math.log1p(-beta))
 
 
@@ -172,9 +202,13 @@ def _jsd_sweep(ops: _Operands, st: _Stats, beta: float) -> tuple[Tensor, Tensor]
         z_s, z_t = ops.logits(i, lo, hi)
         logp_s, logp_t = z_s - st.lse_s[:, None], z_t - st.lse_t[:, None]
         log_m = _log_mixture(logp_s, logp_t, beta)
-        term_s = (logp_s.exp() * (logp_s - log_m)).sum(1)
+        term_s, term_t = logp_s.exp() * (logp_s - log_m), logp_t.exp() * (logp_t - log_m)
+        if ops.masked:  # 0 * log 0 = 0 where a model masks the entry
+            ok_s, ok_t = _masks(z_s, z_t)
+            term_s, term_t = torch.where(ok_s, term_s, 0.0), torch.where(ok_t, term_t, 0.0)
+        term_s, term_t = term_s.sum(1), term_t.sum(1)
         kl_s_m += term_s
-        jsd += beta * (logp_t.exp() * (logp_t - log_m)).sum(1) + (1.0 - beta) * term_s
+        jsd += beta * term_t + (1.0 - beta) * term_s
     return jsd, kl_s_m
 
 
@@ -207,23 +241,31 @@ def _grad_sweep(ops: _Operands, st: _Stats, coef_r: Tensor, coef_f: Tensor | Non
     dtype = ops.h_s.dtype
     c_r = coef_r.to(dtype)[:, None]
     c_f = None if coef_f is None else coef_f.to(dtype)[:, None]
+    rkl = st.reverse_kl[:, None]
+    if jsd_beta is None and ops.masked:
+        # a token whose RKL is +inf (the teacher masks what the student predicts) has no usable reverse-KL
+        # gradient: 0 (JSD stays finite and needs no such rule)
+        finite = torch.isfinite(rkl)
+        c_r, rkl = torch.where(finite, c_r, 0.0), torch.where(finite, rkl, 0.0)
     for i, lo, hi in ops.tiles():
         z_s, z_t = ops.logits(i, lo, hi)  # last reader: free to work in place
+        ok_s, ok_t = _masks(z_s, z_t) if ops.masked else (None, None)
         logp_s, logp_t = z_s.sub_(st.lse_s[:, None]), z_t.sub_(st.lse_t[:, None])
         p_s = logp_s.exp()
         if jsd_beta is not None:
-            # (1 - beta) p_s (log p_s - log M - KL(p_s||M)), times rw * upstream
+            # (1 - beta) p_s (log p_s - log M - KL(p_s||M)), times rw * upstream; 0 where the student masks
             g = logp_s - _log_mixture(logp_s, logp_t, jsd_beta)
             g.sub_(kl_s_m[:, None]).mul_(c_r * (1.0 - jsd_beta)).mul_(p_s)
+            if ops.masked:
+                g = torch.where(ok_s, g, 0.0)
         else:
             p_t = logp_t.exp() if c_f is not None else None
-            # rw p_s ((log p_s - log p_t) - RKL) + fw (p_s - p_t)
-            g = logp_t.neg_().add_(logp_s).sub_(st.reverse_kl[:, None]).mul_(c_r)
+            # rw p_s ((log p_s - log p_t) - RKL) + fw (p_s - p_t); the reverse part is 0 wherever p_s = 0
+            g = logp_t.neg_().add_(logp_s).sub_(rkl).mul_(c_r).mul_(p_s)
+            if ops.masked:
+                g = torch.where(ok_s & ok_t, g, 0.0)
             if c_f is not None:
-                g.add_(c_f)
-            g.mul_(p_s)
-            if c_f is not None:
-                g.addcmul_(p_t, c_f, value=-1.0)
+                g.addcmul_(p_s - p_t, c_f)
         if ops.cache is not None:
             ops.cache[i] = None  # release the tile as soon as it is used
         if out.hidden is not None:
@@ -266,10 +308,12 @@ def _values(ops: _Operands, reverse_weight: Tensor, forward_weight: Tensor, jsd_
     if jsd_beta is not None:
         jsd, kl_s_m = _jsd_sweep(ops, st, jsd_beta)
         loss = reverse_weight.to(dtype) * jsd
-    else:
-        loss = reverse_weight.to(dtype) * st.reverse_kl
+    else:  # a zero weight drops its term even where that KL is +inf (a -inf bias in one model)
+        rw = reverse_weight.to(dtype)
+        loss = torch.where(rw != 0, rw * st.reverse_kl, 0.0)
         if use_forward:
-            loss = loss + forward_weight.to(dtype) * st.forward_kl
+            fw = forward_weight.to(dtype)
+            loss = loss + torch.where(fw != 0, fw * st.forward_kl, 0.0)
     return loss, st, kl_s_m
 
 
@@ -361,7 +405,11 @@ class _ChunkedKLScalar(torch.autograd.Function):
             parts.append(st)
         if any(need):
             grads = _finish_grads(grads, temperature, student_hidden.dtype)
-        ctx.grads = grads
+        # saved (not a ctx attribute) so that autograd frees them after a backward without retain_graph, and
+        # keeps them for a second backward with it, which accumulates them again (as Liger's loss does)
+        present = tuple(g is not None for g in (grads.hidden, grads.weight, grads.bias))
+        ctx.save_for_backward(*(g for g in (grads.hidden, grads.weight, grads.bias) if g is not None))
+        ctx.present = present
         st = _cat_stats(parts)
         stats = _stats_dict(ops, st, target_ids) if return_stats else {}
         ctx.mark_non_differentiable(*stats.values())
@@ -369,18 +417,15 @@ class _ChunkedKLScalar(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_stats):
-        grads: _Grads | None = ctx.grads
-        if grads is None:
-            raise RuntimeError("fused_linear_kl with a scalar reduction keeps its gradients from the forward pass "
-                               "and supports one backward; use reduction='none' to backpropagate twice")
-        ctx.grads = None
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if here else None for here in ctx.present]
 
         def scaled(g: Tensor | None) -> Tensor | None:
             if g is None:
                 return None
             return g if bool(grad_loss == 1) else g * grad_loss.to(g.dtype)
 
-        return (scaled(grads.hidden), scaled(grads.weight), scaled(grads.bias), *([None] * 12))
+        return (*(scaled(g) for g in grads), *([None] * 12))
 
 
 class _ChunkedKLPerToken(torch.autograd.Function):
@@ -410,15 +455,17 @@ class _ChunkedKLPerToken(torch.autograd.Function):
                 and ctx.needs_input_grad[2])
         if not any(need):
             return (None,) * 13
-        ops = _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                       teacher_bias, temperature, chunk)
-        st = _Stats(lse_s=lse_s, lse_t=lse_t, reverse_kl=reverse_kl, forward_kl=None, student_entropy=None)
-        upstream = grad_loss.to(lse_s.dtype)
-        coef_f = forward_weight.to(upstream.dtype) * upstream if use_forward else None
-        grads = _grad_buffers(ops, need, _out_dtypes(student_hidden, student_weight, student_bias))
-        _grad_sweep(ops, st, reverse_weight.to(upstream.dtype) * upstream, coef_f, jsd_beta, kl_s_m, grads,
-                    accumulate=False)
-        grads = _finish_grads(grads, temperature, student_hidden.dtype)
+        # a backward called under autocast must not re-cast the recomputed tiles
+        with autocast_off(student_hidden.device):
+            ops = _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                           teacher_bias, temperature, chunk)
+            st = _Stats(lse_s=lse_s, lse_t=lse_t, reverse_kl=reverse_kl, forward_kl=None, student_entropy=None)
+            upstream = grad_loss.to(lse_s.dtype)
+            coef_f = forward_weight.to(upstream.dtype) * upstream if use_forward else None
+            grads = _grad_buffers(ops, need, _out_dtypes(student_hidden, student_weight, student_bias))
+            _grad_sweep(ops, st, reverse_weight.to(upstream.dtype) * upstream, coef_f, jsd_beta, kl_s_m, grads,
+                        accumulate=False)
+            grads = _finish_grads(grads, temperature, student_hidden.dtype)
         return (grads.hidden, grads.weight, grads.bias, *([None] * 10))
 
 

@@ -5,6 +5,8 @@ is only for small problems and comparisons. Contract: ``gopd_fast.ops`` (module 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -41,24 +43,38 @@ def fused_linear_kl_naive(
     logp_s = _log_probs(student_hidden, student_weight, student_bias, temperature, dtype)
     with torch.no_grad():
         logp_t = _log_probs(teacher_hidden, teacher_weight, teacher_bias, temperature, dtype)
-    p_s = logp_s.exp()
-    reverse_kl = (p_s * (logp_s - logp_t)).sum(-1)
+    # -inf bias semantics (gopd_fast.ops): 0 * log 0 = 0. Masked entries are swapped for 0 *before* any product
+    # so that neither the values nor the gradients see 0 * inf.
+    ok_s, ok_t = logp_s > -math.inf, logp_t > -math.inf
+    both = ok_s & ok_t
+    safe_s, safe_t = torch.where(ok_s, logp_s, 0.0), torch.where(ok_t, logp_t, 0.0)
+    p_s, p_t = torch.where(ok_s, safe_s.exp(), 0.0), torch.where(ok_t, safe_t.exp(), 0.0)
+    # an entry one model masks and the other does not makes that direction infinite; the reverse KL of such a
+    # token has no usable gradient (0), the forward KL keeps its finite gradient p_s - p_t
+    rkl_inf = (ok_s & ~ok_t).any(-1)
+    reverse_kl = torch.where(both, p_s * (safe_s - safe_t), 0.0).sum(-1)
+    reverse_kl = torch.where(rkl_inf, math.inf, reverse_kl)
     rw, fw = reverse_weight.to(dtype), forward_weight.to(dtype)
     use_forward = jsd_beta == 0.0 or (jsd_beta is None and bool((fw != 0).any()))
-    p_t = logp_t.exp() if use_forward or return_stats or jsd_beta is not None else None
-    forward_kl = (p_t * (logp_t - logp_s)).sum(-1) if use_forward or return_stats else None
+    forward_kl = None
+    if use_forward or return_stats:  # sum p_t log p_t - sum p_t log p_s; the second term is -inf where needed
+        forward_kl = ((p_t * safe_t).sum(-1) - torch.where(ok_t, p_t * logp_s, 0.0).sum(-1))
 
     if jsd_beta is None or jsd_beta in (0.0, 1.0):
         if jsd_beta == 0.0:  # TRL/Liger endpoint: forward KL weighted by reverse_weight
             rw, fw = torch.zeros_like(rw), rw
         elif jsd_beta == 1.0:  # reverse KL
             fw = torch.zeros_like(fw)
-        loss = rw * reverse_kl + fw * forward_kl if use_forward else rw * reverse_kl
+        loss = _weighted(rw, reverse_kl)
+        if use_forward:
+            loss = loss + _weighted(fw, forward_kl)
     else:
         beta = float(jsd_beta)
-        log_m = torch.logaddexp(logp_t + torch.log(torch.tensor(beta, dtype=dtype)),
-                                logp_s + torch.log1p(torch.tensor(-beta, dtype=dtype)))
-        jsd = beta * (p_t * (logp_t - log_m)).sum(-1) + (1.0 - beta) * (p_s * (logp_s - log_m)).sum(-1)
+        either = ok_s | ok_t  # log M is -inf only where both mask: keep those entries out of logaddexp
+        log_m = torch.logaddexp(torch.where(either, logp_t, 0.0) + math.log(beta),
+                                torch.where(either, logp_s, 0.0) + math.log1p(-beta))
+        jsd = (beta * torch.where(ok_t, p_t * (safe_t - log_m), 0.0).sum(-1)
+               + (1.0 - beta) * torch.where(ok_s, p_s * (safe_s - log_m), 0.0).sum(-1))
         loss = rw * jsd
 
     stats = None
@@ -67,7 +83,7 @@ def fused_linear_kl_naive(
             stats = {
                 "reverse_kl": reverse_kl.detach(),
                 "forward_kl": forward_kl.detach(),
-                "student_entropy": -(p_s * logp_s).sum(-1).detach(),
+                "student_entropy": -(p_s * safe_s).sum(-1).detach(),
             }
             if target_ids is not None:
                 index = target_ids.long().unsqueeze(-1)
@@ -76,3 +92,8 @@ def fused_linear_kl_naive(
     if grad_scale is not None:
         loss = loss.sum() * grad_scale
     return loss, stats
+
+
+def _weighted(weight: Tensor, kl: Tensor) -> Tensor:
+    """weight * kl, exactly 0 where the weight is 0 (even where that KL is +inf)."""
+    return torch.where(weight != 0, weight * kl, 0.0)

@@ -13,12 +13,19 @@ entropy), per token and vocabulary entry ``v`` (``p = softmax(z)``, ``z = logits
     d H / dz_v       = -p_v * (log p_v + H)
 
 Accumulation is float32 (float64 for float64 inputs); logit tiles are computed in that dtype, never rounded to
-bf16 first.
+bf16 first. Under ``torch.autocast`` the operands are cast to the autocast dtype first (``gopd_fast.ops.autocast``).
+A ``-inf`` bias entry masks that token: its probability is 0, it adds nothing to the entropy and gets no gradient
+from it; the log-prob of a masked target is ``-inf``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+from gopd_fast.ops.autocast import autocast_cast, autocast_off
+from gopd_fast.ops.checks import check_bias, check_bool, check_int, check_temperature
 
 __all__ = ["fused_linear_logprob"]
 
@@ -82,10 +89,13 @@ def _check_inputs(
     weight: Tensor,
     target_ids: Tensor,
     bias: Tensor | None,
-    temperature: float,
-    chunk_size: int,
-    token_block: int,
-) -> None:
+    temperature: object,
+    chunk_size: object,
+    token_block: object,
+    ignore_index: object,
+    return_entropy: object,
+) -> tuple[float, int, int, int]:
+    """Validates the arguments; returns (temperature, chunk_size, token_block, ignore_index) as numbers."""
     if not isinstance(hidden, Tensor) or hidden.dim() != 2 or not hidden.is_floating_point():
         raise ValueError(f"hidden must be a float tensor [N, D], got {_describe(hidden)}")
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -94,16 +104,17 @@ def _check_inputs(
         )
     if not weight.is_floating_point():
         raise ValueError(f"weight must be a float tensor, got dtype {weight.dtype}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {_describe(bias)}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {_describe(bias)}")
+        check_bias("bias", bias)
     if not isinstance(target_ids, Tensor) or target_ids.shape != hidden.shape[:1]:
         raise ValueError(f"target_ids must be [N] = [{hidden.shape[0]}], got {_describe(target_ids)}")
     if target_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"target_ids must be int64 or int32, got {target_ids.dtype}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size < 1 or token_block < 1:
-        raise ValueError(f"chunk_size and token_block must be >= 1, got {chunk_size}, {token_block}")
+    check_bool("return_entropy", return_entropy)
+    return (check_temperature(temperature), check_int("chunk_size", chunk_size, low=1),
+            check_int("token_block", token_block, low=1), check_int("ignore_index", ignore_index))
 
 
 def _describe(x: object) -> str:
@@ -125,10 +136,11 @@ def _forward_block(
         stop = min(start + chunk_size, vocab)
         z = logit_tile(h, weight, bias, start, stop, temperature)
         new_max = torch.maximum(running_max, z.max(dim=1).values)
-        rescale = torch.exp(running_max - new_max)
-        e = torch.exp(z - new_max[:, None])
+        shift = torch.where(new_max > -math.inf, new_max, 0.0)  # a tile masked so far (-inf bias) shifts by 0
+        rescale = torch.exp(running_max - shift)
+        e = torch.exp(z - shift[:, None])
         sum_exp = sum_exp * rescale + e.sum(dim=1)
-        sum_exp_z = sum_exp_z * rescale + (e * z).sum(dim=1)
+        sum_exp_z = sum_exp_z * rescale + torch.where(e > 0, e * z, 0.0).sum(dim=1)  # 0 * log 0 = 0
         running_max = new_max
         local = targets - start
         in_tile = (local >= 0) & (local < stop - start)
@@ -174,6 +186,11 @@ class _FusedLinearLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprob: Tensor | None, grad_entropy: Tensor | None):
+        with autocast_off(ctx.saved_tensors[0].device):  # a backward under autocast must not re-cast the tiles
+            return _FusedLinearLogprob._backward(ctx, grad_logprob, grad_entropy)
+
+    @staticmethod
+    def _backward(ctx, grad_logprob: Tensor | None, grad_entropy: Tensor | None):
         hidden, weight, bias, target_ids, lse, entropy = ctx.saved_tensors
         temperature, chunk_size, token_block = ctx.temperature, ctx.chunk_size, ctx.token_block
         acc = lse.dtype
@@ -193,8 +210,8 @@ class _FusedLinearLogprob(torch.autograd.Function):
                 p = torch.exp(log_p)
                 # d/dz of g*logp(x) + e*H: -g p (+ g at the target) - e p (log p + H)
                 grad_z = -g[r0:r1, None] * p
-                if e is not None:
-                    grad_z = grad_z - e[r0:r1, None] * p * (log_p + entropy[r0:r1, None])
+                if e is not None:  # 0 where p = 0 (a -inf bias: log p = -inf)
+                    grad_z = grad_z - torch.where(p > 0, e[r0:r1, None] * p * (log_p + entropy[r0:r1, None]), 0.0)
                 local = target_ids[r0:r1] - start
                 in_tile = (local >= 0) & (local < stop - start)
                 rows = torch.nonzero(in_tile).squeeze(1)
@@ -232,16 +249,18 @@ def fused_linear_logprob(
         ``logprob [N]`` float32 (float64 for float64 inputs), or ``(logprob, entropy)`` when ``return_entropy``.
         Both are differentiable through a custom autograd Function that recomputes logit tiles in backward.
     """
-    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
-    token_block = DEFAULT_TOKEN_BLOCK if token_block is None else int(token_block)
-    _check_inputs(hidden, weight, target_ids, bias, temperature, chunk_size, token_block)
+    hidden, weight, bias = autocast_cast(hidden, weight, bias)  # GEMM operands in the autocast dtype
+    temperature, chunk_size, token_block, ignore_index = _check_inputs(
+        hidden, weight, target_ids, bias, temperature, DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
+        DEFAULT_TOKEN_BLOCK if token_block is None else token_block, ignore_index, return_entropy)
     target_ids = target_ids.long()
     valid = target_ids != ignore_index
     if bool(((target_ids[valid] < 0) | (target_ids[valid] >= weight.shape[0])).any()):
         raise ValueError(
             f"target_ids must lie in [0, V={weight.shape[0]}) or equal ignore_index={ignore_index}"
         )
-    logprob, entropy = _FusedLinearLogprob.apply(
-        hidden, weight, bias, target_ids, float(temperature), int(ignore_index), chunk_size, token_block
-    )
+    with autocast_off(hidden.device):
+        logprob, entropy = _FusedLinearLogprob.apply(
+            hidden, weight, bias, target_ids, temperature, ignore_index, chunk_size, token_block
+        )
     return (logprob, entropy) if return_entropy else logprob

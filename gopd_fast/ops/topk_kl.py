@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gopd_fast.ops.autocast import autocast_cast, autocast_off
+from gopd_fast.ops.checks import check_bias, check_bool, check_int, check_real, check_temperature
 from gopd_fast.ops.token_logprob import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_TOKEN_BLOCK,
@@ -127,7 +129,10 @@ class _FusedLinearTopkKL(torch.autograd.Function):
             rkl = _xlogy_diff(q_s, log_qs, log_qt[r0:r1]).sum(dim=1)
             fkl = _xlogy_diff(q_t[r0:r1], log_qt[r0:r1], log_qs).sum(dim=1)
             # d/dy of rw*RKL + fw*FKL over the k+1 bucket logits y (q_s = softmax(y))
-            d_rkl = torch.where(q_s > 0, q_s * (log_qs - log_qt[r0:r1] - rkl[:, None]), 0.0)
+            # a token whose RKL is +inf (the student puts mass where the teacher has none) has no usable gradient
+            finite_rkl = torch.isfinite(rkl)[:, None]
+            d_rkl = torch.where((q_s > 0) & finite_rkl,
+                                q_s * (log_qs - log_qt[r0:r1] - torch.where(finite_rkl, rkl[:, None], 0.0)), 0.0)
             d_fkl = q_t[r0:r1].sum(dim=1, keepdim=True) * q_s - q_t[r0:r1]
             # a zero weight drops its term even where that KL is infinite (0 * inf would be NaN)
             use_r, use_f = rw[r0:r1] > 0, fw[r0:r1] > 0
@@ -144,6 +149,11 @@ class _FusedLinearTopkKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_rkl: Tensor | None, _grad_fkl: Tensor | None):
+        with autocast_off(ctx.saved_tensors[0].device):  # a backward under autocast must not re-cast the tiles
+            return _FusedLinearTopkKL._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss: Tensor):
         hidden, weight, bias, ids, lse_tail, bucket_grad = ctx.saved_tensors
         temperature, chunk_size, token_block = ctx.temperature, ctx.chunk_size, ctx.token_block
         acc = bucket_grad.dtype
@@ -172,15 +182,18 @@ class _FusedLinearTopkKL(torch.autograd.Function):
 def _per_token_weight(value: Tensor | float | None, default: float, n: int, name: str, like: Tensor) -> Tensor:
     if value is None:
         value = default
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-        return torch.full((n,), float(value), dtype=torch.float32, device=like.device)
-    if not isinstance(value, Tensor) or value.shape != (n,):
-        raise ValueError(f"{name} must be a float, None or a [N] = [{n}] tensor, got {value!r:.80}")
+    if not isinstance(value, Tensor):
+        number = check_real(name, value, low=0.0)
+        return torch.full((n,), number, dtype=torch.float32, device=like.device)
+    if value.shape != (n,) or value.dtype.is_complex:
+        raise ValueError(f"{name} must be a number, None or a real [N] = [{n}] tensor, got shape "
+                         f"{list(value.shape)} dtype {value.dtype}")
+    value = value.detach().float()
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} must be finite, got NaN/inf")
     if bool((value < 0).any()):
         raise ValueError(f"{name} must be >= 0 everywhere")
-    return value.detach().float()
+    return value
 
 
 def fused_linear_topk_kl(
@@ -219,34 +232,26 @@ def fused_linear_topk_kl(
     Returns:
         The loss (float32, or float64 for float64 inputs), and the stats dict when ``return_stats``.
     """
+    # GEMM operands in the autocast dtype (gopd_fast.ops.autocast); everything else in float32
+    student_hidden, student_weight, student_bias = autocast_cast(student_hidden, student_weight, student_bias)
     _check(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, student_bias)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 < teacher_tail_floor < 1:
-        raise ValueError(f"teacher_tail_floor must be in (0, 1), got {teacher_tail_floor}")
-    if reduction not in ("mean", "sum", "none"):
+    temperature = check_temperature(temperature)
+    teacher_tail_floor = check_real("teacher_tail_floor", teacher_tail_floor, low=0.0, high=1.0, low_open=True,
+                                    high_open=True)
+    check_bool("return_stats", return_stats)
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     n = student_hidden.shape[0]
     reverse_default = 1.0 if reverse_weight is None and forward_weight is None else 0.0
     rw = _per_token_weight(reverse_weight, reverse_default, n, "reverse_weight", student_hidden)
     fw = _per_token_weight(forward_weight, 0.0, n, "forward_weight", student_hidden)
-    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
-    token_block = DEFAULT_TOKEN_BLOCK if token_block is None else int(token_block)
-    if chunk_size < 1 or token_block < 1:
-        raise ValueError(f"chunk_size and token_block must be >= 1, got {chunk_size}, {token_block}")
-    per_token, rkl, fkl = _FusedLinearTopkKL.apply(
-        student_hidden,
-        student_weight,
-        student_bias,
-        teacher_topk_ids.long(),
-        teacher_topk_logprobs.detach(),
-        rw,
-        fw,
-        float(temperature),
-        float(teacher_tail_floor),
-        chunk_size,
-        token_block,
-    )
+    chunk_size = check_int("chunk_size", DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size, low=1)
+    token_block = check_int("token_block", DEFAULT_TOKEN_BLOCK if token_block is None else token_block, low=1)
+    with autocast_off(student_hidden.device):
+        per_token, rkl, fkl = _FusedLinearTopkKL.apply(
+            student_hidden, student_weight, student_bias, teacher_topk_ids.long(), teacher_topk_logprobs.detach(),
+            rw, fw, temperature, teacher_tail_floor, chunk_size, token_block,
+        )
     if reduction == "sum":
         loss = per_token.sum()
     elif reduction == "mean":
@@ -275,8 +280,10 @@ def _check(hidden: Tensor, weight: Tensor, ids: Tensor, logprobs: Tensor, bias: 
     k = ids.shape[1]
     if not 1 <= k <= vocab:
         raise ValueError(f"k = teacher_topk_ids.shape[1] must be in [1, V={vocab}], got {k}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != vocab):
-        raise ValueError(f"student_bias must be [V={vocab}], got {tuple(bias.shape)}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.dim() != 1 or bias.shape[0] != vocab:
+            raise ValueError(f"student_bias must be [V={vocab}], got {tuple(getattr(bias, 'shape', ()))}")
+        check_bias("student_bias", bias)
     if n == 0:
         return
     if bool(((ids < 0) | (ids >= vocab)).any()):

@@ -7,7 +7,7 @@ import runpy
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-EXAMPLES = ["trl_gkd", "liger_swap", "verl_custom_loss", "plain_pytorch"]
+EXAMPLES = ["trl_gkd", "liger_swap", "liger_transformers_swap", "verl_custom_loss", "plain_pytorch"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -38,6 +38,12 @@ def test_liger_example_matches_liger():
     finally:
         gopd_fast.compat.LigerFusedLinearJSDLoss = original
     assert math.isclose(ours, theirs, rel_tol=1e-5)
+
+
+def test_liger_transformers_example_runs():
+    # the numbers are checked against Liger's own class in tests/compat/test_liger_transformers.py
+    loss = _main("liger_transformers_swap")()
+    assert math.isfinite(loss) and loss > 0
 
 
 def test_verl_example_runs():

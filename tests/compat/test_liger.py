@@ -90,7 +90,7 @@ def test_same_constructor_signature_as_liger():
 
 
 def test_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="Temperature"):
+    with pytest.raises(ValueError, match="temperature"):
         LigerFusedLinearJSDLoss(temperature=0)
     with pytest.raises(ValueError, match="beta"):
         LigerFusedLinearJSDLoss(beta=1.5)
@@ -110,3 +110,20 @@ def test_cuda_triton_backend_matches_liger():
     torch.testing.assert_close(out.detach(), ref_out.detach(), rtol=1e-4, atol=1e-5)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("position,value,error,name", [
+    (0, [[1.0]], TypeError, "student_input"),
+    (0, torch.randn(24), ValueError, "student_input"),
+    (1, torch.randn(97), ValueError, "student_weight"),
+    (2, torch.randn(23, 20), ValueError, "teacher_input"),  # one token short: fused_linear_kl's check, renamed
+    (4, torch.zeros(24), TypeError, "true_labels"),
+    (4, torch.full((24,), 97), ValueError, "true_labels"),  # out of the vocabulary and not ignore_index
+    (5, [0.0] * 97, TypeError, "student_bias"),
+    (6, torch.randn(96), ValueError, "teacher_bias"),
+])
+def test_bad_tensors_name_liger_s_argument(position, value, error, name):
+    args = list(_inputs(seed=12))
+    args[position] = value
+    with pytest.raises(error, match=name):
+        LigerFusedLinearJSDLoss()(*args)

@@ -119,3 +119,42 @@ def test_cuda_matches_float64_reference():
     torch.testing.assert_close(lp.double().cpu(), ref_lp, rtol=1e-4, atol=1e-4)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 4096])
+def test_minus_inf_bias_masks_entries_exactly(chunk_size):
+    # masked entries (including a whole vocabulary tile) have probability 0: the log-probs and the entropy are those
+    # of the unmasked vocabulary, and the masked rows of the head get exactly zero gradient (no NaN)
+    hidden, weight, bias, targets = _inputs(n=9, v=61, dtype=torch.float64, seed=3)
+    masked = torch.zeros(61, dtype=torch.bool)
+    masked[[0, 5, 60]] = True
+    masked[16:32] = True
+    with torch.no_grad():
+        bias[masked] = float("-inf")
+    keep = (~masked).nonzero().squeeze(1)
+    targets = keep[torch.randint(0, keep.numel(), (9,), generator=torch.Generator().manual_seed(1))]
+    lp, ent = fused_linear_logprob(hidden, weight, targets, bias=bias, return_entropy=True, chunk_size=chunk_size)
+    grads = torch.autograd.grad((lp + 0.3 * ent).sum(), [hidden, weight, bias])
+    h2, w2, b2 = (t.detach().clone().requires_grad_() for t in (hidden, weight[keep], bias[keep]))
+    remap = torch.full((61,), -1, dtype=torch.long)
+    remap[keep] = torch.arange(keep.numel())
+    ref_lp, ref_ent = _reference(h2, w2, b2, remap[targets], 1.0)
+    ref_grads = torch.autograd.grad((ref_lp + 0.3 * ref_ent).sum(), [h2, w2, b2])
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[1][keep], ref_grads[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[2][keep], ref_grads[2], rtol=1e-10, atol=1e-12)
+    assert bool((grads[1][masked] == 0).all()) and bool((grads[2][masked] == 0).all())
+
+
+def test_masked_target_has_log_prob_minus_inf_and_finite_gradients():
+    hidden, weight, bias, targets = _inputs(n=4, v=29, dtype=torch.float64, seed=4)
+    with torch.no_grad():
+        bias[7] = float("-inf")
+    targets[0] = 7
+    lp = fused_linear_logprob(hidden, weight, targets, bias=bias)
+    assert lp[0].item() == float("-inf") and bool(torch.isfinite(lp[1:]).all())
+    grads = torch.autograd.grad(lp.sum(), [hidden, weight, bias])  # d log p(x) / dz = onehot(x) - p: finite
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    assert grads[2][7].item() == 1.0  # the masked target's bias: 1 from the one-hot, p = 0 everywhere

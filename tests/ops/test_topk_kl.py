@@ -169,3 +169,49 @@ def test_cuda_matches_float64_reference():
     torch.testing.assert_close(loss.double().cpu(), ref.sum(), rtol=1e-4, atol=1e-4)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-3, atol=1e-4)
+
+
+def test_minus_inf_bias_on_tail_entries_is_exact():
+    # student entries masked with a -inf bias (outside the teacher's top-k, one whole tile) have probability 0:
+    # the result is the top-k KL of the unmasked vocabulary, and the masked head rows get zero gradient
+    gen = torch.Generator().manual_seed(11)
+    n, d, v, k = 7, 6, 70, 4
+    hidden, weight, bias = _student(n, d, v, gen, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(16, generator=gen)[:k] for _ in range(n)])  # top-k among the first 16
+    tlp = torch.log_softmax(torch.randn(n, v, generator=gen, dtype=torch.float64), -1).gather(1, ids)
+    masked = torch.zeros(v, dtype=torch.bool)
+    masked[32:48] = True
+    masked[[20, 69]] = True
+    with torch.no_grad():
+        bias[masked] = float("-inf")
+    keep = (~masked).nonzero().squeeze(1)
+    remap = torch.full((v,), -1, dtype=torch.long)
+    remap[keep] = torch.arange(keep.numel())
+    for rw, fw in ((1.0, 0.0), (0.3, 0.8)):
+        loss = fused_linear_topk_kl(hidden, weight, ids, tlp, reverse_weight=rw, forward_weight=fw,
+                                    student_bias=bias, reduction="sum", chunk_size=16, token_block=3)
+        grads = torch.autograd.grad(loss, [hidden, weight, bias])
+        h2, w2, b2 = (t.detach().clone().requires_grad_() for t in (hidden, weight[keep], bias[keep]))
+        ref, _, _ = _reference(h2, w2, b2, remap[ids], tlp, 1.0, 1e-8, torch.full((n,), rw), torch.full((n,), fw))
+        ref_grads = torch.autograd.grad(ref.sum(), [h2, w2, b2])
+        torch.testing.assert_close(loss, ref.sum(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(grads[1][keep], ref_grads[1], rtol=1e-9, atol=1e-12)
+        assert bool((grads[1][masked] == 0).all()) and bool((grads[2][masked] == 0).all())
+
+
+def test_masked_top_k_entry_makes_the_forward_kl_infinite_with_finite_gradients():
+    # the teacher puts mass on an entry the student masks: forward KL = +inf, reverse KL finite, no NaN anywhere
+    gen = torch.Generator().manual_seed(12)
+    n, d, v, k = 5, 6, 40, 3
+    hidden, weight, bias = _student(n, d, v, gen, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)])
+    tlp = torch.log_softmax(torch.randn(n, v, generator=gen, dtype=torch.float64), -1).gather(1, ids)
+    with torch.no_grad():
+        bias[ids[0, 0]] = float("-inf")
+    loss, stats = fused_linear_topk_kl(hidden, weight, ids, tlp, reverse_weight=1.0, forward_weight=1.0,
+                                       student_bias=bias, reduction="none", return_stats=True)
+    assert stats["forward_kl"][0].item() == float("inf") and bool(torch.isfinite(stats["reverse_kl"]).all())
+    assert loss[0].item() == float("inf")
+    grads = torch.autograd.grad(loss.sum(), [hidden, weight, bias])
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
