@@ -5,18 +5,16 @@ Per token i, with p_s = softmax((h_s W_s^T + b_s) / tau) and p_t = softmax((h_t 
     loss_i = reverse_weight[i] * KL(p_s || p_t) + forward_weight[i] * KL(p_t || p_s)
     loss_i = reverse_weight[i] * JSD_beta(p_s, p_t)                        when jsd_beta is given
 
-JSD follows TRL's and Liger's convention (``gopd_fast.ops`` documents it): beta=0 is forward KL, beta=1 is reverse
-KL. This module validates the arguments, drops zero-weight tokens before any vocabulary work, picks a backend
-(``gopd_fast.ops`` documents their shared contract) and reduces. Tokens dropped this way cost nothing and get
-exactly zero loss and zero gradient.
+JSD follows TRL's and Liger's convention: beta=0 is forward KL, beta=1 is reverse KL. This module validates the
+arguments once, drops zero-weight tokens before any vocabulary work, builds the one ``KLProblem`` every backend
+takes (``gopd_fast.ops.problem``), runs the backend ``gopd_fast.ops.dispatch`` picks, and reduces. Tokens dropped
+this way cost nothing and get exactly zero loss and zero gradient.
 """
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -30,12 +28,18 @@ from gopd_fast.ops.checks import (
     check_real,
     check_temperature,
 )
-from gopd_fast.ops.chunked import fused_linear_kl_chunked
-from gopd_fast.ops.naive import accumulation_dtype, fused_linear_kl_naive
+from gopd_fast.ops.dispatch import (
+    BACKEND_ENV,
+    BACKENDS,
+    backend_fn,
+    check_backend,
+    choose_backend,
+    resolve_backend,
+)
+from gopd_fast.ops.precision import accumulation_dtype
+from gopd_fast.ops.problem import KLProblem, build_problem
 
-BACKENDS = ("auto", "naive", "chunked", "triton")
 REDUCTIONS = ("mean", "sum", "none")
-BACKEND_ENV = "GOPD_BACKEND"
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "REDUCTIONS", "KLStats", "check_backend", "check_options",
            "fused_linear_kl", "resolve_backend"]
@@ -124,17 +128,17 @@ def fused_linear_kl(
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = autocast_cast(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
     args = _validate(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, reverse_weight, forward_weight, jsd_beta,
-        temperature, student_bias, teacher_bias, target_ids, reduction, normalizer, backend, truncate_teacher_vocab,
-        chunk_size, return_stats, check_finite,
+        student_hidden, student_weight, teacher_hidden, teacher_weight, reverse_weight=reverse_weight,
+        forward_weight=forward_weight, jsd_beta=jsd_beta, temperature=temperature, student_bias=student_bias,
+        teacher_bias=teacher_bias, target_ids=target_ids, reduction=reduction, normalizer=normalizer,
+        backend=backend, truncate_teacher_vocab=truncate_teacher_vocab, chunk_size=chunk_size,
+        return_stats=return_stats, check_finite=check_finite,
     )
-    lead_shape, n_tokens, vocab = args.lead_shape, args.n_tokens, args.vocab
+    n_tokens, vocab = args.n_tokens, args.vocab
+    out_dtype = accumulation_dtype(student_hidden, teacher_hidden)
     h_s = student_hidden.reshape(n_tokens, student_hidden.shape[-1])
     h_t = teacher_hidden.detach().reshape(n_tokens, teacher_hidden.shape[-1])
-    w_t = teacher_weight.detach()[:vocab]
-    b_t = None if teacher_bias is None else teacher_bias.detach()[:vocab]
     rw, fw = args.reverse_weight, args.forward_weight
-    out_dtype = accumulation_dtype(student_hidden, teacher_hidden)
 
     active = (rw != 0) | (fw != 0)
     index = active.nonzero().squeeze(1)
@@ -146,7 +150,7 @@ def fused_linear_kl(
     targets = None
     if target_ids is not None:
         targets = target_ids.reshape(n_tokens)
-        targets = (targets if all_active else targets[index]).long()
+        targets = targets if all_active else targets[index]
         _check_target_range(targets, vocab)
     if check_finite and n_active:
         for name, h in (("student_hidden", h_s), ("teacher_hidden", h_t)):
@@ -156,118 +160,38 @@ def fused_linear_kl(
 
     denominator = float(normalizer) if normalizer is not None else float(max(n_active, 1))
     grad_scale = None if args.reduction == "none" else (1.0 / denominator if args.reduction == "mean" else 1.0)
+    problem = build_problem(
+        h_s, student_weight, h_t, teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
+        reverse_weight=rw, forward_weight=fw, jsd_beta=args.jsd_beta, temperature=args.temperature,
+        target_ids=targets, grad_scale=grad_scale, return_stats=return_stats, masked_vocab=args.masked_vocab)
+    if problem.masked_vocab and problem.jsd_beta is None and not return_stats:
+        problem = replace(problem, return_stats=True)  # the per-token KLs report a +inf KL (_check_result)
     if check_finite and n_active:
-        _check_scale(h_s, student_weight, student_bias, h_t, w_t, b_t, args.temperature, rw, fw,
-                     1.0 if grad_scale is None else grad_scale, n_active)
-    # With a -inf bias a token's KL may be +inf: the per-token KLs are needed to report it (_check_result).
-    want_stats = return_stats or (args.masked_vocab and args.jsd_beta is None)
+        _check_scale(problem, 1.0 if grad_scale is None else grad_scale)
 
     if n_active == 0:  # all masked: an exact 0 that still reaches every student input with zero gradients
         loss_active = None
         stats_active = None
         zero = _connected_zero(student_hidden, student_weight, student_bias).to(out_dtype)
     else:
-        # Eager gradients only pay off when a backward will follow (not under no_grad, e.g. evaluation).
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias))
-        run = _backend_fn(args.backend, chunk_size)
+        run = backend_fn(args.backend, chunk_size)
         with autocast_off(h_s.device):
-            loss_active, stats_active = run(
-                h_s, student_weight, h_t, w_t, student_bias, b_t, rw, fw,
-                jsd_beta=args.jsd_beta, temperature=args.temperature, target_ids=targets,
-                grad_scale=grad_scale if needs_grad else None, return_stats=want_stats,
-            )
-        if grad_scale is not None and not needs_grad:
-            loss_active = loss_active.sum() * grad_scale
-        _check_result(loss_active, stats_active, rw, fw, args, (student_weight, teacher_weight), check_finite)
+            loss_active, stats_active = run(problem)
+        _check_result(loss_active, stats_active, problem, args, check_finite)
 
     if args.reduction == "none":
         if loss_active is None:
             loss = torch.zeros(n_tokens, dtype=out_dtype, device=student_hidden.device) + zero
         else:
             loss = _scatter(loss_active, index, n_tokens, all_active)
-        loss = loss.reshape(lead_shape)
+        loss = loss.reshape(args.lead_shape)
     else:
         loss = zero if loss_active is None else loss_active
 
     if not return_stats:
         return loss
-    return loss, _make_stats(stats_active, index, n_tokens, all_active, active, lead_shape, out_dtype,
+    return loss, _make_stats(stats_active, index, n_tokens, all_active, active, args.lead_shape, out_dtype,
                              target_ids is not None, student_hidden.device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Dispatch
-# ----------------------------------------------------------------------------------------------------------------
-_warned_triton_fallback = False
-
-
-def check_backend(backend: object) -> str:
-    """``backend`` as given to ``fused_linear_kl`` and the classes built on it (checked at their construction)."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend name for ``backend`` ("auto" honours GOPD_BACKEND, then the device)."""
-    if check_backend(backend) != "auto":
-        return backend
-    env = os.environ.get(BACKEND_ENV, "").strip()
-    if env:
-        if env not in BACKENDS:
-            raise ValueError(f"environment variable {BACKEND_ENV} must be one of {BACKENDS}, got {env!r}")
-        if env != "auto":
-            return env
-    return "triton" if device.type == "cuda" else "chunked"
-
-
-def _backend_fn(name: str, chunk_size: int | None) -> Callable:
-    if name == "naive":
-        return fused_linear_kl_naive
-    if name == "chunked":
-        return lambda *a, **kw: fused_linear_kl_chunked(*a, chunk_size=chunk_size, **kw)
-    return _import_triton()
-
-
-def _import_triton() -> Callable:
-    try:
-        from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
-    except ImportError as err:
-        raise ImportError(f"backend='triton' needs the triton package and gopd_fast.kernels.fused_linear_kl "
-                          f"({err}); use backend='chunked' on machines without them") from err
-    return fused_linear_kl_triton
-
-
-def _triton_usable(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    global _warned_triton_fallback
-    explicit = backend == "triton" or (backend == "auto" and os.environ.get(BACKEND_ENV, "").strip() == "triton")
-    name = resolve_backend(backend, device)
-    if name != "triton":
-        return name
-    if dtype == torch.float64:  # the kernels are bf16/fp16/fp32 only; float64 is for references and tests
-        if explicit:
-            raise ValueError("backend='triton' supports bfloat16, float16 and float32 inputs, got float64; "
-                             "use backend='chunked' or 'naive' for float64")
-        return "chunked"
-    if not _triton_usable(device):
-        raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 to "
-                         "run the Triton interpreter on CPU (slow, for tests), or use backend='chunked'")
-    if explicit:
-        _import_triton()  # fail now, with the install hint, rather than mid-call
-        return name
-    try:  # "auto" on CUDA: prefer triton, but a missing triton is no reason to fail
-        _import_triton()
-    except ImportError as err:
-        if not _warned_triton_fallback:
-            warnings.warn(f"fused_linear_kl: triton backend unavailable ({err}); using 'chunked'", stacklevel=3)
-            _warned_triton_fallback = True
-        return "chunked"
-    return name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,7 +204,7 @@ class _Checked:
     vocab: int
     reverse_weight: Tensor  # [N] accumulation dtype, finite, >= 0
     forward_weight: Tensor  # [N] accumulation dtype, finite, >= 0 (zeros with jsd_beta)
-    jsd_beta: float | None  # None or strictly inside (0, 1): the endpoints are mapped to plain KL
+    jsd_beta: float | None  # in [0, 1]; build_problem maps the endpoints
     reduction: str
     backend: str
     temperature: float
@@ -376,9 +300,12 @@ def check_options(**options: object) -> dict[str, object]:
     return out
 
 
-def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, reverse_weight, forward_weight,
-              jsd_beta, temperature, student_bias, teacher_bias, target_ids, reduction, normalizer, backend,
-              truncate_teacher_vocab, chunk_size, return_stats, check_finite) -> _Checked:
+def _validate(student_hidden: object, student_weight: object, teacher_hidden: object, teacher_weight: object, *,
+              reverse_weight: object, forward_weight: object, jsd_beta: object, temperature: object,
+              student_bias: object, teacher_bias: object, target_ids: object, reduction: object, normalizer: object,
+              backend: object, truncate_teacher_vocab: object, chunk_size: object, return_stats: object,
+              check_finite: object) -> _Checked:
+    """Every argument check of ``fused_linear_kl``, once; the per-token weights in the accumulation dtype."""
     check_bool("truncate_teacher_vocab", truncate_teacher_vocab)
     h_s = _check_tensor("student_hidden", student_hidden, min_ndim=2)
     h_t = _check_tensor("teacher_hidden", teacher_hidden, min_ndim=2)
@@ -436,7 +363,7 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, re
         if tuple(target_ids.shape) not in (lead_shape, (n_tokens,)):
             raise ValueError(f"target_ids must have shape {list(lead_shape)} (or [{n_tokens}]), "
                              f"got {list(target_ids.shape)}")
-    concrete = _choose_backend(backend, device, h_s.dtype)
+    concrete = choose_backend(backend, device, h_s.dtype)
     masked_vocab = False
     for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
         if bias is not None:
@@ -450,10 +377,6 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, re
               else _token_weight("reverse_weight", reverse_weight, lead_shape, n_tokens, device, dtype))
     fw = (torch.zeros(n_tokens, dtype=dtype, device=device) if forward_weight is None
           else _token_weight("forward_weight", forward_weight, lead_shape, n_tokens, device, dtype))
-    if jsd_beta == 0.0:  # the convention's endpoints are plain KL, weighted by reverse_weight
-        rw, fw, jsd_beta = fw, rw, None
-    elif jsd_beta == 1.0:
-        jsd_beta = None
     return _Checked(lead_shape, n_tokens, vocab, rw, fw, jsd_beta, reduction, concrete, temperature, masked_vocab)
 
 
@@ -467,8 +390,7 @@ LOGIT_LIMIT = 1e8
 OVERFLOW_LIMIT = 1e30
 
 
-def _check_scale(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t: Tensor, b_t: Tensor | None,
-                 temperature: float, rw: Tensor, fw: Tensor, scale: float, n_tokens: int) -> None:
+def _check_scale(problem: KLProblem, scale: float) -> None:
     """Reject inputs whose logits, loss or gradients would overflow float32 (e.g. a finite loss with inf
     gradients), naming the arguments to change. Bounds, from Cauchy-Schwarz (-inf bias entries are masks):
 
@@ -478,6 +400,9 @@ def _check_scale(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t:
 
     Costs one read of each head weight and one host sync; skipped with check_finite=False.
     """
+    h_s, w_s, b_s = problem.student_hidden, problem.student_weight, problem.student_bias
+    h_t, w_t, b_t = problem.teacher_hidden, problem.teacher_weight, problem.teacher_bias
+    rw, fw, temperature, n_tokens = problem.reverse_weight, problem.forward_weight, problem.temperature, problem.n_tokens
     def norm_max(t: Tensor) -> Tensor:  # row norms in the tensor's dtype (float32 accumulation), no copy
         if not t.numel():
             return t.new_zeros((), dtype=torch.float32)
@@ -515,11 +440,12 @@ def _check_scale(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t:
                          f"temperature={temperature:g}; lower the weights or raise the normalizer")
 
 
-def _check_result(loss: Tensor, stats: dict[str, Tensor] | None, rw: Tensor, fw: Tensor, args: _Checked,
-                  heads: tuple[Tensor, Tensor], check_finite: bool) -> None:
+def _check_result(loss: Tensor, stats: dict[str, Tensor] | None, problem: KLProblem, args: _Checked,
+                  check_finite: bool) -> None:
     """Report an infinite per-token KL (a -inf bias in one head only) with a warning; with ``check_finite``, turn
     a NaN/inf that no mask explains (non-finite or overflowing head weights) into an error naming the argument."""
-    if args.masked_vocab and stats is not None and args.jsd_beta is None:
+    rw, fw = problem.reverse_weight, problem.forward_weight
+    if args.masked_vocab and stats is not None and problem.jsd_beta is None:
         counts = {direction: int(((stats[key] == math.inf) & (weight > 0)).sum())
                   for direction, key, weight in (("reverse KL(p_s||p_t)", "reverse_kl", rw),
                                                  ("forward KL(p_t||p_s)", "forward_kl", fw))}
@@ -538,7 +464,7 @@ def _check_result(loss: Tensor, stats: dict[str, Tensor] | None, rw: Tensor, fw:
         raise RuntimeError(f"fused_linear_kl: backend {args.backend!r} returned NaN for a vocabulary masked with -inf "
                            "biases, which must give the loss over the unmasked entries (gopd_fast.ops states the "
                            "rules); use backend='chunked' until this backend implements them")
-    for name, t in zip(("student_weight", "teacher_weight"), heads):
+    for name, t in (("student_weight", problem.student_weight), ("teacher_weight", problem.teacher_weight)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} has non-finite values (NaN/inf); pass check_finite=False to let them "
                              "propagate into the loss instead")

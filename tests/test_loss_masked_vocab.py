@@ -199,12 +199,13 @@ def test_masked_teacher_rows_beyond_the_student_vocabulary_are_ignored(rng):
 def test_a_backend_returning_nan_on_a_masked_vocabulary_is_named(rng, monkeypatch):
     # a backend that does not implement the rules must not pass its NaN off as a result (or as an overflow)
     import gopd_fast.loss as loss_module
+    from gopd_fast.ops.chunked import fused_linear_kl_chunked
 
-    def nan_backend(*args, **kwargs):
-        loss, stats = loss_module.fused_linear_kl_chunked(*args, **kwargs)
+    def nan_backend(problem):
+        loss, stats = fused_linear_kl_chunked(problem)
         return loss * math.nan, stats
 
-    monkeypatch.setattr(loss_module, "_backend_fn", lambda name, chunk_size: nan_backend)
+    monkeypatch.setattr(loss_module, "backend_fn", lambda name, chunk_size: nan_backend)
     p = problem(rng, {3}, {3})
     with pytest.raises(RuntimeError, match="backend 'naive' returned NaN for a vocabulary masked"):
         run(p, "naive")

@@ -22,7 +22,7 @@ Two autograd Functions share the sweeps:
 
 Memory: O(N x chunk) temporaries, O(N) statistics, O(N x D) for the hidden-state gradient, plus at most
 ``cache_bytes`` of cached tiles on the scalar path; never an [N, V] tensor. Accumulation in float32 (float64 for
-float64 inputs). Contract: ``gopd_fast.ops`` (module docstring).
+float64 inputs). Contract: ``gopd_fast.ops.problem.KLProblem``.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from gopd_fast.ops.autocast import autocast_off
-from gopd_fast.ops.naive import accumulation_dtype
+from gopd_fast.ops.problem import KLProblem
 
 # Elements per [N, chunk] tile: 4 Mi fp32 = 16 MiB, so the handful of live temporaries stays near 100 MiB.
 _TILE_ELEMENTS = 1 << 22
@@ -100,20 +100,41 @@ def _affine(h: Tensor, w: Tensor, b: Tensor | None, lo: int, hi: int) -> Tensor:
     return torch.addmm(b[lo:hi], h, w.T)
 
 
-def _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-             temperature: float, chunk: int | None) -> _Operands:
-    dtype = accumulation_dtype(student_hidden, teacher_hidden)
-    inv_tau = 1.0 / temperature
+@dataclass(frozen=True)
+class ChunkedOptions:
+    """The chunked backend's own options (``fused_linear_kl_chunked`` documents them)."""
+
+    chunk_size: int | None = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What a sweep needs of the problem besides its tensors (kept on the autograd ctx; tensors are saved)."""
+
+    temperature: float
+    jsd_beta: float | None
+    masked: bool
+    dtype: torch.dtype
+    uses_forward_kl: bool
+    chunk: int | None
+
+    @staticmethod
+    def of(problem: KLProblem, chunk: int | None) -> _Setup:
+        return _Setup(problem.temperature, problem.jsd_beta, problem.masked_vocab, problem.accumulation_dtype,
+                      problem.uses_forward_kl, chunk)
+
+
+def _prepare(setup: _Setup, h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t: Tensor,
+             b_t: Tensor | None) -> _Operands:
+    inv_tau = 1.0 / setup.temperature
 
     def scaled(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().to(dtype) * inv_tau
+        return None if t is None else t.detach().to(setup.dtype) * inv_tau
 
-    n, v = student_hidden.shape[0], student_weight.shape[0]
     return _Operands(
-        h_s=scaled(student_hidden), w_s=student_weight.detach(), b_s=scaled(student_bias),
-        h_t=scaled(teacher_hidden), w_t=teacher_weight.detach(), b_t=scaled(teacher_bias),
-        chunk=chunk or default_chunk_size(n, v),
-        masked=any(b is not None and bool(torch.isneginf(b).any()) for b in (student_bias, teacher_bias)),
+        h_s=scaled(h_s), w_s=w_s.detach(), b_s=scaled(b_s), h_t=scaled(h_t), w_t=w_t.detach(), b_t=scaled(b_t),
+        chunk=setup.chunk or default_chunk_size(h_s.shape[0], w_s.shape[0]), masked=setup.masked,
     )
 
 
@@ -295,25 +316,18 @@ def _finish_grads(grads: _Grads, temperature: float, hidden_dtype: torch.dtype) 
 # ----------------------------------------------------------------------------------------------------------------
 # Forward helpers shared by both Functions
 # ----------------------------------------------------------------------------------------------------------------
-def _uses_forward(forward_weight: Tensor, jsd_beta: float | None) -> bool:
-    return jsd_beta is None and bool((forward_weight != 0).any())
-
-
-def _values(ops: _Operands, reverse_weight: Tensor, forward_weight: Tensor, jsd_beta: float | None,
-            use_forward: bool, return_stats: bool) -> tuple[Tensor, _Stats, Tensor | None]:
+def _values(ops: _Operands, setup: _Setup, reverse_weight: Tensor, forward_weight: Tensor,
+            return_stats: bool) -> tuple[Tensor, _Stats, Tensor | None]:
     """Per-token loss [N] (acc dtype), the stats, and KL(p_s||M) for JSD (needed by its gradient)."""
-    st = _stats_sweep(ops, need_forward_kl=use_forward or return_stats, need_entropy=return_stats)
-    dtype = ops.h_s.dtype
+    st = _stats_sweep(ops, need_forward_kl=setup.uses_forward_kl or return_stats, need_entropy=return_stats)
     kl_s_m = None
-    if jsd_beta is not None:
-        jsd, kl_s_m = _jsd_sweep(ops, st, jsd_beta)
-        loss = reverse_weight.to(dtype) * jsd
+    if setup.jsd_beta is not None:
+        jsd, kl_s_m = _jsd_sweep(ops, st, setup.jsd_beta)
+        loss = reverse_weight * jsd
     else:  # a zero weight drops its term even where that KL is +inf (a -inf bias in one model)
-        rw = reverse_weight.to(dtype)
-        loss = torch.where(rw != 0, rw * st.reverse_kl, 0.0)
-        if use_forward:
-            fw = forward_weight.to(dtype)
-            loss = loss + torch.where(fw != 0, fw * st.forward_kl, 0.0)
+        loss = torch.where(reverse_weight != 0, reverse_weight * st.reverse_kl, 0.0)
+        if setup.uses_forward_kl:
+            loss = loss + torch.where(forward_weight != 0, forward_weight * st.forward_kl, 0.0)
     return loss, st, kl_s_m
 
 
@@ -347,7 +361,7 @@ def _token_block(n_tokens: int, ops: _Operands, out_dtypes: tuple, cache_bytes: 
 def _stats_dict(ops: _Operands, st: _Stats, target_ids: Tensor | None) -> dict[str, Tensor]:
     stats = {"reverse_kl": st.reverse_kl, "forward_kl": st.forward_kl, "student_entropy": st.student_entropy}
     if target_ids is not None:
-        idx = target_ids.long()
+        idx = target_ids
         z_s = (ops.h_s * ops.w_s[idx].to(ops.h_s.dtype)).sum(-1)
         z_t = (ops.h_t * ops.w_t[idx].to(ops.h_t.dtype)).sum(-1)
         if ops.b_s is not None:
@@ -359,8 +373,12 @@ def _stats_dict(ops: _Operands, st: _Stats, target_ids: Tensor | None) -> dict[s
     return {k: v.detach() for k, v in stats.items()}
 
 
-def _out_dtypes(student_hidden, student_weight, student_bias):
+def _out_dtypes(student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None) -> tuple:
     return (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
+
+
+def _teacher(problem: KLProblem) -> tuple[Tensor, Tensor, Tensor | None]:
+    return problem.teacher_hidden, problem.teacher_weight, problem.teacher_bias
 
 
 class _ChunkedKLScalar(torch.autograd.Function):
@@ -369,49 +387,48 @@ class _ChunkedKLScalar(torch.autograd.Function):
     Tokens are processed in blocks whose [block, V] logit tiles fit ``cache_bytes``: the value sweeps keep the
     tiles and the gradient sweep reuses them, so each logit is computed once (as with materialised logits) while
     memory stays bounded. When not even ``_MIN_CACHE_BLOCK`` tokens fit, the gradient sweep recomputes the tiles.
+    Inputs: the student tensors that get gradients, the problem and the options; outputs: the loss and the stats.
     """
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                reverse_weight, forward_weight, jsd_beta, temperature, target_ids, grad_scale, return_stats, chunk,
-                cache_bytes):
-        ops = _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                       teacher_bias, temperature, chunk)
-        n_tokens, dtype = ops.h_s.shape[0], ops.h_s.dtype
-        use_forward = _uses_forward(forward_weight, jsd_beta)
+    def forward(ctx, student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
+                problem: KLProblem, options: ChunkedOptions):
+        setup = _Setup.of(problem, options.chunk_size)
+        ops = _prepare(setup, student_hidden, student_weight, student_bias, *_teacher(problem))
+        n_tokens, grad_scale = ops.h_s.shape[0], problem.grad_scale
+        rw, fw = problem.reverse_weight, problem.forward_weight
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], student_bias is not None
                 and ctx.needs_input_grad[2])
         out_dtypes = _out_dtypes(student_hidden, student_weight, student_bias)
-        block = _token_block(n_tokens, ops, out_dtypes, cache_bytes) if any(need) else None
+        block = _token_block(n_tokens, ops, out_dtypes, options.cache_bytes) if any(need) else None
         cached = block is not None
         block = block or n_tokens
         multi_block = block < n_tokens
         grads = _grad_buffers(ops, need, out_dtypes) if any(need) else _Grads(None, None, None)
-        coef_r = reverse_weight.to(dtype) * grad_scale
-        coef_f = forward_weight.to(dtype) * grad_scale if use_forward else None
+        coef_r = rw * grad_scale
+        coef_f = fw * grad_scale if setup.uses_forward_kl else None
         losses, parts = [], []
         for start in range(0, n_tokens, block):
             stop = min(start + block, n_tokens)
             sub = ops.rows(start, stop, cached)
-            if cached and chunk is None:
+            if cached and options.chunk_size is None:
                 sub = replace(sub, chunk=default_chunk_size(stop - start, ops.vocab))
-            loss, st, kl_s_m = _values(sub, reverse_weight[start:stop], forward_weight[start:stop], jsd_beta,
-                                       use_forward, return_stats)
+            loss, st, kl_s_m = _values(sub, setup, rw[start:stop], fw[start:stop], problem.return_stats)
             if any(need):
                 out = replace(grads, hidden=None if grads.hidden is None else grads.hidden[start:stop])
                 _grad_sweep(sub, st, coef_r[start:stop], None if coef_f is None else coef_f[start:stop],
-                            jsd_beta, kl_s_m, out, accumulate=multi_block)
+                            setup.jsd_beta, kl_s_m, out, accumulate=multi_block)
             losses.append(loss)
             parts.append(st)
         if any(need):
-            grads = _finish_grads(grads, temperature, student_hidden.dtype)
+            grads = _finish_grads(grads, problem.temperature, student_hidden.dtype)
         # saved (not a ctx attribute) so that autograd frees them after a backward without retain_graph, and
         # keeps them for a second backward with it, which accumulates them again (as Liger's loss does)
         present = tuple(g is not None for g in (grads.hidden, grads.weight, grads.bias))
         ctx.save_for_backward(*(g for g in (grads.hidden, grads.weight, grads.bias) if g is not None))
         ctx.present = present
         st = _cat_stats(parts)
-        stats = _stats_dict(ops, st, target_ids) if return_stats else {}
+        stats = _stats_dict(ops, st, problem.target_ids) if problem.return_stats else {}
         ctx.mark_non_differentiable(*stats.values())
         return (torch.cat(losses).sum() * grad_scale, *stats.values())
 
@@ -425,24 +442,26 @@ class _ChunkedKLScalar(torch.autograd.Function):
                 return None
             return g if bool(grad_loss == 1) else g * grad_loss.to(g.dtype)
 
-        return (*(scaled(g) for g in grads), *([None] * 12))
+        grad_h, grad_w, grad_b = (scaled(g) for g in grads)
+        return grad_h, grad_w, grad_b, None, None  # nothing for the problem and the options
 
 
 class _ChunkedKLPerToken(torch.autograd.Function):
-    """Per-token loss [N]; backward recomputes the logit tiles from the saved lse_s, lse_t, RKL (KL(p_s||M))."""
+    """Per-token loss [N]; backward recomputes the logit tiles from the saved lse_s, lse_t, RKL (KL(p_s||M)).
+    Inputs: the student tensors that get gradients, the problem and the options; outputs: the loss and the stats.
+    """
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                reverse_weight, forward_weight, jsd_beta, temperature, target_ids, return_stats, chunk):
-        ops = _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                       teacher_bias, temperature, chunk)
-        use_forward = _uses_forward(forward_weight, jsd_beta)
-        loss, st, kl_s_m = _values(ops, reverse_weight, forward_weight, jsd_beta, use_forward, return_stats)
-        stats = _stats_dict(ops, st, target_ids) if return_stats else {}
-        ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                              teacher_bias, reverse_weight, forward_weight, st.lse_s, st.lse_t, st.reverse_kl,
-                              kl_s_m)
-        ctx.config = (jsd_beta, temperature, chunk, use_forward)
+    def forward(ctx, student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
+                problem: KLProblem, options: ChunkedOptions):
+        setup = _Setup.of(problem, options.chunk_size)
+        teacher = _teacher(problem)
+        ops = _prepare(setup, student_hidden, student_weight, student_bias, *teacher)
+        loss, st, kl_s_m = _values(ops, setup, problem.reverse_weight, problem.forward_weight, problem.return_stats)
+        stats = _stats_dict(ops, st, problem.target_ids) if problem.return_stats else {}
+        ctx.save_for_backward(student_hidden, student_weight, student_bias, *teacher, problem.reverse_weight,
+                              problem.forward_weight, st.lse_s, st.lse_t, st.reverse_kl, kl_s_m)
+        ctx.setup = setup
         ctx.mark_non_differentiable(*stats.values())
         return (loss, *stats.values())
 
@@ -450,67 +469,44 @@ class _ChunkedKLPerToken(torch.autograd.Function):
     def backward(ctx, grad_loss, *_grad_stats):
         (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
          reverse_weight, forward_weight, lse_s, lse_t, reverse_kl, kl_s_m) = ctx.saved_tensors
-        jsd_beta, temperature, chunk, use_forward = ctx.config
+        setup: _Setup = ctx.setup
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], student_bias is not None
                 and ctx.needs_input_grad[2])
         if not any(need):
-            return (None,) * 13
+            return None, None, None, None, None
         # a backward called under autocast must not re-cast the recomputed tiles
         with autocast_off(student_hidden.device):
-            ops = _prepare(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                           teacher_bias, temperature, chunk)
+            ops = _prepare(setup, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                           teacher_bias)
             st = _Stats(lse_s=lse_s, lse_t=lse_t, reverse_kl=reverse_kl, forward_kl=None, student_entropy=None)
             upstream = grad_loss.to(lse_s.dtype)
-            coef_f = forward_weight.to(upstream.dtype) * upstream if use_forward else None
+            coef_f = forward_weight * upstream if setup.uses_forward_kl else None
             grads = _grad_buffers(ops, need, _out_dtypes(student_hidden, student_weight, student_bias))
-            _grad_sweep(ops, st, reverse_weight.to(upstream.dtype) * upstream, coef_f, jsd_beta, kl_s_m, grads,
+            _grad_sweep(ops, st, reverse_weight * upstream, coef_f, setup.jsd_beta, kl_s_m, grads,
                         accumulate=False)
-            grads = _finish_grads(grads, temperature, student_hidden.dtype)
-        return (grads.hidden, grads.weight, grads.bias, *([None] * 10))
+            grads = _finish_grads(grads, setup.temperature, student_hidden.dtype)
+        return grads.hidden, grads.weight, grads.bias, None, None  # nothing for the problem and the options
 
 
-def fused_linear_kl_chunked(
-    student_hidden: Tensor,
-    student_weight: Tensor,
-    teacher_hidden: Tensor,
-    teacher_weight: Tensor,
-    student_bias: Tensor | None,
-    teacher_bias: Tensor | None,
-    reverse_weight: Tensor,
-    forward_weight: Tensor,
-    *,
-    jsd_beta: float | None,
-    temperature: float,
-    target_ids: Tensor | None,
-    grad_scale: float | None,
-    return_stats: bool,
-    chunk_size: int | None = None,
-    cache_bytes: int = DEFAULT_CACHE_BYTES,
-) -> tuple[Tensor, dict[str, Tensor] | None]:
-    """Backend contract of ``gopd_fast.ops``.
+def fused_linear_kl_chunked(problem: KLProblem, *, chunk_size: int | None = None,
+                            cache_bytes: int = DEFAULT_CACHE_BYTES) -> tuple[Tensor, dict[str, Tensor] | None]:
+    """Backend contract: ``KLProblem``.
 
     ``chunk_size``: the vocabulary tile (default: ~4 Mi logits per tile). ``cache_bytes``: with ``grad_scale``,
     the memory for keeping logit tiles between the value and gradient sweeps (0: always recompute).
     """
-    if jsd_beta == 0.0:  # endpoints of the TRL/Liger convention are plain KL
-        reverse_weight, forward_weight, jsd_beta = torch.zeros_like(reverse_weight), reverse_weight, None
-    elif jsd_beta == 1.0:
-        forward_weight, jsd_beta = torch.zeros_like(forward_weight), None
-    if jsd_beta is not None:
-        forward_weight = torch.zeros_like(forward_weight)
-    teacher = (teacher_hidden.detach(), teacher_weight.detach(),
-               None if teacher_bias is None else teacher_bias.detach())
-    if grad_scale is None:
-        loss, *stat_values = _ChunkedKLPerToken.apply(
-            student_hidden, student_weight, student_bias, *teacher, reverse_weight, forward_weight, jsd_beta,
-            float(temperature), target_ids, return_stats, chunk_size)
-    else:
-        loss, *stat_values = _ChunkedKLScalar.apply(
-            student_hidden, student_weight, student_bias, *teacher, reverse_weight, forward_weight, jsd_beta,
-            float(temperature), target_ids, float(grad_scale), return_stats, chunk_size, cache_bytes)
-    if not return_stats:
+    # eager gradients only pay off when a backward will follow (not under no_grad, e.g. evaluation)
+    eager = problem.grad_scale is not None and any(problem.needs_grad)
+    function = _ChunkedKLScalar if eager else _ChunkedKLPerToken
+    loss, *stat_values = function.apply(problem.student_hidden, problem.student_weight, problem.student_bias,
+                                        problem, ChunkedOptions(chunk_size, cache_bytes))
+    if problem.grad_scale is not None and not eager:
+        loss = loss.sum() * problem.grad_scale
+    if not problem.return_stats:
         return loss, None
     keys = ["reverse_kl", "forward_kl", "student_entropy"]
-    if target_ids is not None:
+    if problem.target_ids is not None:
         keys += ["student_logprob", "teacher_logprob"]
     return loss, dict(zip(keys, stat_values))
+
+

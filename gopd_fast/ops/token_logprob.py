@@ -26,16 +26,12 @@ from torch import Tensor
 
 from gopd_fast.ops.autocast import autocast_cast, autocast_off
 from gopd_fast.ops.checks import check_bias, check_bool, check_int, check_temperature
+from gopd_fast.ops.precision import accumulation_dtype
 
 __all__ = ["fused_linear_logprob"]
 
 DEFAULT_CHUNK_SIZE = 4096
 DEFAULT_TOKEN_BLOCK = 1024
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 inputs accumulate in float64, everything else (bf16/fp16/fp32) in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def logit_tile(

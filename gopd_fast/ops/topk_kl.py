@@ -32,11 +32,11 @@ from torch import Tensor
 
 from gopd_fast.ops.autocast import autocast_cast, autocast_off
 from gopd_fast.ops.checks import check_bias, check_bool, check_int, check_real, check_temperature
+from gopd_fast.ops.precision import accumulation_dtype
 from gopd_fast.ops.token_logprob import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_TOKEN_BLOCK,
     HeadGrads,
-    accumulation_dtype,
     logit_tile,
 )
 

@@ -1,4 +1,5 @@
-"""gopd_fast.ops.chunked: the backend contract, its memory bound, and the online recurrences at extreme logits."""
+"""gopd_fast.ops.chunked: the backend contract (a ``KLProblem`` in), its memory bound, and the online recurrences at
+extreme logits."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gopd_fast.ops.chunked import default_chunk_size, fused_linear_kl_chunked
+from gopd_fast.ops.problem import build_problem
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -18,9 +20,17 @@ def _inputs(rng, n, ds, dt, v, dtype=torch.float64, scale=1.0):
             randn(v).requires_grad_(), randn(v))
 
 
+def _chunked(args, rw, fw, *, chunk_size=None, cache_bytes=None, **options):
+    h_s, w_s, h_t, w_t, b_s, b_t = args
+    problem = build_problem(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, reverse_weight=rw,
+                            forward_weight=fw, **options)
+    backend_options = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
+    return fused_linear_kl_chunked(problem, chunk_size=chunk_size, **backend_options)
+
+
 def _call(args, rw, fw, grad_scale, chunk, jsd_beta=None, targets=None):
-    return fused_linear_kl_chunked(*args, rw, fw, jsd_beta=jsd_beta, temperature=0.8, target_ids=targets,
-                                   grad_scale=grad_scale, return_stats=True, chunk_size=chunk)
+    return _chunked(args, rw, fw, jsd_beta=jsd_beta, temperature=0.8, target_ids=targets, grad_scale=grad_scale,
+                    return_stats=True, chunk_size=chunk)
 
 
 @pytest.mark.parametrize("jsd_beta", [None, 0.0, 0.6, 1.0])
@@ -81,9 +91,8 @@ def test_never_materialises_n_by_v(rng, grad_scale, jsd_beta):
     args = _inputs(rng, n=n, ds=d, dt=d, v=v, dtype=torch.float32)
     fw = torch.ones(n) if jsd_beta is None else torch.zeros(n)
     with _LargestOutput() as probe:  # cache_bytes=0: the scalar path's optional logit cache is off
-        loss, _ = fused_linear_kl_chunked(*args, torch.ones(n), fw, jsd_beta=jsd_beta, temperature=1.0,
-                                          target_ids=None, grad_scale=grad_scale, return_stats=True,
-                                          chunk_size=chunk, cache_bytes=0)
+        loss, _ = _chunked(args, torch.ones(n), fw, jsd_beta=jsd_beta, temperature=1.0, target_ids=None,
+                           grad_scale=grad_scale, return_stats=True, chunk_size=chunk, cache_bytes=0)
         loss.sum().backward()
     # the biggest tensors are one [n, chunk] tile and the [v, d] weight gradient, never [n, v]
     assert probe.largest <= max(n * chunk, v * d) < n * v // 8
@@ -103,8 +112,8 @@ def test_scalar_path_logit_cache(rng, reference_loss, cache_bytes, jsd_beta):
     rw = torch.rand(n, generator=rng, dtype=torch.float64)
     fw = torch.rand(n, generator=rng, dtype=torch.float64) if jsd_beta is None else torch.zeros(n, dtype=torch.float64)
     targets = torch.randint(0, v, (n,), generator=rng)
-    loss, stats = fused_linear_kl_chunked(*args, rw, fw, jsd_beta=jsd_beta, temperature=1.1, target_ids=targets,
-                                          grad_scale=0.3, return_stats=True, chunk_size=16, cache_bytes=cache_bytes)
+    loss, stats = _chunked(args, rw, fw, jsd_beta=jsd_beta, temperature=1.1, target_ids=targets, grad_scale=0.3,
+                           return_stats=True, chunk_size=16, cache_bytes=cache_bytes)
     h_s, w_s, h_t, w_t, b_s, b_t = args
     ref, ref_stats = reference_loss(h_s, w_s, h_t, w_t, rw=rw, fw=fw, jsd_beta=jsd_beta, temperature=1.1, b_s=b_s,
                                     b_t=b_t, targets=targets)
