@@ -134,64 +134,49 @@ def fused_linear_kl(
         backend=backend, truncate_teacher_vocab=truncate_teacher_vocab, chunk_size=chunk_size,
         return_stats=return_stats, check_finite=check_finite,
     )
-    n_tokens, vocab = args.n_tokens, args.vocab
-    out_dtype = accumulation_dtype(student_hidden, teacher_hidden)
-    h_s = student_hidden.reshape(n_tokens, student_hidden.shape[-1])
-    h_t = teacher_hidden.detach().reshape(n_tokens, teacher_hidden.shape[-1])
-    rw, fw = args.reverse_weight, args.forward_weight
-
-    active = (rw != 0) | (fw != 0)
-    index = active.nonzero().squeeze(1)
-    n_active = index.numel()
-    all_active = n_active == n_tokens
-    if not all_active:  # drop zero-weight tokens before any vocabulary work
-        h_s, h_t, rw, fw = h_s.index_select(0, index), h_t.index_select(0, index), rw[index], fw[index]
-    h_s, h_t = h_s.contiguous(), h_t.contiguous()
+    tokens = _Tokens.of(args.reverse_weight, args.forward_weight, args.lead_shape)
+    # drop zero-weight tokens before any vocabulary work
+    h_s = tokens.take(student_hidden.reshape(tokens.n_tokens, student_hidden.shape[-1])).contiguous()
+    h_t = tokens.take(teacher_hidden.detach().reshape(tokens.n_tokens, teacher_hidden.shape[-1])).contiguous()
     targets = None
     if target_ids is not None:
-        targets = target_ids.reshape(n_tokens)
-        targets = targets if all_active else targets[index]
-        _check_target_range(targets, vocab)
-    if check_finite and n_active:
+        targets = tokens.take(target_ids.reshape(tokens.n_tokens))
+        _check_target_range(targets, args.vocab)
+    if check_finite and tokens.n_active:
         for name, h in (("student_hidden", h_s), ("teacher_hidden", h_t)):
             if not bool(torch.isfinite(h).all()):
                 raise ValueError(f"{name} has non-finite values (NaN/inf) at tokens with a nonzero loss weight; "
                                  "pass check_finite=False to let them propagate into the loss instead")
 
-    denominator = float(normalizer) if normalizer is not None else float(max(n_active, 1))
+    denominator = float(normalizer) if normalizer is not None else float(max(tokens.n_active, 1))
     grad_scale = None if args.reduction == "none" else (1.0 / denominator if args.reduction == "mean" else 1.0)
     problem = build_problem(
         h_s, student_weight, h_t, teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
-        reverse_weight=rw, forward_weight=fw, jsd_beta=args.jsd_beta, temperature=args.temperature,
-        target_ids=targets, grad_scale=grad_scale, return_stats=return_stats, masked_vocab=args.masked_vocab)
+        reverse_weight=tokens.take(args.reverse_weight), forward_weight=tokens.take(args.forward_weight),
+        jsd_beta=args.jsd_beta, temperature=args.temperature, target_ids=targets, grad_scale=grad_scale,
+        return_stats=return_stats, masked_vocab=args.masked_vocab)
     if problem.masked_vocab and problem.jsd_beta is None and not return_stats:
         problem = replace(problem, return_stats=True)  # the per-token KLs report a +inf KL (_check_result)
-    if check_finite and n_active:
-        _check_scale(problem, 1.0 if grad_scale is None else grad_scale)
 
-    if n_active == 0:  # all masked: an exact 0 that still reaches every student input with zero gradients
-        loss_active = None
-        stats_active = None
-        zero = _connected_zero(student_hidden, student_weight, student_bias).to(out_dtype)
+    if tokens.n_active == 0:  # all masked: an exact 0 that still reaches every student input with zero gradients
+        zero = _connected_zero(student_hidden, student_weight, student_bias).to(problem.accumulation_dtype)
+        if args.reduction == "none":
+            zero = torch.zeros(tokens.lead_shape, dtype=zero.dtype, device=zero.device) + zero
+        loss = zero
+        stats = None
     else:
+        if check_finite:
+            _check_scale(problem, 1.0 if grad_scale is None else grad_scale)
         run = backend_fn(args.backend, chunk_size)
         with autocast_off(h_s.device):
-            loss_active, stats_active = run(problem)
-        _check_result(loss_active, stats_active, problem, args, check_finite)
-
-    if args.reduction == "none":
-        if loss_active is None:
-            loss = torch.zeros(n_tokens, dtype=out_dtype, device=student_hidden.device) + zero
-        else:
-            loss = _scatter(loss_active, index, n_tokens, all_active)
-        loss = loss.reshape(args.lead_shape)
-    else:
-        loss = zero if loss_active is None else loss_active
+            loss, stats = run(problem)
+        _check_result(loss, stats, problem, args, check_finite)
+        if args.reduction == "none":
+            loss = tokens.scatter(loss)
 
     if not return_stats:
         return loss
-    return loss, _make_stats(stats_active, index, n_tokens, all_active, active, args.lead_shape, out_dtype,
-                             target_ids is not None, student_hidden.device)
+    return loss, _make_stats(stats, tokens, problem.accumulation_dtype, with_targets=target_ids is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -478,24 +463,49 @@ def _connected_zero(*tensors: Tensor | None) -> Tensor:
     return sum(parts[1:], parts[0])
 
 
-def _scatter(values: Tensor, index: Tensor, n_tokens: int, all_active: bool) -> Tensor:
-    if all_active:
-        return values
-    return values.new_zeros(n_tokens).index_copy(0, index, values)
+@dataclass(frozen=True)
+class _Tokens:
+    """The tokens with a nonzero loss weight: the compaction applied before any vocabulary work, and its inverse."""
+
+    active: Tensor  # [N] bool
+    index: Tensor  # [n_active] int64 positions of the active tokens
+    lead_shape: tuple[int, ...]  # the hidden states' leading dims (N = their product)
+
+    @staticmethod
+    def of(reverse_weight: Tensor, forward_weight: Tensor, lead_shape: tuple[int, ...]) -> _Tokens:
+        active = (reverse_weight != 0) | (forward_weight != 0)
+        return _Tokens(active, active.nonzero().squeeze(1), lead_shape)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.active.shape[0]
+
+    @property
+    def n_active(self) -> int:
+        return self.index.shape[0]
+
+    def take(self, t: Tensor) -> Tensor:
+        """The active rows of a [N, ...] tensor (no copy when every token is active)."""
+        return t if self.n_active == self.n_tokens else t.index_select(0, self.index)
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """[n_active] values back at their tokens, 0 elsewhere, shaped like the leading dims."""
+        if self.n_active != self.n_tokens:
+            values = values.new_zeros(self.n_tokens).index_copy(0, self.index, values)
+        return values.reshape(self.lead_shape)
 
 
-def _make_stats(stats: dict[str, Tensor] | None, index: Tensor, n_tokens: int, all_active: bool, active: Tensor,
-                lead_shape: tuple[int, ...], dtype: torch.dtype, with_targets: bool, device) -> KLStats:
+def _make_stats(stats: dict[str, Tensor] | None, tokens: _Tokens, dtype: torch.dtype, with_targets: bool) -> KLStats:
     def full(key: str) -> Tensor:
         if stats is None:
-            return torch.zeros(lead_shape, dtype=dtype, device=device)
-        return _scatter(stats[key].detach(), index, n_tokens, all_active).reshape(lead_shape)
+            return torch.zeros(tokens.lead_shape, dtype=dtype, device=tokens.active.device)
+        return tokens.scatter(stats[key].detach())
 
     return KLStats(
         reverse_kl=full("reverse_kl"),
         forward_kl=full("forward_kl"),
         student_entropy=full("student_entropy"),
-        token_mask=active.reshape(lead_shape),
+        token_mask=tokens.active.reshape(tokens.lead_shape),
         student_logprob=full("student_logprob") if with_targets else None,
         teacher_logprob=full("teacher_logprob") if with_targets else None,
     )
