@@ -288,6 +288,37 @@ def test_no_grad_scalar_loss_matches_and_skips_eager_gradients(rng, reduction, m
     assert_close(without, with_grad, rtol=1e-12)
 
 
+@pytest.mark.parametrize("objective", ["jsd0", "jsd0.3", "jsd1", "mixed"])
+def test_the_backend_gets_one_compacted_canonical_problem(rng, monkeypatch, objective):
+    # the contract as code: tokens without loss are gone and a JSD endpoint arrives as plain KL weights
+    import gopd_fast.loss as loss_module
+
+    seen = []
+    real = loss_module.backend_fn
+    monkeypatch.setattr(loss_module, "backend_fn", lambda name, chunk_size: lambda problem: (
+        seen.append(problem), real(name, chunk_size)(problem))[1])
+    p = make_problem(rng)
+    weights = objective_weights(objective, rng)
+    run(p, "chunked", **weights)
+    (problem,) = seen
+    active = weights["reverse_weight"] != 0
+    if "forward_weight" in weights:
+        active |= weights["forward_weight"] != 0
+    assert problem.n_tokens == int(active.sum()) < N
+    w1 = weights["reverse_weight"][active]
+    beta = weights.get("jsd_beta")
+    assert problem.jsd_beta == (0.3 if beta == 0.3 else None)
+    if beta == 0.0:  # forward KL weighted by reverse_weight
+        assert problem.reverse_weight.eq(0).all() and problem.forward_weight.equal(w1)
+    elif beta is not None:
+        assert problem.reverse_weight.equal(w1) and problem.forward_weight.eq(0).all()
+    else:
+        assert problem.forward_weight.equal(weights["forward_weight"][active])
+    assert problem.student_hidden.shape == (problem.n_tokens, DS)
+    assert problem.grad_scale == pytest.approx(1.0 / problem.n_tokens)
+    assert problem.needs_grad == (True, True, True)
+
+
 def test_check_finite(rng):
     p = make_problem(rng)
     with torch.no_grad():
