@@ -10,13 +10,13 @@ needs those per-token finals, so it is produced by a second sweep that recompute
 before it can form M, hence one extra sweep for its value.
 
 Two autograd Functions share the sweeps:
-- ``_ChunkedKLScalar`` (``grad_scale=c`` and some gradient in ``needs_grad``): forward runs every sweep including the gradient one and keeps the
-  gradients (Liger-style); backward only multiplies them by the incoming scalar. Because the gradient sweep
-  follows immediately, the tiles of the value sweep can be kept instead of recomputed: tokens are processed in
-  blocks whose [block, V] logits of both models fit ``cache_bytes`` (128 MiB by default, ~110 tokens at
-  V=151936), so every logit is computed once, as with materialised logits, at bounded memory. Several blocks
-  add their weight gradients into one buffer; with ``cache_bytes=0`` (or fewer than 64 tokens fitting) the
-  gradient sweep recomputes the tiles instead.
+- ``_ChunkedKLScalar`` (``grad_scale=c`` and some gradient in ``needs_grad``): forward runs every sweep including
+  the gradient one and keeps the gradients (Liger-style); backward only multiplies them by the incoming scalar.
+  Because the gradient sweep follows immediately, the tiles of the value sweep can be kept instead of recomputed:
+  tokens are processed in blocks whose [block, V] logits of both models fit ``cache_bytes`` (128 MiB by default,
+  ~110 tokens at V=151936), so every logit is computed once, as with materialised logits, at bounded memory.
+  Several blocks add their weight gradients into one buffer; with ``cache_bytes=0`` (or fewer than 64 tokens
+  fitting) the gradient sweep recomputes the tiles instead.
 - ``_ChunkedKLPerToken`` (``grad_scale=None``, or no gradient needed: then its sum is scaled): forward runs the
   value sweeps and saves lse_s, lse_t, RKL (and KL(p_s||M) for JSD); backward recomputes the tiles in its gradient
   sweep with the per-token upstream gradient.
