@@ -387,7 +387,9 @@ def _check_scale(problem: KLProblem, scale: float) -> None:
     """
     h_s, w_s, b_s = problem.student_hidden, problem.student_weight, problem.student_bias
     h_t, w_t, b_t = problem.teacher_hidden, problem.teacher_weight, problem.teacher_bias
-    rw, fw, temperature, n_tokens = problem.reverse_weight, problem.forward_weight, problem.temperature, problem.n_tokens
+    rw, fw = problem.reverse_weight, problem.forward_weight
+    temperature, n_tokens = problem.temperature, problem.n_tokens
+
     def norm_max(t: Tensor) -> Tensor:  # row norms in the tensor's dtype (float32 accumulation), no copy
         if not t.numel():
             return t.new_zeros((), dtype=torch.float32)
