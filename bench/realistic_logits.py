@@ -46,48 +46,52 @@ class Shape:
     swap_fraction: float = 0.1      # tokens whose teacher swaps the top two candidates
 
 
-def _zipf_ids(n: int, vocab: int, exponent: float, generator: torch.Generator) -> Tensor:
-    weights = (torch.arange(vocab, dtype=torch.float64) + 1.0) ** -exponent
-    return torch.multinomial(weights, n, replacement=True, generator=generator)
+def _zipf_ids(n: int, vocab: int, exponent: float, g: torch.Generator) -> Tensor:
+    weights = (torch.arange(vocab, dtype=torch.float32, device=g.device) + 1.0) ** -exponent
+    return torch.multinomial(weights, n, replacement=True, generator=g)
 
 
-def _head(vocab: int, width: int, prior: Tensor, generator: torch.Generator) -> Tensor:
+def _head(vocab: int, width: int, prior: Tensor, g: torch.Generator) -> Tensor:
     """Unit-norm random rows in the first width - 1 dimensions; the last column carries the prior."""
-    head = torch.randn(vocab, width, generator=generator, dtype=torch.float64)
+    head = torch.randn(vocab, width, generator=g, dtype=prior.dtype, device=g.device)
     head[:, :-1] /= head[:, :-1].norm(dim=1, keepdim=True)
     head[:, -1] = prior
     return head
 
 
-def _hidden(head: Tensor, ids: Tensor, boosts: Tensor, noise: float, generator: torch.Generator) -> Tensor:
+def _hidden(head: Tensor, ids: Tensor, boosts: Tensor, noise: float, g: torch.Generator) -> Tensor:
     """sum_k boost_k * head[id_k] (the candidate directions) + noise, with 1 in the prior dimension."""
     n, width = ids.shape[0], head.shape[1]
-    rows = head[ids, :-1]  # [n, k, width - 1]
-    hidden = torch.einsum("nk,nkd->nd", boosts, rows)
-    hidden += noise * torch.randn(n, width - 1, generator=generator, dtype=torch.float64)
-    return torch.cat([hidden, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    hidden = torch.zeros(n, width - 1, dtype=head.dtype, device=head.device)
+    for k in range(ids.shape[1]):  # one candidate at a time: no [n, k, width] temporary at N=16384, D=4096
+        hidden += boosts[:, k, None] * head[ids[:, k], :-1]
+    hidden += noise * torch.randn(n, width - 1, generator=g, dtype=head.dtype, device=head.device)
+    return torch.cat([hidden, torch.ones(n, 1, dtype=head.dtype, device=head.device)], dim=1)
 
 
 def realistic_inputs(n: int, vocab: int, ds: int, dt: int, *, dtype: torch.dtype = torch.float32,
                      device: torch.device | str = "cpu", seed: int = 0, shape: Shape = Shape()) -> dict[str, Tensor]:
-    """{"hs": [n, ds], "ws": [vocab, ds], "ht": [n, dt], "wt": [vocab, dt]} in ``dtype`` on ``device``."""
+    """{"hs": [n, ds], "ws": [vocab, ds], "ht": [n, dt], "wt": [vocab, dt]} in ``dtype`` on ``device``, built there
+    (float64 on CPU, float32 on a GPU: the target shape's heads are 5 GB in float64; the draws differ by device)."""
     if min(n, vocab) < 1 or min(ds, dt) < 2:
         raise ValueError(f"need n, vocab >= 1 and ds, dt >= 2, got n={n}, vocab={vocab}, ds={ds}, dt={dt}")
-    g = torch.Generator().manual_seed(seed)
-    prior = -shape.zipf_exponent * torch.log(torch.arange(vocab, dtype=torch.float64) + 1.0)
+    device = torch.device(device)
+    work = torch.float64 if device.type == "cpu" else torch.float32
+    g = torch.Generator(device=device).manual_seed(seed)
+    prior = -shape.zipf_exponent * torch.log(torch.arange(vocab, dtype=work, device=device) + 1.0)
     prior -= prior.mean()
     ws, wt = _head(vocab, ds, prior, g), _head(vocab, dt, prior, g)
     ids = _zipf_ids(n * shape.candidates, vocab, shape.zipf_exponent, g).view(n, shape.candidates)
     lo, hi = shape.top_amplitude
-    top = lo + (hi - lo) * torch.rand(n, 1, generator=g, dtype=torch.float64)
-    boosts_s = top * shape.decay ** torch.arange(shape.candidates, dtype=torch.float64)
-    boosts_t = boosts_s + shape.teacher_jitter * torch.randn(boosts_s.shape, generator=g, dtype=torch.float64)
-    swap = torch.rand(n, generator=g) < shape.swap_fraction
+    top = lo + (hi - lo) * torch.rand(n, 1, generator=g, dtype=work, device=device)
+    boosts_s = top * shape.decay ** torch.arange(shape.candidates, dtype=work, device=device)
+    boosts_t = boosts_s + shape.teacher_jitter * torch.randn(boosts_s.shape, generator=g, dtype=work, device=device)
+    swap = torch.rand(n, generator=g, device=device) < shape.swap_fraction
     if shape.candidates > 1:
         boosts_t[swap, 0], boosts_t[swap, 1] = boosts_t[swap, 1].clone(), boosts_t[swap, 0].clone()
     hs = _hidden(ws, ids, boosts_s, shape.noise, g)
     ht = _hidden(wt, ids, boosts_t, shape.noise, g)
-    return {k: v.to(dtype=dtype, device=device)
+    return {k: v.to(dtype=dtype)
             for k, v in (("hs", hs), ("ws", ws), ("ht", ht), ("wt", wt))}
 
 

@@ -90,13 +90,15 @@ class FusedLinearKLTriton(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
         need_b = need_b and student_bias is not None
         grad_h = grad_w = grad_b = None
-        schedule = ctx.schedule
+        schedule = "one_pass" if ctx.schedule == LOGIT_BLOCK else ctx.schedule  # once the stored grads are gone
         if ctx.stored is not None:
-            dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
-            grad_h, grad_w, grad_b, weight_side_done = logit_block.scale_stored(ctx.stored, grad_loss, dtypes)
+            stored, ctx.stored = ctx.stored, None  # handed over: autograd may keep them without a copy
+            grad_h, grad_w, grad_b, weight_side_done = logit_block.scale_stored(
+                stored, grad_loss, None if student_bias is None else student_bias.dtype)
+            del stored
             if weight_side_done:
                 return grad_h, grad_w, None, None, grad_b, None, None, None, None, None, None, None
-            need_h, schedule = False, "one_pass"  # per-token weights on a sum over tokens: recompute that side
+            need_h = False  # per-token weights on a sum over tokens: recompute the weight side only
         coef_a, coef_b = grad_coefficients(grad_loss, rw, fw, ctx.jsd_beta, ctx.temperature)
         args = (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
                 lse_s, lse_t, coef_a, coef_b, kl_stat)

@@ -10,7 +10,8 @@ The gradients are computed during the forward pass, one block of ``rows`` tokens
 4. GEMMs turn dz into the student's gradients: grad_h[block] = dz @ W_s, grad_W += dz^T @ h_s[block],
    grad_b += column sums.
 
-The backward only scales the stored gradients by the incoming gradient (``scale_stored``). Memory: the buffers
+The backward only scales the stored gradients by the incoming gradient, in place (``scale_stored``), and hands them
+over; a second backward through a retained graph recomputes them with ``one_pass``. Memory: the buffers
 take rows x V x (8 + operand bytes) within ``tiling.backward_buffer_bytes()``; the stored gradients are the
 gradients themselves, held from the forward to the backward. A 16-bit grad_W is rounded once per token block.
 """
@@ -331,22 +332,25 @@ def uniform_value(grad: Tensor) -> float | None:
     return float(first) if bool((grad == first).all()) else None
 
 
-def scale_stored(stored: StoredGrads, grad_loss: Tensor, dtypes: tuple[torch.dtype, torch.dtype, torch.dtype | None],
+def scale_stored(stored: StoredGrads, grad_loss: Tensor, b_dtype: torch.dtype | None,
                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None, bool]:
     """(grad_h, grad_w, grad_b, weight side done): the stored gradients times the incoming per-token gradient,
-    in the inputs' dtypes; new tensors, so a retained graph can run its backward again. grad_h scales row by row
-    for any incoming gradient; the weight side sums over tokens and is scaled only when the incoming gradient is
-    the same for every token (always so behind ``grad_scale``), else left to the caller (``weight side done``
-    False)."""
-    h_dtype, w_dtype, b_dtype = dtypes
+    scaled in place (no second copy of grad_W) and handed over: the caller must drop ``stored`` afterwards.
+    grad_h scales row by row for any incoming gradient; the weight side sums over tokens and is scaled only when the
+    incoming gradient is the same for every token (always so behind ``grad_scale``), else left to the caller
+    (``weight side done`` False)."""
     g = grad_loss.float()
-    grad_h = None if stored.grad_h is None else (stored.grad_h.float() * g[:, None]).to(h_dtype)
+    grad_h = stored.grad_h
+    if grad_h is not None:
+        grad_h.mul_(g[:, None])  # 16-bit times fp32: fp32 arithmetic, one rounding
     if stored.grad_w is None and stored.grad_b is None:
         return grad_h, None, None, True
     common = uniform_value(g)
     if common is None:
         return grad_h, None, None, False
-    # A 16-bit stored grad_W times a Python float: fp32 arithmetic, one rounding, no fp32 copy of [V, Ds].
-    grad_w = None if stored.grad_w is None else (stored.grad_w * common).to(w_dtype)
-    grad_b = None if stored.grad_b is None else (stored.grad_b * common).to(b_dtype)
-    return grad_h, grad_w, grad_b, True
+    grad_w, grad_b = stored.grad_w, stored.grad_b
+    if common != 1.0:
+        for t in (grad_w, grad_b):
+            if t is not None:
+                t.mul_(common)
+    return grad_h, grad_w, None if grad_b is None else grad_b.to(b_dtype), True

@@ -92,7 +92,8 @@ def test_per_token_grad_output_recomputes_only_the_weight_side(problem, ref, rel
 
 
 def test_retain_graph_double_backward_doubles_the_gradients(problem, ref, rel_err):
-    """The stored gradients survive a first backward: a retained graph's second backward adds the same again."""
+    """The first backward hands the stored gradients over; a retained graph's second backward recomputes them
+    (one_pass) and adds the same again."""
     p = problem()
     upstream = torch.full((N,), 0.5, device=p["hs"].device)
     got = run(p, schedule="logit_block", upstream=upstream, retain=True)
@@ -160,3 +161,34 @@ def test_every_stat_and_gradient_element_is_written(problem, monkeypatch):
     for a, b in zip(clean, once()):
         assert torch.isfinite(b).all()
         assert torch.equal(a, b)
+
+
+def test_extra_memory_stays_within_the_buffer_budget(problem, monkeypatch):
+    """Measured (torch allocator events) forward + backward memory beyond the gradients and O(N) vectors stays
+    within the budget with several blocks, and grows with it (so the measurement sees the buffers)."""
+    if torch.cuda.is_available():
+        pytest.skip("measures CPU allocations (the interpreter's tensors)")
+    from gopd_fast.memory import peak_cpu_bytes
+
+    n, vocab = 128, 600
+    p = problem(n=n, vocab=vocab, ds=64, dt=48, bias=False)
+    per_token = 32 * n * 4  # per-token statistics, coefficients and partials, generously
+
+    def extra(rows):
+        budget = rows * logit_block.bytes_per_row(vocab, 4)
+        monkeypatch.setattr(tiling, "BACKWARD_BUFFER_BYTES", budget)
+        assert logit_block.block_rows(n, vocab, 4) == rows
+        hs, ws = p["hs"].clone().requires_grad_(), p["ws"].clone().requires_grad_()
+
+        def step():
+            loss, _ = fused_linear_kl_triton(hs, ws, p["ht"], p["wt"], None, None, p["rw"], p["fw"], jsd_beta=None,
+                                             temperature=1.0, target_ids=None, grad_scale=0.5,
+                                             return_stats=False, schedule="logit_block")
+            loss.backward()
+
+        return peak_cpu_bytes(step) - (hs.numel() + ws.numel()) * 4, budget
+
+    small, small_budget = extra(16)
+    large, large_budget = extra(64)
+    assert small <= small_budget + per_token
+    assert small_budget + per_token < large <= large_budget + per_token
