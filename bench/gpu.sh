@@ -93,8 +93,8 @@ cat "$WORK/env.txt"
 
 TARGET="N16384-Ds4096-Dt4096"
 BASELINES="not two_pass and not atomic and not chunked and not liger_jsd_loss"
-stage test-gpu 100 $PY -m pytest tests/kernels/test_gpu.py -q -rs -p no:cacheprovider
-stage accuracy 45 $PY bench/kernels_accuracy.py --dtypes bfloat16,float32 --n 2048 --vocab 32768 --ds 1024 --dt 2048
+stage test-gpu 90 $PY -m pytest tests/kernels/test_gpu.py -q -rs -p no:cacheprovider
+stage accuracy 40 $PY bench/kernels_accuracy.py --dtypes bfloat16,float32 --n 1024 --vocab 16384 --ds 1024 --dt 2048
 bench target 150 "matmul_rate or ($TARGET and reverse and $BASELINES)"
 stage skip 40 $PY bench/skip_fraction.py --n 1024 --vocab 151936 --ds 1024 --dt 1024 --dtype bfloat16
 stage profile 45 $PY bench/profile_fused_linear_kl.py --schedules one_pass --out "$WORK/profile.md"
