@@ -1,10 +1,12 @@
 """Skip fraction and accuracy of the ``skip`` backward (kernels/skip.py) on realistic inputs.
 
 Builds ``realistic_logits.realistic_inputs`` at a Qwen-sized vocabulary, runs the forward and the skip backward
-for the reverse KL, the forward KL and the JSD (beta = 0.5) with 128 x 128 tiles, and prints one markdown row per
+for the reverse KL, the forward KL and the JSD (beta = 0.5) with 128 x 128 tiles under the interpreter (the
+autotuner's tiles on a GPU; the table gives the tile grid), and prints one markdown row per
 objective: the fraction of tiles whose gradient products were skipped, the probability-only statistic (tiles all
 below 2^-12 under both models), and the gradients' errors against float64 autograd through materialised logits
-(max |error| / max |reference| and the norm ratio), with eps = 2^-12 and, for comparison, eps = 0.
+(max |error| / max |reference| and the norm ratio), with eps = 2^-12 (the default) and, for comparison, eps = 0
+(``--eps-log2`` picks others).
 
 Runs on a GPU, or on CPU under the Triton interpreter (set TRITON_INTERPRET=1; fp32; slow, so keep N small):
     TRITON_INTERPRET=1 python bench/skip_fraction.py --n 256 --vocab 151936 --ds 128 --dt 128
@@ -12,6 +14,7 @@ Runs on a GPU, or on CPU under the Triton interpreter (set TRITON_INTERPRET=1; f
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -50,16 +53,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ds", type=int, default=128)
     parser.add_argument("--dt", type=int, default=128)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--eps-log2", default="-12,none",
+                        help="comma-separated log2 of the skip thresholds; 'none' is eps = 0 (nothing skipped)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from gopd_fast.kernels import tiling
     from gopd_fast.kernels.forward import kl_forward
     from gopd_fast.kernels.objective import grad_coefficients, loss_and_kl_stat
-    from gopd_fast.kernels.skip import SKIP_EPS, skip_backward
+    from gopd_fast.kernels.skip import skip_backward
 
     if tiling.interpreting():  # the GPU tile size, so the skipped tiles are the ones a GPU would skip
         tiling.INTERPRETER_CONFIG = tiling.TileConfig(block_n=128, block_v=128, block_d=64)
     dtype = getattr(torch, args.dtype)
+    epsilons = [0.0 if e.strip() == "none" else 2.0 ** float(e) for e in args.eps_log2.split(",")]
     p = realistic_inputs(args.n, args.vocab, args.ds, args.dt, dtype=dtype, device=device)
     stats = logit_statistics((p["hs"].double() @ p["ws"].double().T).cpu(),
                              (p["ht"].double() @ p["wt"].double().T).cpu())
@@ -78,12 +84,13 @@ def main(argv: list[str] | None = None) -> None:
         _, kl = loss_and_kl_stat(fwd, rw, fw, beta)
         a, b = grad_coefficients(torch.ones_like(rw), rw, fw, beta, 1.0)
         want_h, want_w = reference_grads(p, beta, rw.double(), fw.double())  # float64 on the inputs' device
-        for eps in (SKIP_EPS, 0.0):
+        for eps in epsilons:
             grad_h, grad_w, _, skipped = skip_backward(
                 p["hs"], p["ws"], p["ht"], p["wt"], None, None, fwd["lse_s"], fwd["lse_t"], a, b, kl.contiguous(),
                 temperature=1.0, jsd_beta=beta, need_grad_h=True, need_grad_w=True, need_grad_b=False, eps=eps)
-            label = "2^-12" if eps else "0"
-            print(f"| {name} | {label} | {skipped.float().mean().item():.3f} | {errors(grad_h, want_h)} | "
+            label = f"2^{round(math.log2(eps))}" if eps else "0"
+            tiles = f"{skipped.float().mean().item():.3f} of {skipped.shape[0]} x {skipped.shape[1]}"
+            print(f"| {name} | {label} | {tiles} | {errors(grad_h, want_h)} | "
                   f"{errors(grad_w, want_w)} |", flush=True)
 
 
