@@ -76,7 +76,7 @@ fi
 
 {
     date -u +"%Y-%m-%dT%H:%M:%SZ"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
+    { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader; } 2>&1
     $PY - <<'PYEOF' 2>&1
 import importlib, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda,
