@@ -10,7 +10,6 @@ this module is the small in-process loop for data that is already on disk or in 
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gopd_fast.envs.base import TextEnv
+from gopd_fast.lr_schedule import lr_factor
 from gopd_fast.rollout.episode import Episode, Role
 from gopd_fast.rollout.history import ChatFormat, History
 from gopd_fast.typed_config import SEED_RANGE, Section, spec
@@ -42,10 +42,8 @@ class SFTConfig(Section, section="SFTConfig"):
 
 
 def _lr_at(step: int, cfg: SFTConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    p = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+    return cfg.lr * lr_factor(step, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule="cosine",
+                              min_lr_ratio=cfg.min_lr_ratio)
 
 
 def oracle_episodes(
