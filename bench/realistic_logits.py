@@ -153,14 +153,12 @@ def flat_statistics(n: int, vocab: int, ds: int, dt: int, seed: int = 0) -> dict
 def qwen_statistics(episodes: int = 8, student_steps: int = 40) -> dict[str, float]:
     """The demo's committed tiny teacher and a student SFT-ed as the demo's student-base (``student_steps`` steps),
     teacher-forced on household oracle episodes of the eval split: logits at every position."""
-    from pathlib import Path
-
-    from gopd_fast import demo
+    from gopd_fast.demo import run as demo
+    from gopd_fast.demo.sft import SFTConfig, oracle_episodes, train_sft
     from gopd_fast.models import load_model
-    from gopd_fast.sft import SFTConfig, oracle_episodes, train_sft
 
     cfg = demo.DemoConfig()
-    teacher, tokenizer = load_model(Path(demo.__file__).parent / "assets" / cfg.teacher.asset)
+    teacher, tokenizer = load_model(demo.ASSETS_DIR / cfg.teacher.asset)
     env = demo.make_env(cfg)
     try:
         held_out = oracle_episodes(env, env.tasks("eval")[:episodes], demo.chat_format(tokenizer), noise=0.0)

@@ -40,7 +40,7 @@ class EpisodeSource(Protocol):
 def expert_episode(env: Any, task_id: str, chat_format: Any, eos_token_id: int) -> Episode:
     """One episode in which the environment's oracle writes every turn as ``Action: <action>`` + end-of-turn,
     built with the rollout's append-only history (token-exact, the same layout as a model rollout)."""
-    from gopd_fast.sft import oracle_episodes
+    from gopd_fast.demo.sft import oracle_episodes
 
     return oracle_episodes(env, [task_id], chat_format, eos_token_id=eos_token_id)[0]
 

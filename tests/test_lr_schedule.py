@@ -33,7 +33,7 @@ def test_bad_arguments_name_themselves():
 
 
 def test_the_trainer_and_sft_use_it():
-    from gopd_fast.sft import SFTConfig, _lr_at
+    from gopd_fast.demo.sft import SFTConfig, _lr_at
     from gopd_fast.train_step import lr_lambda
 
     cfg = OptimConfig(lr=2e-3, lr_schedule="linear", warmup_steps=3, min_lr_ratio=0.2)

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from gopd_fast.typed_config import SEED_RANGE, ConfigError, Section, build, load_toml, spec
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]   # gopd_fast/
 REPO_DIR = PACKAGE_DIR.parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 METHODS = ("zero-shot", "sft", "opd", "guided-opd", "constant-0.5")
@@ -285,7 +285,7 @@ def build_teacher(cfg: DemoConfig, out_dir: Path, log=print) -> dict[str, Any]:
 
     from gopd_fast.models import save_model, train_tokenizer
     from gopd_fast.rollout.episode import Role
-    from gopd_fast.sft import SFTConfig, oracle_episodes, train_sft
+    from gopd_fast.demo.sft import SFTConfig, oracle_episodes, train_sft
 
     t = cfg.teacher
     t0 = time.perf_counter()
@@ -313,7 +313,7 @@ def build_teacher(cfg: DemoConfig, out_dir: Path, log=print) -> dict[str, Any]:
 def build_student_base(cfg: DemoConfig, tokenizer: Any, out_dir: Path, log=print) -> dict[str, Any]:
     """A fresh smaller Qwen3 briefly SFT-ed on a few pure expert episodes (weak, but it knows the format)."""
     from gopd_fast.models import save_model
-    from gopd_fast.sft import SFTConfig, oracle_episodes, train_sft
+    from gopd_fast.demo.sft import SFTConfig, oracle_episodes, train_sft
 
     s = cfg.student
     env = make_env(cfg)
@@ -373,7 +373,7 @@ def _tokenizer(path: Path | str):
 def evaluate(cfg: DemoConfig, model_dir: Path | str, *, seed: int, tasks: Sequence[str],
              envs: DemoEnvs | None = None) -> list[dict[str, Any]]:
     """Student-only evaluation at the eval temperature; per-episode records incl. score at every turn limit."""
-    from gopd_fast.diagnostics import replay, score_at_turn_limits
+    from gopd_fast.demo.diagnostics import replay, score_at_turn_limits
 
     with _envs_for(cfg, envs) as run_envs:
         episodes = rollout(cfg, model_dir, tasks, seed=seed, temperature=cfg.eval.temperature, envs=run_envs)
@@ -514,7 +514,7 @@ def resolve_teacher(cfg: DemoConfig, run_dir: Path, log=print) -> tuple[Path, di
 def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
     import torch
 
-    from gopd_fast import plots
+    from gopd_fast.demo import plots
     from gopd_fast.config import load_config
     from gopd_fast.curriculum import BetaSchedule
 
@@ -631,9 +631,9 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
 def run_diagnostics(cfg: DemoConfig, student_dir: Path, teacher_dir: Path, tokenizer: Any,
                     envs: DemoEnvs | None = None) -> dict[str, Any]:
     """Failure-mode diagnostic on the base student: student-only vs teacher-only rollouts on held-out tasks."""
-    from gopd_fast.diagnostics import failure_mode
+    from gopd_fast.demo.diagnostics import failure_mode
     from gopd_fast.models import load_model
-    from gopd_fast.sft import ACTION_FORMAT
+    from gopd_fast.demo.sft import ACTION_FORMAT
 
     with _envs_for(cfg, envs) as run_envs:
         env = run_envs.replay_env

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gopd_fast import demo
+from gopd_fast.demo import run as demo
 
 
 @pytest.fixture(scope="module")

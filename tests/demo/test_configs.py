@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gopd_fast import demo
+from gopd_fast.demo import run as demo
 from gopd_fast.config import load_config
 
 JVM_DEMO_CONFIGS = {

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gopd_fast import plots
+from gopd_fast.demo import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
