@@ -283,9 +283,9 @@ def build_teacher(cfg: DemoConfig, out_dir: Path, log=print) -> dict[str, Any]:
     """Tokenizer on the env's text + teacher SFT on (noisy) oracle episodes; saved with save_pretrained."""
     import torch
 
+    from gopd_fast.demo.sft import SFTConfig, oracle_episodes, train_sft
     from gopd_fast.models import save_model, train_tokenizer
     from gopd_fast.rollout.episode import Role
-    from gopd_fast.demo.sft import SFTConfig, oracle_episodes, train_sft
 
     t = cfg.teacher
     t0 = time.perf_counter()
@@ -312,8 +312,8 @@ def build_teacher(cfg: DemoConfig, out_dir: Path, log=print) -> dict[str, Any]:
 
 def build_student_base(cfg: DemoConfig, tokenizer: Any, out_dir: Path, log=print) -> dict[str, Any]:
     """A fresh smaller Qwen3 briefly SFT-ed on a few pure expert episodes (weak, but it knows the format)."""
-    from gopd_fast.models import save_model
     from gopd_fast.demo.sft import SFTConfig, oracle_episodes, train_sft
+    from gopd_fast.models import save_model
 
     s = cfg.student
     env = make_env(cfg)
@@ -514,9 +514,9 @@ def resolve_teacher(cfg: DemoConfig, run_dir: Path, log=print) -> tuple[Path, di
 def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
     import torch
 
-    from gopd_fast.demo import plots
     from gopd_fast.config import load_config
     from gopd_fast.curriculum import BetaSchedule
+    from gopd_fast.demo import plots
 
     run_dir.mkdir(parents=True, exist_ok=True)
     clock = PhaseClock(cfg.plan_s, cfg.budget_s)
@@ -632,8 +632,8 @@ def run_diagnostics(cfg: DemoConfig, student_dir: Path, teacher_dir: Path, token
                     envs: DemoEnvs | None = None) -> dict[str, Any]:
     """Failure-mode diagnostic on the base student: student-only vs teacher-only rollouts on held-out tasks."""
     from gopd_fast.demo.diagnostics import failure_mode
-    from gopd_fast.models import load_model
     from gopd_fast.demo.sft import ACTION_FORMAT
+    from gopd_fast.models import load_model
 
     with _envs_for(cfg, envs) as run_envs:
         env = run_envs.replay_env

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gopd_fast.demo import run as demo
 from gopd_fast.config import load_config
+from gopd_fast.demo import run as demo
 
 JVM_DEMO_CONFIGS = {
     "demo-textworld-express.toml": "textworld-express",

@@ -8,9 +8,9 @@ import torch
 
 from gopd_fast import envs
 from gopd_fast.demo.diagnostics import failure_mode, replay, score_at_turn_limits, turn_signals
+from gopd_fast.demo.sft import ACTION_FORMAT, oracle_episodes
 from gopd_fast.models import build_model, config_for_tokenizer, train_tokenizer
 from gopd_fast.rollout.history import ChatFormat
-from gopd_fast.demo.sft import ACTION_FORMAT, oracle_episodes
 
 
 @pytest.fixture(scope="module")

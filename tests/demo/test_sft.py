@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from gopd_fast import envs
+from gopd_fast.demo.sft import ACTION_FORMAT, SFTConfig, collate, oracle_episodes, train_sft
 from gopd_fast.models import build_model, config_for_tokenizer, train_tokenizer
 from gopd_fast.rollout.episode import Role
 from gopd_fast.rollout.history import ChatFormat
-from gopd_fast.demo.sft import ACTION_FORMAT, SFTConfig, collate, oracle_episodes, train_sft
 
 
 @pytest.fixture(scope="module")
