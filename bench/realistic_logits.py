@@ -154,12 +154,14 @@ def qwen_statistics(episodes: int = 8, student_steps: int = 40) -> dict[str, flo
     """The demo's committed tiny teacher and a student SFT-ed as the demo's student-base (``student_steps`` steps),
     teacher-forced on household oracle episodes of the eval split: logits at every position."""
     from gopd_fast.demo import run as demo
-    from gopd_fast.demo.sft import SFTConfig, oracle_episodes, train_sft
+    from gopd_fast.demo.sft import SFTConfig, train_sft
     from gopd_fast.models import load_model
+    from gopd_fast.rollout.expert import oracle_episodes
+    from gopd_fast.train_setup import make_env
 
     cfg = demo.DemoConfig()
     teacher, tokenizer = load_model(demo.ASSETS_DIR / cfg.teacher.asset)
-    env = demo.make_env(cfg)
+    env = make_env(demo.env_config(cfg))
     try:
         held_out = oracle_episodes(env, env.tasks("eval")[:episodes], demo.chat_format(tokenizer), noise=0.0)
         base = oracle_episodes(env, env.tasks("train")[-cfg.student.base_episodes:], demo.chat_format(tokenizer))

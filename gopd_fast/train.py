@@ -49,7 +49,7 @@ import torch
 
 from gopd_fast.checkpoint import CheckpointError, CheckpointManager, export_hf, full_state_dict
 from gopd_fast.config import Config, ConfigError, config_to_dict, load_config
-from gopd_fast.curriculum import BetaSchedule, TaskCursor
+from gopd_fast.curriculum import BetaSchedule, TaskCursor, beta_at
 from gopd_fast.distributed import DistInfo, all_gather_objects, all_reduce_sums, init_distributed, shutdown
 from gopd_fast.logging_utils import MetricsLogger
 from gopd_fast.packing import per_turn_reprefill_tokens
@@ -85,14 +85,6 @@ class RunResult:
     @property
     def final_loss(self) -> float:
         return self.history[-1]["loss"] if self.history else float("nan")
-
-
-def beta_at(cfg: Config, schedule: BetaSchedule, step: int) -> float:
-    if cfg.run.algorithm == "opd":
-        return 0.0
-    if cfg.run.algorithm == "sft":
-        return 1.0
-    return schedule(step)
 
 
 def _rollout_seed(cfg: Config, step: int, info: DistInfo) -> int:

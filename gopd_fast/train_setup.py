@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from gopd_fast.config import Config
+from gopd_fast.config import Config, EnvConfig
 from gopd_fast.distributed import DistInfo, apply_activation_checkpointing, barrier, shard_model
 from gopd_fast.rollout.episode import Episode
 
@@ -40,7 +40,7 @@ class EpisodeSource(Protocol):
 def expert_episode(env: Any, task_id: str, chat_format: Any, eos_token_id: int) -> Episode:
     """One episode in which the environment's oracle writes every turn as ``Action: <action>`` + end-of-turn,
     built with the rollout's append-only history (token-exact, the same layout as a model rollout)."""
-    from gopd_fast.demo.sft import oracle_episodes
+    from gopd_fast.rollout.expert import oracle_episodes
 
     return oracle_episodes(env, [task_id], chat_format, eos_token_id=eos_token_id)[0]
 
@@ -157,15 +157,22 @@ class RolloutSource:
         self.teacher.close()
 
 
-def env_options(cfg: Config) -> dict[str, Any]:
-    """Keyword options of ``envs.make(cfg.env.name, ...)``: the same for the in-process env and pool workers."""
-    return {"seed": cfg.env.seed, "max_turns": cfg.env.max_turns, **cfg.env.options}
+def _env_section(cfg: Config | EnvConfig) -> EnvConfig:
+    return cfg.env if isinstance(cfg, Config) else cfg
 
 
-def make_env(cfg: Config) -> Any:
+def env_options(cfg: Config | EnvConfig) -> dict[str, Any]:
+    """Keyword options of ``envs.make(cfg.env.name, ...)``: the same for the in-process env and pool workers.
+    ``cfg``: a whole trainer config or its ``[env]`` section (what the demo builds)."""
+    env = _env_section(cfg)
+    return {"seed": env.seed, "max_turns": env.max_turns, **env.options}
+
+
+def make_env(cfg: Config | EnvConfig) -> Any:
+    """The environment of ``cfg`` (a trainer config or its ``[env]`` section): the one place runs build an env."""
     from gopd_fast import envs
 
-    return envs.make(cfg.env.name, **env_options(cfg))
+    return envs.make(_env_section(cfg).name, **env_options(cfg))
 
 
 def make_source(cfg: Config, env: Any, tokenizer: Any, info: DistInfo) -> EpisodeSource:
@@ -186,18 +193,13 @@ def ensure_tiny_models(cfg: Config, info: DistInfo) -> None:
         return
     if info.is_main:
         from gopd_fast.models import build_model, config_for_tokenizer, save_model, train_tokenizer
+        from gopd_fast.rollout.expert import oracle_text
 
         env = make_env(cfg)
-        corpus: list[str] = []
-        for task in env.tasks(cfg.env.train_split)[:64]:
-            first = env.reset(task)
-            corpus.append(first.observation)
-            done = False
-            while not done and (action := env.expert_action()) is not None:
-                step = env.step(action)
-                corpus += [f"Action: {action}", step.observation]
-                done = step.done
-        env.close()
+        try:
+            corpus = oracle_text(env, env.tasks(cfg.env.train_split)[:64])
+        finally:
+            env.close()
         tokenizer = train_tokenizer(corpus, vocab_size=512)
         for path, size, seed in ((paths[0], "student-tiny", 1), (paths[1], "teacher-tiny", 2)):
             save_model(build_model(config_for_tokenizer(size, tokenizer), seed=seed), tokenizer, path)

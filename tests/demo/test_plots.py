@@ -1,4 +1,4 @@
-"""The demo's figures are written as PNG files from plain data (gopd_fast.plots)."""
+"""The demo's figures are written as PNG files from plain data (gopd_fast.demo.plots)."""
 from __future__ import annotations
 
 import json

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gopd_fast.demo import run as demo
+from gopd_fast.train_setup import make_env
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_run_envs_are_reused_and_capped(monkeypatch):
     teacher = demo.ASSETS_DIR / cfg.teacher.asset
     from gopd_fast import envs as gym
 
-    tasks = demo.make_env(cfg).tasks("eval")[:5]
+    tasks = make_env(demo.env_config(cfg)).tasks("eval")[:5]
     started = []
     make = gym.make
 

@@ -1,13 +1,14 @@
-"""Oracle-episode rendering and the SFT loop (gopd_fast.sft)."""
+"""The demo's SFT loop (gopd_fast.demo.sft) on oracle episodes."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from gopd_fast import envs
-from gopd_fast.demo.sft import ACTION_FORMAT, SFTConfig, collate, oracle_episodes, train_sft
+from gopd_fast.demo.sft import SFTConfig, collate, train_sft
 from gopd_fast.models import build_model, config_for_tokenizer, train_tokenizer
 from gopd_fast.rollout.episode import Role
+from gopd_fast.rollout.expert import ACTION_FORMAT, oracle_episodes
 from gopd_fast.rollout.history import ChatFormat
 
 
@@ -25,41 +26,6 @@ def setup():
             done = s.done
     tok = train_tokenizer(corpus, vocab_size=400)
     return env, tok, ChatFormat(tok)
-
-
-def test_oracle_episodes_are_token_exact_expert_turns(setup):
-    env, tok, chat = setup
-    eps = oracle_episodes(env, env.tasks("train")[:5], chat)
-    for ep in eps:
-        assert ep.success and ep.score == 100.0
-        assert all(r == Role.TEACHER for r in ep.turn_roles)
-        for (a, b), action in zip(ep.turn_spans, ep.actions):
-            assert tok.decode(ep.token_ids[a:b]) == ACTION_FORMAT.format(action=action) + tok.eos_token
-        # only the turns carry loss roles; everything else is context
-        in_turn = {i for a, b in ep.turn_spans for i in range(a, b)}
-        assert all((r != Role.CONTEXT) == (i in in_turn) for i, r in enumerate(ep.roles))
-        # the whole history equals the chat-template rendering of the conversation
-        msgs = []
-        env.reset(ep.task_id)
-        first = env.reset(ep.task_id).observation
-        msgs.append({"role": "user", "content": first})
-        for action in ep.actions:
-            obs = env.step(action).observation
-            msgs += [{"role": "assistant", "content": ACTION_FORMAT.format(action=action)},
-                     {"role": "user", "content": obs}]
-        text = tok.apply_chat_template(msgs[:-1], tokenize=False, enable_thinking=False)
-        assert tok.decode(ep.token_ids) + "\n" == text.replace("<|im_start|>assistant\nAction", "<|im_start|>"
-                                                               "assistant\n<think>\n\n</think>\n\nAction")
-
-
-def test_noise_turns_are_student_role_and_recovered(setup):
-    env, _, chat = setup
-    eps = oracle_episodes(env, env.tasks("train")[:30], chat, noise=0.3, seed=1)
-    noisy = [ep for ep in eps if Role.STUDENT in ep.turn_roles]
-    assert noisy, "noise=0.3 over 30 episodes must inject some non-expert turns"
-    assert sum(ep.success for ep in noisy) >= len(noisy) // 2   # the oracle recovers from most mistakes
-    with pytest.raises(ValueError, match="noise"):
-        oracle_episodes(env, env.tasks("train")[:1], chat, noise=1.0)
 
 
 def test_collate_masks_roles_and_padding(setup):

@@ -1,0 +1,91 @@
+"""The oracle as a writer of turns (gopd_fast.rollout.expert): token-exact expert episodes and the oracle's text."""
+from __future__ import annotations
+
+import pytest
+
+from gopd_fast import envs
+from gopd_fast.models import train_tokenizer
+from gopd_fast.rollout.episode import Role
+from gopd_fast.rollout.expert import ACTION_FORMAT, oracle_episodes, oracle_text
+from gopd_fast.rollout.history import ChatFormat
+
+
+@pytest.fixture(scope="module")
+def setup():
+    env = envs.make("household", seed=3, max_turns=15)
+    corpus = []
+    for t in env.tasks("train")[:20]:
+        corpus.append(env.reset(t).observation)
+        done = False
+        while not done:
+            a = env.expert_action()
+            s = env.step(a)
+            corpus += [ACTION_FORMAT.format(action=a), s.observation]
+            done = s.done
+    tok = train_tokenizer(corpus, vocab_size=400)
+    return env, tok, ChatFormat(tok)
+
+
+def test_oracle_episodes_are_token_exact_expert_turns(setup):
+    env, tok, chat = setup
+    eps = oracle_episodes(env, env.tasks("train")[:5], chat)
+    for ep in eps:
+        assert ep.success and ep.score == 100.0
+        assert all(r == Role.TEACHER for r in ep.turn_roles)
+        for (a, b), action in zip(ep.turn_spans, ep.actions):
+            assert tok.decode(ep.token_ids[a:b]) == ACTION_FORMAT.format(action=action) + tok.eos_token
+        # only the turns carry loss roles; everything else is context
+        in_turn = {i for a, b in ep.turn_spans for i in range(a, b)}
+        assert all((r != Role.CONTEXT) == (i in in_turn) for i, r in enumerate(ep.roles))
+        # the whole history equals the chat-template rendering of the conversation
+        msgs = []
+        env.reset(ep.task_id)
+        first = env.reset(ep.task_id).observation
+        msgs.append({"role": "user", "content": first})
+        for action in ep.actions:
+            obs = env.step(action).observation
+            msgs += [{"role": "assistant", "content": ACTION_FORMAT.format(action=action)},
+                     {"role": "user", "content": obs}]
+        text = tok.apply_chat_template(msgs[:-1], tokenize=False, enable_thinking=False)
+        assert tok.decode(ep.token_ids) + "\n" == text.replace("<|im_start|>assistant\nAction", "<|im_start|>"
+                                                               "assistant\n<think>\n\n</think>\n\nAction")
+
+
+def test_noise_turns_are_student_role_and_recovered(setup):
+    env, _, chat = setup
+    eps = oracle_episodes(env, env.tasks("train")[:30], chat, noise=0.3, seed=1)
+    noisy = [ep for ep in eps if Role.STUDENT in ep.turn_roles]
+    assert noisy, "noise=0.3 over 30 episodes must inject some non-expert turns"
+    assert sum(ep.success for ep in noisy) >= len(noisy) // 2   # the oracle recovers from most mistakes
+    with pytest.raises(ValueError, match="noise"):
+        oracle_episodes(env, env.tasks("train")[:1], chat, noise=1.0)
+
+
+def test_oracle_text_is_the_oracle_runs_observations_and_actions(setup):
+    env, _, _ = setup
+    tasks = env.tasks("train")[:3]
+    text = oracle_text(env, tasks)
+    want: list[str] = []
+    for t in tasks:   # an independent replay of the oracle
+        want.append(env.reset(t).observation)
+        done = False
+        while not done:
+            a = env.expert_action()
+            s = env.step(a)
+            want += [ACTION_FORMAT.format(action=a), s.observation]
+            done = s.done
+    assert text == want
+    noisy = oracle_text(env, tasks, noise=0.5, seed=1)
+    assert noisy != text and noisy == oracle_text(env, tasks, noise=0.5, seed=1)   # seeded, and it deviates
+    with pytest.raises(ValueError, match="noise"):
+        oracle_text(env, tasks, noise=-0.1)
+
+
+def test_the_trainer_expert_source_renders_with_it(setup):
+    """ExpertSource (rollout.engine = "expert") serves exactly the episodes oracle_episodes renders."""
+    from gopd_fast.train_setup import ExpertSource
+
+    env, tok, chat = setup
+    tasks = env.tasks("train")[:2]
+    got = ExpertSource(env, tok).collect(tasks, beta=0.0, temperature=1.0, seed=0)
+    assert [e.token_ids for e in got] == [e.token_ids for e in oracle_episodes(env, tasks, chat)]
