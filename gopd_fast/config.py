@@ -114,6 +114,9 @@ class RolloutConfig:
     eval_temperature: float = 0.4    # student-only evaluation
     max_new_tokens: int = 24         # per turn (a household action is ~10 tokens)
     max_prompt_tokens: int = 2048    # history cap; an episode that would exceed it ends (truncated)
+    # hf: keep each episode's KV cache across turns (a turn prefills only its new tokens; Qwen3 models);
+    # false re-encodes the whole history every turn (the slow reference path, kept for timing side by side)
+    kv_reuse: bool = True
     # vLLM on GPU: the fraction of the GPU each engine (student, teacher) may take; they share the GPU with the
     # trainer's sharded models, so the two engines and training must fit together.
     gpu_memory_utilization: float = 0.25

@@ -100,8 +100,11 @@ class EvalSpec:
     # Episodes generated together (0: all tasks at once). Each in-flight episode holds an env: set a cap for
     # envs that are expensive to start or hold (ScienceWorld / TextWorldExpress start a JVM per env).
     max_in_flight: int = 0
+    kv_reuse: bool = True                # the engine of evaluations, as the trainer's rollout.kv_reuse
 
     def __post_init__(self) -> None:
+        if not isinstance(self.kv_reuse, bool):
+            raise ValueError(f"eval.kv_reuse must be a bool, got {self.kv_reuse!r}")
         if not isinstance(self.max_in_flight, int) or self.max_in_flight < 0:
             raise ValueError(f"eval.max_in_flight must be an int >= 0 (0: every task at once), got "
                              f"{self.max_in_flight!r}")
@@ -367,13 +370,14 @@ def rollout(cfg: DemoConfig, student_dir: Path | str, tasks: Sequence[str], *, s
     ``envs`` when given, else on envs started and closed for this call."""
     import torch
 
-    from gopd_fast.rollout.engines.hf import HFEngine
+    from gopd_fast.rollout.engines.hf_cached import load_hf_engine
     from gopd_fast.rollout.rollout import RolloutOptions, run_rollout
 
-    # run_rollout passes no per-call sampling seed, so HFEngine samples from the global RNG: seed it per evaluation.
+    # run_rollout passes no per-call sampling seed, so the HF engines sample from the global RNG: seed it per
+    # evaluation.
     torch.manual_seed(seed)
-    student = HFEngine.from_pretrained(str(student_dir))
-    teacher = HFEngine.from_pretrained(str(teacher_dir)) if teacher_dir is not None else None
+    student = load_hf_engine(str(student_dir), kv_reuse=cfg.eval.kv_reuse)
+    teacher = load_hf_engine(str(teacher_dir), kv_reuse=cfg.eval.kv_reuse) if teacher_dir is not None else None
     tokenizer = _tokenizer(student_dir)
     with _envs_for(cfg, envs) as run_envs:
         options = RolloutOptions(max_turns=cfg.max_turns, max_new_tokens=cfg.eval.max_new_tokens,

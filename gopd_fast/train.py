@@ -135,7 +135,8 @@ class RolloutSource:
         self._metrics: dict[str, float] = {}
 
     def _engine(self, path: str, info: DistInfo) -> Any:
-        from gopd_fast.rollout.engines import HFEngine, VLLMEngine
+        from gopd_fast.rollout.engines import VLLMEngine
+        from gopd_fast.rollout.engines.hf_cached import load_hf_engine
 
         dtype = "bfloat16" if _dtypes(self.cfg, info.device)[1] is not None else "float32"
         if self.cfg.rollout.engine == "vllm":
@@ -144,7 +145,7 @@ class RolloutSource:
             return VLLMEngine(path, dtype=dtype, seed=self.cfg.run.seed + info.rank,
                               max_model_len=self.cfg.rollout.max_prompt_tokens + self.cfg.rollout.max_new_tokens,
                               **extra)
-        return HFEngine.from_pretrained(path, dtype=dtype, device=str(info.device))
+        return load_hf_engine(path, kv_reuse=self.cfg.rollout.kv_reuse, dtype=dtype, device=str(info.device))
 
     def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]:
         from gopd_fast.rollout.rollout import RolloutOptions, run_rollout

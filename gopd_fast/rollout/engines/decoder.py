@@ -3,13 +3,14 @@
 Why not the module stack: for the tiny models of the demo and the study a decode step is a few hundred kFLOPs,
 and ``generate`` / the ``transformers`` module stack spend ~7 ms per step in Python (hooks, cache classes, mask
 builders). This forward reads the model's own parameters (the q/k/v and gate/up projections fused into one
-matmul each, rebuilt by ``refresh`` after a weight sync) and makes ~20 tensor calls per layer, whatever the
-batch. Numerics follow ``modeling_qwen3`` (float32 RMSNorm, the same RoPE table, SDPA with GQA), so greedy
+matmul each, rebuilt by ``refresh`` after a weight sync) and makes ~25 tensor calls per layer and decode step,
+whatever the batch. Numerics follow ``modeling_qwen3`` (float32 RMSNorm, the same RoPE table, SDPA with GQA), so greedy
 tokens match the module forward up to float rounding.
 
 The cache is one tensor ``[layers, 2 (k, v), rows, kv_heads, T, head_dim]``. Each row holds its own sequence
-left-aligned; a query at absolute position ``p`` attends keys ``0..p`` of its row, so positions past a row's
-end (zeros or padded-prefill writes) are never read before a later step overwrites them.
+left-aligned; a query at absolute position ``p`` attends keys ``0..p`` of its row only (an additive mask), so
+rows of different lengths decode together. ``prefill`` runs each row's new tokens after its cached history
+(projections packed over all rows, attention per row); ``forward`` is one decode step of every row.
 """
 from __future__ import annotations
 
@@ -22,18 +23,12 @@ import torch.nn.functional as F
 @dataclass
 class _Layer:
     in_norm: torch.Tensor
-    qkv: torch.Tensor
-    q_norm: torch.Tensor
-    k_norm: torch.Tensor
+    qkv: torch.Tensor        # q, k, v projections stacked: one matmul
+    qk_norm: torch.Tensor    # [heads + kv_heads, head_dim]: q_norm's weight per query head, k_norm's per kv head
     o: torch.Tensor
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
+    gate_up: torch.Tensor    # gate and up projections stacked: one matmul
     down: torch.Tensor
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class Qwen3Decoder:
@@ -84,14 +79,15 @@ class Qwen3Decoder:
     def refresh(self) -> None:
         """Re-read the model's parameters (after ``load_state_dict``): rebuilds the fused projections."""
         inner = self.model.model
+        nh, nkv = self.num_heads, self.num_kv_heads
         self.layers = []
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
                 in_norm=layer.input_layernorm.weight,
                 qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                q_norm=a.q_norm.weight, k_norm=a.k_norm.weight, o=a.o_proj.weight,
-                post_norm=layer.post_attention_layernorm.weight,
+                qk_norm=torch.cat([a.q_norm.weight.expand(nh, -1), a.k_norm.weight.expand(nkv, -1)]),
+                o=a.o_proj.weight, post_norm=layer.post_attention_layernorm.weight,
                 gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), down=mlp.down_proj.weight,
             ))
         self.embed = inner.embed_tokens.weight
@@ -104,7 +100,10 @@ class Qwen3Decoder:
         emb = torch.cat((freqs, freqs), dim=-1)
         scaling = float(getattr(rotary, "attention_scaling", 1.0))
         self.cos = (emb.cos() * scaling).to(self.dtype)
-        self.sin = (emb.sin() * scaling).to(self.dtype)
+        # rotate_half(x) * sin == roll(x, head_dim / 2) * (sin with its first half negated): 2 ops fewer
+        sign = torch.ones(self.head_dim, dtype=torch.float32, device=self.device)
+        sign[:self.head_dim // 2] = -1
+        self.sin_signed = (emb.sin() * scaling * sign).to(self.dtype)
 
     def new_cache(self, rows: int, length: int) -> torch.Tensor:
         """A zeroed cache for ``rows`` sequences of up to ``length`` positions (zeros: masked slots stay finite)."""
@@ -112,41 +111,77 @@ class Qwen3Decoder:
                            dtype=self.dtype, device=self.device)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # modeling_qwen3's RMSNorm: float32 statistics, weight applied in the input dtype
-        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps=self.eps)
+
+    def _qkv(self, x: torch.Tensor, w: _Layer, cos: torch.Tensor, sin: torch.Tensor):
+        """q [..., heads, hd], k and v [..., kv_heads, hd] of hidden states ``x`` [..., hidden], RoPE applied;
+        ``cos`` / ``sin`` are [..., 1, hd] (the signed sin table)."""
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(self._norm(x, w.in_norm), w.qkv).unflatten(-1, (nh + 2 * nkv, hd))
+        qk, v = qkv.split((nh + nkv, nkv), dim=-2)
+        qk = F.rms_norm(qk, (hd,), eps=self.eps) * w.qk_norm      # q_norm / k_norm in one call
+        qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
+        q, k = qk.split((nh, nkv), dim=-2)
+        return q, k, v
+
+    def _mlp_residual(self, x: torch.Tensor, w: _Layer) -> torch.Tensor:
+        gate, up = F.linear(self._norm(x, w.post_norm), w.gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, w.down)
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, last: torch.Tensor,
-                span: int) -> torch.Tensor:
-        """Run ``ids`` ([rows, n], row r's tokens at absolute ``positions[r]``) through the model, writing their
-        keys/values into ``cache`` at those positions; returns the float32 logits at column ``last[r]`` of each
-        row ([rows, vocab]). Columns after a row's last real token are padding: computed, never read.
-        ``span`` (> every position) bounds the cache positions attended to: decoding reads only the filled part."""
-        b, n = ids.shape
-        hd, nh, nkv = self.head_dim, self.num_heads, self.num_kv_heads
-        x = F.embedding(ids, self.embed)
-        cos = self.cos[positions].unsqueeze(1)          # [b, 1, n, hd]
-        sin = self.sin[positions].unsqueeze(1)
-        keys = torch.arange(span, device=ids.device)
-        # additive mask [b, 1, n, span]: causal within the row's own history (-inf past the query's position);
-        # on CPU, SDPA with an additive mask was ~1.7x faster than with a boolean one and than matmul attention
-        mask = torch.zeros(b, 1, n, span, dtype=self.dtype, device=ids.device).masked_fill_(
-            keys > positions[:, None, :, None], float("-inf"))
-        index = positions[:, None, :, None].expand(b, nkv, n, hd)
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, span: int) -> torch.Tensor:
+        """One decode step: token ``ids[r]`` ([rows]) of row r at absolute position ``positions[r]``; writes its
+        keys/values into ``cache`` and returns the float32 next-token logits [rows, vocab]. ``span`` (> every
+        position) bounds the cache positions attended to: only the filled part is read."""
+        b = ids.shape[0]
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        x = F.embedding(ids, self.embed)                                   # [b, hidden]
+        cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]
+        # additive mask [b, 1, 1, span]: each row sees its own history only (-inf past its position)
+        mask = torch.zeros(b, 1, 1, span, dtype=self.dtype, device=ids.device).masked_fill_(
+            torch.arange(span, device=ids.device) > positions[:, None, None, None], float("-inf"))
+        index = positions[:, None, None, None].expand(b, nkv, 1, hd)
         for i, w in enumerate(self.layers):
-            h = self._norm(x, w.in_norm)
-            q, k, v = F.linear(h, w.qkv).view(b, n, nh + 2 * nkv, hd).split((nh, nkv, nkv), dim=2)
-            q = self._norm(q, w.q_norm).transpose(1, 2)
-            k = self._norm(k, w.k_norm).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = self._qkv(x, w, cos, sin)
             kc, vc = cache[i, 0], cache[i, 1]
-            kc.scatter_(2, index, k)
-            vc.scatter_(2, index, v.transpose(1, 2))
-            a = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask,
+            kc.scatter_(2, index, k[:, :, None])
+            vc.scatter_(2, index, v[:, :, None])
+            # on CPU, SDPA with an additive mask beat a boolean mask (~1.7x) and plain matmul attention
+            a = F.scaled_dot_product_attention(q[:, :, None], kc[:, :, :span], vc[:, :, :span], attn_mask=mask,
                                                scale=hd ** -0.5, enable_gqa=nkv != nh)
-            x = x + F.linear(a.transpose(1, 2).reshape(b, n, nh * hd), w.o)
-            gate, up = F.linear(self._norm(x, w.post_norm), w.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.down)
-        x = x[torch.arange(b, device=ids.device), last]
+            x = self._mlp_residual(x + F.linear(a.view(b, nh * hd), w.o), w)
         return F.linear(self._norm(x, self.norm), self.head).float()
+
+    @torch.no_grad()
+    def prefill(self, rows: list[list[int]], starts: list[int], cache: torch.Tensor) -> torch.Tensor:
+        """Run row r's new tokens ``rows[r]`` (at positions ``starts[r]``...) after its cached history, writing
+        their keys/values into ``cache``; returns the float32 logits after each row's last token [rows, vocab].
+        The projections run on all rows' tokens packed (no padding); attention runs per row over its own
+        history, so rows with few new tokens (a continuing episode) cost no more than their tokens."""
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        lens = [len(r) for r in rows]
+        device = self.device
+        ids = torch.tensor([t for r in rows for t in r], dtype=torch.long, device=device)
+        positions = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, lens)])
+        x = F.embedding(ids, self.embed)                                   # [tokens, hidden]
+        cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]
+        offsets = [0]
+        for n in lens:
+            offsets.append(offsets[-1] + n)
+        masks = [torch.zeros(n, s + n, dtype=self.dtype, device=device).masked_fill_(
+            torch.arange(s + n, device=device) > torch.arange(s, s + n, device=device)[:, None], float("-inf"))
+            for s, n in zip(starts, lens)]
+        for i, w in enumerate(self.layers):
+            q, k, v = self._qkv(x, w, cos, sin)
+            outs = []
+            for r, (s, n) in enumerate(zip(starts, lens)):
+                lo, hi = offsets[r], offsets[r + 1]
+                kc, vc = cache[i, 0, r], cache[i, 1, r]                    # [kv_heads, T, hd]
+                kc[:, s:s + n] = k[lo:hi].transpose(0, 1)
+                vc[:, s:s + n] = v[lo:hi].transpose(0, 1)
+                a = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1), kc[:, :s + n], vc[:, :s + n],
+                                                   attn_mask=masks[r], scale=hd ** -0.5, enable_gqa=nkv != nh)
+                outs.append(a.transpose(0, 1).reshape(n, nh * hd))
+            x = self._mlp_residual(x + F.linear(torch.cat(outs), w.o), w)
+        last = torch.tensor([o - 1 for o in offsets[1:]], device=device)
+        return F.linear(self._norm(x[last], self.norm), self.head).float()

@@ -55,20 +55,13 @@ class CachedHFEngine(HFEngine):
                              f"model's {dec.max_positions} positions")
         found = [self.store.lookup(p) for p in prompts]
         hits, starts = [h for h, _ in found], [m for _, m in found]
-        b, n = len(prompts), max(len(p) - s for p, s in zip(prompts, starts))
+        b = len(prompts)
         cache = dec.new_cache(b, length)
-        ids = torch.full((b, n), self.pad_token_id, dtype=torch.long)
-        for r, (p, s, h) in enumerate(zip(prompts, starts, hits)):
+        for r, (s, h) in enumerate(zip(starts, hits)):
             if h is not None:
                 cache[:, :, r, :, :s] = h.kv[:, :, :, :s]
-            ids[r, :len(p) - s] = torch.tensor(p[s:])
-        # Padding columns sit past each row's prompt (overwritten by decoding before any query reads them); the
-        # clamp keeps them inside the cache at a position no query of this call reaches.
-        positions = (torch.tensor(starts)[:, None] + torch.arange(n)).clamp_(max=length - 1)
-        last = torch.tensor([len(p) - s - 1 for p, s in zip(prompts, starts)])
+        logits = dec.prefill([p[s:] for p, s in zip(prompts, starts)], starts, cache)
         device = dec.device
-        logits = dec.forward(ids.to(device), positions.to(device), cache, last.to(device),
-                             span=int(positions.max()) + 1)
 
         stop_ids = set(self._stop_ids(sampling))
         stop = torch.tensor(sorted(stop_ids), device=device)
@@ -78,7 +71,6 @@ class CachedHFEngine(HFEngine):
         out_tokens: list[list[int]] = [[] for _ in range(b)]
         out_logprobs: list[list[float]] = [[] for _ in range(b)]
         saved: dict[int, torch.Tensor] = {}     # KV rows of finished sequences taken out by compaction
-        zeros = torch.zeros(b, dtype=torch.long, device=device)
         for step in range(sampling.max_tokens):
             tok = next_tokens(logits, sampling)
             lp = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
@@ -94,8 +86,7 @@ class CachedHFEngine(HFEngine):
                 for i in done.nonzero().squeeze(-1).tolist():
                     saved[int(rows[i])] = cache[:, :, i].clone()
                 cache, rows, cur, tok, done = cache[:, :, keep], rows[keep.cpu()], cur[keep], tok[keep], done[keep]
-                zeros = zeros[:len(rows)]
-            logits = dec.forward(tok[:, None], cur[:, None], cache, zeros, span=longest + step + 1)
+            logits = dec.forward(tok, cur, cache, span=longest + step + 1)
             cur += 1
 
         gens, added = [], []
