@@ -82,7 +82,7 @@ class ModelConfig:
     # Build tiny local Qwen3 checkpoints (and their tokenizer) at the two paths when they do not exist yet.
     build_tiny_if_missing: bool = True
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"          # auto: bf16 on GPU, fp32 on CPU
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "packed_sdpa", "flash_attention_2", "eager"] = "auto"
     activation_checkpointing: bool = False
     shard_teacher: bool = True       # FSDP2-shard the frozen teacher too (world_size > 1)
 

@@ -212,17 +212,20 @@ def _dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torch.dtype
 
 
 def _attn_implementation(cfg: Config, device: torch.device) -> str:
+    from gopd_fast import packed_attention
+
     impl = cfg.model.attn_implementation
-    if impl != "auto":
-        return impl
-    if device.type == "cuda":
+    if impl == "auto" and device.type == "cuda":
         try:
             import flash_attn  # noqa: F401
 
             return "flash_attention_2"
         except ImportError:
-            pass
-    return "sdpa"
+            return "sdpa"
+    if impl in ("auto", packed_attention.NAME):
+        # CPU: per-episode causal attention instead of a dense block-diagonal mask (gopd_fast.packed_attention)
+        return packed_attention.register()
+    return impl
 
 
 def load_models(cfg: Config, info: DistInfo) -> tuple[nn.Module, nn.Module, Any]:
