@@ -97,11 +97,17 @@ def test_rollout_vllm(benchmark, setup, prefix_cache):
         assert m["prefix_cache_hit_rate"] == 0.0
 
 
-def test_rollout_hf(benchmark, setup):
+@pytest.mark.parametrize("kv_reuse", [False, True], ids=["reencode", "kv_reuse"])
+def test_rollout_hf(benchmark, setup, kv_reuse):
+    from gopd_fast.rollout.engines.hf_cached import CachedHFEngine
+
     torch.set_num_threads(1)
     model, tokenizer = models.load_model(setup["path"])
-    engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
-    _run(benchmark, engine, setup)
+    engine = (CachedHFEngine if kv_reuse else HFEngine)(model, pad_token_id=tokenizer.pad_token_id,
+                                                        eos_token_ids=[tokenizer.eos_token_id])
+    m = _run(benchmark, engine, setup)
+    if kv_reuse:
+        assert m["prefix_cache_hit_rate"] > 0.8
 
 
 # -- the demo's workload: KV reuse across turns vs re-encoding (bench/conftest.py: demo_workload) ---------------
