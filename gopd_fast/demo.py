@@ -104,7 +104,7 @@ class EvalSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.kv_reuse, bool):
-            raise ValueError(f"eval.kv_reuse must be a bool, got {self.kv_reuse!r}")
+            raise TypeError(f"eval.kv_reuse must be a bool, got {self.kv_reuse!r}")
         if not isinstance(self.max_in_flight, int) or self.max_in_flight < 0:
             raise ValueError(f"eval.max_in_flight must be an int >= 0 (0: every task at once), got "
                              f"{self.max_in_flight!r}")

@@ -87,7 +87,7 @@ def test_extending_prompt_prefills_only_the_new_tokens(teacher_pair):
 
 
 def test_weight_sync_invalidates_every_cache(teacher_pair):
-    cached, plain, tok = teacher_pair
+    cached, plain, _ = teacher_pair
     greedy = SamplingConfig(max_tokens=6, temperature=0.0)
     prompts = [[7 + i for i in range(30)], [9 + i for i in range(25)]]
     gens = cached.generate(prompts, greedy)
