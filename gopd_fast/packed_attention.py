@@ -41,13 +41,17 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                          "forwards only); use attn_implementation = 'sdpa' elsewhere")
     gqa = key.shape[1] != query.shape[1]
     rows = []
-    for r, segs in enumerate(segments(position_ids.expand(query.shape[0], -1))):
-        parts = [F.scaled_dot_product_attention(query[r:r + 1, :, s:e], key[r:r + 1, :, s:e], value[r:r + 1, :, s:e],
-                                                is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=gqa)
-                 for s, e in segs]
+    # unbind / split, not slicing: their backward concatenates the pieces' gradients, where each slice's backward
+    # would write into a zeroed full-size gradient of its own
+    for q, k, v, segs in zip(query.unbind(0), key.unbind(0), value.unbind(0),
+                             segments(position_ids.expand(query.shape[0], -1))):
+        sizes = [e - s for s, e in segs]
+        # 4-D operands: the CPU flash kernel (which skips the causal upper triangle) only takes [b, h, L, d]
+        parts = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, scale=scaling,
+                                                dropout_p=dropout, enable_gqa=gqa)
+                 for qs, ks, vs in zip(q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1))]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
-    return out.transpose(1, 2).contiguous(), None
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
