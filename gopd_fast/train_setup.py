@@ -94,7 +94,8 @@ class RolloutSource:
         self._env_counts: dict[str, float] = {}
 
     def _engine(self, path: str, info: DistInfo) -> Any:
-        from gopd_fast.rollout.engines import HFEngine, VLLMEngine
+        from gopd_fast.rollout.engines import VLLMEngine
+        from gopd_fast.rollout.engines.hf_cached import load_hf_engine
 
         dtype = "bfloat16" if _dtypes(self.cfg, info.device)[1] is not None else "float32"
         if self.cfg.rollout.engine == "vllm":
@@ -103,7 +104,7 @@ class RolloutSource:
             return VLLMEngine(path, dtype=dtype, seed=self.cfg.run.seed + info.rank,
                               max_model_len=self.cfg.rollout.max_prompt_tokens + self.cfg.rollout.max_new_tokens,
                               **extra)
-        return HFEngine.from_pretrained(path, dtype=dtype, device=str(info.device))
+        return load_hf_engine(path, kv_reuse=self.cfg.rollout.kv_reuse, dtype=dtype, device=str(info.device))
 
     def _teacher_engine(self, info: DistInfo) -> Any:
         """The teacher's generation engine: the shared server when ``rollout.teacher_server`` is set (every rank
@@ -222,17 +223,20 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 
 def _attn_implementation(cfg: Config, device: torch.device) -> str:
+    from gopd_fast import packed_attention
+
     impl = cfg.model.attn_implementation
-    if impl != "auto":
-        return impl
-    if device.type == "cuda":
+    if impl == "auto" and device.type == "cuda":
         try:
             import flash_attn  # noqa: F401
 
             return "flash_attention_2"
         except ImportError:
-            pass
-    return "sdpa"
+            return "sdpa"
+    if impl in ("auto", packed_attention.NAME):
+        # CPU: per-episode causal attention instead of a dense block-diagonal mask (gopd_fast.packed_attention)
+        return packed_attention.register()
+    return impl
 
 
 def load_models(cfg: Config, info: DistInfo) -> tuple[nn.Module, nn.Module, Any]:

@@ -71,6 +71,7 @@ class EvalSpec(Section, section="eval"):
     # Episodes generated together (0: all tasks at once). Each in-flight episode holds an env: set a cap for
     # envs that are expensive to start or hold (ScienceWorld / TextWorldExpress start a JVM per env).
     max_in_flight: int = spec(0, ge=0, le=10 ** 6)
+    kv_reuse: bool = True                # the engine of evaluations, as the trainer's rollout.kv_reuse
 
 
 @dataclass(frozen=True)

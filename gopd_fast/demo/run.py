@@ -243,13 +243,14 @@ def rollout(cfg: DemoConfig, student_dir: Path | str, tasks: Sequence[str], *, s
     ``envs`` when given, else on envs started and closed for this call."""
     import torch
 
-    from gopd_fast.rollout.engines.hf import HFEngine
+    from gopd_fast.rollout.engines.hf_cached import load_hf_engine
     from gopd_fast.rollout.rollout import RolloutOptions, run_rollout
 
-    # run_rollout passes no per-call sampling seed, so HFEngine samples from the global RNG: seed it per evaluation.
+    # run_rollout passes no per-call sampling seed, so the HF engines sample from the global RNG: seed it per
+    # evaluation.
     torch.manual_seed(seed)
-    student = HFEngine.from_pretrained(str(student_dir))
-    teacher = HFEngine.from_pretrained(str(teacher_dir)) if teacher_dir is not None else None
+    student = load_hf_engine(str(student_dir), kv_reuse=cfg.eval.kv_reuse)
+    teacher = load_hf_engine(str(teacher_dir), kv_reuse=cfg.eval.kv_reuse) if teacher_dir is not None else None
     tokenizer = _tokenizer(student_dir)
     with _envs_for(cfg, envs) as run_envs:
         options = RolloutOptions(max_turns=cfg.max_turns, max_new_tokens=cfg.eval.max_new_tokens,
