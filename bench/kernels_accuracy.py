@@ -5,7 +5,7 @@
     python bench/kernels_accuracy.py --buffer-bytes 4096  # small backward buffers: many token/vocabulary blocks
 
 Prints a markdown table of max |error| / max |reference| per quantity, for both objectives and every backward
-schedule. TRITON_INTERPRET is set automatically when there is no CUDA device.
+schedule (``logit_block`` and ``skip`` included). TRITON_INTERPRET is set automatically when there is no CUDA device.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():  # before the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from gopd_fast.kernels import tiling
+from gopd_fast.kernels import logit_block, tiling
 from gopd_fast.kernels.backward import SCHEDULES, one_pass_blocks
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 
@@ -83,8 +83,11 @@ def main() -> None:
     columns = None
     for dtype_name in args.dtypes.split(","):
         for objective, beta in (("kl", None), ("jsd0.3", 0.3)):
-            for schedule in SCHEDULES:
+            for schedule in (*SCHEDULES, "logit_block", "skip"):
                 dtype = getattr(torch, dtype_name)
+                if schedule == "logit_block" and not logit_block.block_rows(args.n, args.vocab, dtype.itemsize):
+                    print(f"| {dtype_name} | {objective} | logit_block | buffer too small for one block |")
+                    continue
                 errors = measure(dtype, args.n, args.vocab, args.ds, args.dt, beta, schedule, device)
                 if columns is None:
                     columns = list(errors)

@@ -14,9 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-IMPL_ORDER = ["triton", "triton_two_pass", "triton_atomic", "chunked", "torch", "torch_compile", "liger_jsd",
+IMPL_ORDER = ["triton", "triton_two_pass", "triton_atomic", "triton_logit_block", "triton_skip", "chunked", "torch", "torch_compile", "liger_jsd",
               "liger_jsd_loss", "cce"]
-CASE_KEYS = ("N", "Ds", "Dt", "V", "objective")
+CASE_KEYS = ("N", "Ds", "Dt", "V", "objective", "inputs")  # rows before "inputs" existed: flat inputs
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
@@ -33,6 +33,7 @@ def load_rows(paths: list[Path]) -> list[dict]:
                                   min_ms=stats["min"] * 1e3, rounds=stats["rounds"]))
         for item in items:
             if "impl" in item:
+                item.setdefault("inputs", "flat")
                 rows[tuple(item.get(k) for k in ("impl", *CASE_KEYS))] = item
     return list(rows.values())
 
@@ -54,14 +55,14 @@ def render(rows: list[dict]) -> str:
     device = next((r.get("device") for r in rows if r.get("device")), "unknown device")
     lines = [f"Device: {device}. bf16 dense matmul rate (8192^3 torch.mm): "
              f"{_fmt(rate, '.0f')} TFLOP/s." if rate else f"Device: {device}. Matmul rate not measured.", ""]
-    lines += [("| N | Ds | Dt | objective | impl | median ms | useful TFLOP/s | x floor | peak extra MiB "
+    lines += [("| N | Ds | Dt | objective | inputs | impl | median ms | useful TFLOP/s | x floor | peak extra MiB "
                "| % of N·V·4 | x triton |"),
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     triton_ms = {tuple(r[k] for k in CASE_KEYS): r["median_ms"] for r in cases if r["impl"] == "triton"}
 
     def order(r):
         impl_rank = IMPL_ORDER.index(r["impl"]) if r["impl"] in IMPL_ORDER else len(IMPL_ORDER)
-        return (r["N"], r["Ds"], r["Dt"], r["objective"], impl_rank)
+        return (r["N"], r["Ds"], r["Dt"], r["objective"], r["inputs"], impl_rank)
 
     for r in sorted(cases, key=order):
         seconds = r["median_ms"] / 1e3
@@ -71,7 +72,7 @@ def render(rows: list[dict]) -> str:
         extra_pct = 100.0 * extra / r["logits_fp32_mib"] if extra is not None else None
         ref = triton_ms.get(tuple(r[k] for k in CASE_KEYS))
         lines.append(
-            f"| {r['N']} | {r['Ds']} | {r['Dt']} | {r['objective']} | {r['impl']} | {r['median_ms']:.2f} "
+            f"| {r['N']} | {r['Ds']} | {r['Dt']} | {r['objective']} | {r['inputs']} | {r['impl']} | {r['median_ms']:.2f} "
             f"| {tflops:.1f} | {_fmt(floor_x, '.2f')} | {_fmt(extra, '.0f')} | {_fmt(extra_pct, '.2f')} "
             f"| {_fmt(r['median_ms'] / ref if ref else None, '.2f')} |"
         )

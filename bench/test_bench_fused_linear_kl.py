@@ -4,6 +4,8 @@ Implementations (all bf16 inputs, student hidden and weight get gradients, mean 
     triton                gopd_fast.fused_linear_kl(backend="triton"), default (one_pass) backward
     triton_two_pass,      the same with GOPD_BACKWARD=two_pass / atomic (kernels/backward.py's other schedules)
       triton_atomic
+    triton_logit_block    GOPD_BACKWARD=logit_block (every logit once, 1.0x FLOPs) with a buffer of 10% of N V 4
+    triton_skip           GOPD_BACKWARD=skip (kernels/skip.py: negligible tiles' gradient products skipped)
     chunked               gopd_fast.fused_linear_kl(backend="chunked")
     torch, torch_compile  the KL a user writes in plain torch (bf16 matmul -> fp32 logits -> log_softmax), eager
                           and torch.compile(dynamic=True)
@@ -11,6 +13,8 @@ Implementations (all bf16 inputs, student hidden and weight get gradients, mean 
     liger_jsd_loss        liger_kernel.chunked_loss.LigerFusedLinearJSDLoss (soft loss only, compiled)
     cce                   cut_cross_entropy.linear_cross_entropy: cross-entropy only, the single-model analogue
 Objectives: "reverse" = KL(p_s || p_t) (Liger beta=1), "forward" = KL(p_t || p_s) (Liger beta=0).
+Inputs (GOPD_BENCH_INPUTS): "realistic" (default; bench/realistic_logits.py: peaked, Zipf-tailed logits like a
+trained LM's) or "flat" (normal hidden states and heads: logit std 2, median top-1 probability 0.0065).
 
 Each case records in benchmark.extra_info: peak_extra_mib (torch.cuda.max_memory_allocated minus the inputs and the
 gradients), useful_tflop (6 N V Ds + 2 N V Dt) and the device. bench/report.py turns the JSON into a table.
@@ -35,11 +39,18 @@ if not HAS_CUDA:
 
 import gopd_fast
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from realistic_logits import realistic_inputs
+
 VOCAB = 151936
 GPU_SHAPES = [(n, ds, dt) for n in (1024, 4096, 16384) for ds in (1024, 4096) for dt in (2048, 4096)]
 CPU_SHAPE = (32, 48, 40, 500)  # N, Ds, Dt, V: tiny, for CI only
-TRITON_SCHEDULES = {"triton": "one_pass", "triton_two_pass": "two_pass", "triton_atomic": "atomic"}
-IMPLS = [*TRITON_SCHEDULES, "chunked", "torch", "torch_compile", "liger_jsd", "liger_jsd_loss", "cce"]
+TRITON_SCHEDULES = {"triton": "one_pass", "triton_two_pass": "two_pass", "triton_atomic": "atomic",
+                    "triton_logit_block": "logit_block", "triton_skip": "skip"}
+LOGIT_BLOCK_SHARE = 0.10  # triton_logit_block's buffer: this share of the fp32 [N, V] logits
+INPUTS = os.environ.get("GOPD_BENCH_INPUTS", "realistic")
+# Eager torch last: at the target shape it may not fit, and a stage cut short by gpu.sh's budget loses it first.
+IMPLS = [*TRITON_SCHEDULES, "torch_compile", "liger_jsd", "cce", "chunked", "liger_jsd_loss", "torch"]
 CPU_IMPLS = {*TRITON_SCHEDULES, "chunked", "torch"}
 TEMPERATURE = 1.0
 ROUNDS = int(os.environ.get("GOPD_BENCH_ROUNDS", "5"))
@@ -65,7 +76,7 @@ def torch_kl(hs, ws, ht, wt, objective: str, temperature: float = TEMPERATURE):
 _compiled_torch_kl = None
 
 
-def make_loss_fn(impl: str, objective: str, n: int, device: torch.device, monkeypatch):
+def make_loss_fn(impl: str, objective: str, n: int, vocab: int, device: torch.device, monkeypatch):
     """A function (hs, ws, ht, wt, targets) -> scalar loss for one implementation, or pytest.skip."""
     global _compiled_torch_kl
     ones, zeros = torch.ones(n, device=device), torch.zeros(n, device=device)
@@ -76,6 +87,9 @@ def make_loss_fn(impl: str, objective: str, n: int, device: torch.device, monkey
     if impl in TRITON_SCHEDULES or impl == "chunked":
         backend = "chunked" if impl == "chunked" else "triton"
         monkeypatch.setenv("GOPD_BACKWARD", TRITON_SCHEDULES.get(impl, "one_pass"))
+        if impl == "triton_logit_block":
+            share = LOGIT_BLOCK_SHARE if device.type == "cuda" else 3.0  # CPU: one fp32 block of all 32 tokens
+            monkeypatch.setenv("GOPD_BACKWARD_BUFFER_MIB", str(share * n * vocab * 4 / 2**20))
 
         def fn(hs, ws, ht, wt, targets):
             return gopd_fast.fused_linear_kl(hs, ws, ht, wt, reverse_weight=rw, forward_weight=fw,
@@ -106,7 +120,13 @@ def make_loss_fn(impl: str, objective: str, n: int, device: torch.device, monkey
 
 
 def make_inputs(n, ds, dt, vocab, device, dtype):
+    if INPUTS not in ("realistic", "flat"):
+        raise ValueError(f"GOPD_BENCH_INPUTS must be 'realistic' or 'flat', got {INPUTS!r}")
     g = torch.Generator(device="cpu").manual_seed(0)
+    targets = torch.randint(0, vocab, (n,), generator=g).to(device)
+    if INPUTS == "realistic":
+        p = realistic_inputs(n, vocab, ds, dt, dtype=dtype, device=device)
+        return p["hs"].requires_grad_(), p["ws"].requires_grad_(), p["ht"], p["wt"], targets
 
     def rand(*shape, scale):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
@@ -114,14 +134,13 @@ def make_inputs(n, ds, dt, vocab, device, dtype):
     hs = rand(n, ds, scale=1.0).requires_grad_()
     ws = rand(vocab, ds, scale=2.0 * ds**-0.5).requires_grad_()
     ht, wt = rand(n, dt, scale=1.0), rand(vocab, dt, scale=2.0 * dt**-0.5)
-    targets = torch.randint(0, vocab, (n,), generator=g).to(device)
     return hs, ws, ht, wt, targets
 
 
 def run_case(benchmark, monkeypatch, impl, objective, n, ds, dt, vocab):
     device = torch.device("cuda" if HAS_CUDA else "cpu")
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
-    loss_fn = make_loss_fn(impl, objective, n, device, monkeypatch)
+    loss_fn = make_loss_fn(impl, objective, n, vocab, device, monkeypatch)
     hs, ws, ht, wt, targets = make_inputs(n, ds, dt, vocab, device, dtype)
 
     def step():
@@ -157,7 +176,7 @@ def run_case(benchmark, monkeypatch, impl, objective, n, ds, dt, vocab):
         torch.cuda.empty_cache()
         pytest.skip(f"out of memory: {oom}")
     info = {
-        "impl": impl, "objective": objective, "N": n, "Ds": ds, "Dt": dt, "V": vocab,
+        "impl": impl, "objective": objective, "inputs": INPUTS, "N": n, "Ds": ds, "Dt": dt, "V": vocab,
         "dtype": str(dtype).removeprefix("torch."), "peak_extra_mib": peak_extra,
         "logits_fp32_mib": n * vocab * 4 / 2**20, "useful_tflop": useful_flops(n, vocab, ds, dt) / 1e12,
         "device": torch.cuda.get_device_name() if HAS_CUDA else "cpu (Triton interpreter)",

@@ -1,4 +1,5 @@
-"""Multi-turn rollout throughput and prefix-cache reuse: vLLM(-CPU) with the prefix cache on vs off, and the HF engine.
+"""Multi-turn rollout throughput and prefix-cache reuse: vLLM(-CPU) with the prefix cache on vs off, and the HF engine;
+and the demo's workload with the transformers engine keeping KV caches across turns vs re-encoding every turn.
 
     OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv/bin/python -m pytest bench/test_bench_rollout.py \
         --benchmark-enable -s
@@ -96,8 +97,59 @@ def test_rollout_vllm(benchmark, setup, prefix_cache):
         assert m["prefix_cache_hit_rate"] == 0.0
 
 
-def test_rollout_hf(benchmark, setup):
+@pytest.mark.parametrize("kv_reuse", [False, True], ids=["reencode", "kv_reuse"])
+def test_rollout_hf(benchmark, setup, kv_reuse):
+    from gopd_fast.rollout.engines.hf_cached import CachedHFEngine
+
     torch.set_num_threads(1)
     model, tokenizer = models.load_model(setup["path"])
-    engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
-    _run(benchmark, engine, setup)
+    engine = (CachedHFEngine if kv_reuse else HFEngine)(model, pad_token_id=tokenizer.pad_token_id,
+                                                        eos_token_ids=[tokenizer.eos_token_id])
+    m = _run(benchmark, engine, setup)
+    if kv_reuse:
+        assert m["prefix_cache_hit_rate"] > 0.8
+
+
+# -- the demo's workload: KV reuse across turns vs re-encoding (bench/conftest.py: demo_workload) ---------------
+#
+#     OMP_NUM_THREADS=1 .venv/bin/python -m pytest bench/test_bench_rollout.py -k demo --benchmark-enable -s
+#
+# Guided rollouts at beta = 0.5 (both engines write turns) at temperature 1, 24 new tokens per turn, 2048-token
+# history cap, 8 or 32 episodes in flight. The re-encoding case of each size runs first; the KV case then asserts
+# the >= 10x wall-time ratio of the same run (rollout wall time, env steps included).
+DEMO_WALL: dict[int, float] = {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("in_flight,kv_reuse", [(8, False), (8, True), (32, False), (32, True)],
+                         ids=["8-reencode", "8-kv", "32-reencode", "32-kv"])
+def test_rollout_demo_workload(benchmark, demo_workload, in_flight, kv_reuse):
+    from gopd_fast.rollout.engines.hf_cached import load_hf_engine
+
+    torch.set_num_threads(1)
+    w = demo_workload
+    student = load_hf_engine(w["student"], kv_reuse=kv_reuse)
+    teacher = load_hf_engine(w["teacher"], kv_reuse=kv_reuse)
+    options = RolloutOptions(max_turns=15, max_new_tokens=24, max_prompt_tokens=2048, temperature=1.0,
+                             max_in_flight=in_flight, seed=0)
+    run = lambda tasks, opts: run_rollout(tasks, student=student, teacher=teacher, chat=w["chat"],
+                                          envs=w["env_factory"], beta=0.5, options=opts)
+    run(w["tasks"][:2], RolloutOptions(max_turns=2, max_new_tokens=24, seed=1))   # warm-up: first-call costs
+    for e in (student, teacher):
+        e.reset_prefix_cache()
+        e.reset_stats()
+    torch.manual_seed(0)
+    result = benchmark.pedantic(lambda: run(w["tasks"][:in_flight], options), rounds=1, iterations=1)
+    m = dict(result.metrics)
+    assert m["episodes"] == in_flight
+    m["in_flight"], m["kv_reuse"] = in_flight, kv_reuse
+    if kv_reuse:
+        assert m["prefix_cache_hit_rate"] > 0.6   # a turn prefills the other model's last turn too
+        if in_flight in DEMO_WALL:
+            m["speedup_vs_reencode"] = DEMO_WALL[in_flight] / m["wall_seconds"]
+    else:
+        DEMO_WALL[in_flight] = m["wall_seconds"]
+    benchmark.extra_info.update(m)
+    print(f"\n{benchmark.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())))
+    if "speedup_vs_reencode" in m:
+        assert m["speedup_vs_reencode"] >= 10, f"KV reuse is only {m['speedup_vs_reencode']:.2f}x faster"

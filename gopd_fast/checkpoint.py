@@ -20,6 +20,12 @@ logs every newer one it skips with its path and what is wrong (a missing marker,
 altered file); checkpoints exist but none verifies: ``CheckpointError``. A save removes every checkpoint newer
 than itself (an abandoned line of training: a fresh start, or one resumed past a damaged checkpoint).
 
+What is saved is one object (``Checkpointable``, the shape of DCP's ``Stateful``): its ``state_dict()`` gives the
+sharded model and optimizer state and a plain trainer state, and ``load_state_dict`` takes them back
+(``save_state`` / ``load_state`` / ``resume_state``; the trainer hands over ``gopd_fast.train_state.TrainState``).
+The RNG states are the process's own: the manager saves and restores them on every rank. ``save`` / ``load`` /
+``resume`` take a model, an optimizer and a trainer-state dict (``ModelOptimizerState``).
+
 The export (``export_hf``) gathers the full student on rank 0 and writes ``save_pretrained`` safetensors plus the
 tokenizer: ``AutoModelForCausalLM.from_pretrained(dir)`` loads it, and so does vLLM (``vllm serve <dir>`` or
 ``vllm.LLM(model=<dir>)``).
@@ -34,7 +40,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -57,6 +63,41 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was required, or a checkpoint failed to load (the message names its path)."""
+
+
+@runtime_checkable
+class Checkpointable(Protocol):
+    """Everything a checkpoint restores, as one object (DCP's ``Stateful`` shape).
+
+    ``state_dict()`` returns ``{"model": ..., "optim": ..., "trainer": {...}}``: the model and optimizer state
+    dicts as ``torch.distributed.checkpoint.state_dict.get_state_dict`` gives them (sharded; DCP loads into them
+    in place), and plain picklable trainer state, identical on every rank. ``load_state_dict`` receives the same
+    keys with the loaded values. RNG states are not part of it: they differ per rank and the manager keeps them.
+    """
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ModelOptimizerState:
+    """A ``Checkpointable`` of a model, its optimizer and a plain trainer-state dict (``trainer``, replaced by the
+    loaded one on ``load_state_dict``)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 trainer: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.trainer: dict[str, Any] = dict(trainer or {})
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd, "trainer": self.trainer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self.trainer = state["trainer"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -164,7 +205,12 @@ class CheckpointManager:
     # -- save --------------------------------------------------------------------------------------------
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              trainer_state: dict[str, Any]) -> Path:
-        """Write checkpoint ``step`` atomically; every rank must call it."""
+        """Write checkpoint ``step`` of ``model``, ``optimizer`` and ``trainer_state`` (see ``save_state``)."""
+        return self.save_state(step, ModelOptimizerState(model, optimizer, trainer_state))
+
+    def save_state(self, step: int, state: Checkpointable) -> Path:
+        """Write checkpoint ``step`` of ``state`` atomically; every rank must call it."""
+        _check_checkpointable(state)
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f"step-{step:08d}.tmp"
         if self.info.is_main:
@@ -173,11 +219,11 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        sd = state.state_dict()
+        dcp.save({"model": sd["model"], "optim": sd["optim"]}, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rng-rank{self.info.rank}.pt")
         if self.info.is_main:
-            torch.save(dict(trainer_state, step=step), tmp / "trainer.pt")
+            torch.save(dict(sd["trainer"], step=step), tmp / "trainer.pt")
         barrier()   # every rank's shards and RNG file are on disk
         names = broadcast_object(sorted(p.name for p in tmp.iterdir() if p.is_file()) if self.info.is_main else None)
         files = self._hash(tmp, names)
@@ -212,19 +258,35 @@ class CheckpointManager:
 
     # -- load --------------------------------------------------------------------------------------------
     def load(self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Verify checkpoint ``path``, then restore model, optimizer and this rank's RNG; returns the trainer
-        state. A checkpoint that does not verify is a ``CheckpointError`` naming it and what is wrong."""
+        """Restore ``model`` and ``optimizer`` from checkpoint ``path`` (see ``load_state``); returns the trainer
+        state."""
+        state = ModelOptimizerState(model, optimizer)
+        self.load_state(path, state)
+        return state.trainer
+
+    def load_state(self, path: str | os.PathLike, state: Checkpointable) -> None:
+        """Verify checkpoint ``path``, then restore ``state`` and this rank's RNG. A checkpoint that does not
+        verify is a ``CheckpointError`` naming it and what is wrong. Every rank must call it."""
+        _check_checkpointable(state)
         path = Path(path)
         problems = self.verify(path)
         if problems:
             raise CheckpointError(f"{path} is not usable: " + "; ".join(problems))
-        return self._load_verified(path, model, optimizer)
+        self._load_verified(path, state)
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Path, dict[str, Any]] | None:
-        """Load the newest checkpoint that verifies; None when there is no checkpoint at all.
+        """``resume_state`` for a model and its optimizer: (checkpoint, trainer state), or None."""
+        state = ModelOptimizerState(model, optimizer)
+        path = self.resume_state(state)
+        return None if path is None else (path, state.trainer)
+
+    def resume_state(self, state: Checkpointable) -> Path | None:
+        """Restore ``state`` from the newest checkpoint that verifies and return its path; None when there is no
+        checkpoint at all.
 
         Every newer checkpoint that does not verify is logged (path and problems) and skipped. Checkpoints
         exist but none verifies: ``CheckpointError`` listing each one. Every rank must call it."""
+        _check_checkpointable(state)
         candidates = self.step_dirs()
         if not candidates:
             return None
@@ -234,29 +296,36 @@ class CheckpointManager:
             if not problems:
                 if rejected and self.info.is_main:
                     log.warning("resuming from %s, the newest checkpoint that verifies", path)
-                return path, self._load_verified(path, model, optimizer)
+                self._load_verified(path, state)
+                return path
             rejected.append("; ".join(problems))   # each problem names its file or the checkpoint
             if self.info.is_main:
                 log.warning("checkpoint %s is not usable, skipped: %s", path, "; ".join(problems))
         raise CheckpointError(f"no usable checkpoint in {self.root} ({len(rejected)} found, none verifies): "
                               + " | ".join(rejected))
 
-    def _load_verified(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def _load_verified(self, path: Path, state: Checkpointable) -> None:
         saved_world = read_manifest(path)["world_size"]
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        sd = state.state_dict()
+        shards = {"model": sd["model"], "optim": sd["optim"]}
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(shards, checkpoint_id=str(path))
         except Exception as e:   # e.g. a model that does not match the checkpoint's keys or shapes
             raise CheckpointError(f"{path}: the model/optimizer shards do not load into this run's model: "
                                   f"{type(e).__name__}: {e}") from e
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        trainer = torch.load(path / "trainer.pt", weights_only=False)
+        state.load_state_dict({"model": shards["model"], "optim": shards["optim"], "trainer": trainer})
         rng_file = path / f"rng-rank{self.info.rank}.pt"
         if self.info.rank < saved_world:
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:   # resumed on more ranks than saved: a fresh, rank-distinct stream
             torch.manual_seed(1_000_003 * (self.info.rank + 1))
-        return torch.load(path / "trainer.pt", weights_only=False)
+
+
+def _check_checkpointable(state: object) -> None:
+    if not isinstance(state, Checkpointable):
+        raise TypeError(f"state must be a Checkpointable (state_dict() and load_state_dict()), "
+                        f"got {type(state).__name__}")
 
 
 def full_state_dict(model: nn.Module, cpu_offload: bool = False) -> dict[str, torch.Tensor]:

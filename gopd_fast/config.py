@@ -74,7 +74,7 @@ class ModelConfig(Section, section="model"):
     # Build tiny local Qwen3 checkpoints (and their tokenizer) at the two paths when they do not exist yet.
     build_tiny_if_missing: bool = True
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"          # auto: bf16 on GPU, fp32 on CPU
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "packed_sdpa", "flash_attention_2", "eager"] = "auto"
     activation_checkpointing: bool = False
     shard_teacher: bool = True       # FSDP2-shard the frozen teacher too (world_size > 1)
 
@@ -107,6 +107,9 @@ class RolloutConfig(Section, section="rollout"):
     eval_temperature: float = spec(0.4, ge=0, le=100)    # student-only evaluation
     max_new_tokens: int = spec(24, ge=1, le=STEPS)       # per turn (a household action is ~10 tokens)
     max_prompt_tokens: int = spec(2048, ge=16, le=STEPS)  # history cap; an episode that would exceed it ends
+    # hf: keep each episode's KV cache across turns (a turn prefills only its new tokens; Qwen3 models);
+    # false re-encodes the whole history every turn (the slow reference path, kept for timing side by side)
+    kv_reuse: bool = True
     # vLLM on GPU: the fraction of the GPU each engine (student, teacher) may take; they share the GPU with the
     # trainer's sharded models, so the two engines and training must fit together.
     gpu_memory_utilization: float = spec(0.25, gt=0, lt=1)

@@ -19,7 +19,7 @@ import math
 import random
 from typing import Any
 
-from gopd_fast.config import CurriculumConfig
+from gopd_fast.config import Config, CurriculumConfig
 
 SCHEDULES = ("cosine", "linear", "exponential", "constant", "step", "none")
 
@@ -69,6 +69,16 @@ class BetaSchedule:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
             raise ValueError(f"the checkpoint was trained with a different curriculum ({detail}); "
                              "resume with the same [curriculum] and run.total_steps, or start a new output_dir")
+
+
+def beta_at(cfg: Config, schedule: BetaSchedule, step: int) -> float:
+    """The guidance probability of ``step`` under ``run.algorithm``: OPD 0 (the student alone), SFT 1 (the
+    teacher writes every turn), Guided-OPD the curriculum's ``schedule``."""
+    if cfg.run.algorithm == "opd":
+        return 0.0
+    if cfg.run.algorithm == "sft":
+        return 1.0
+    return schedule(step)
 
 
 class TaskCursor:

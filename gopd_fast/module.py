@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from gopd_fast.loss import KLStats, check_options, fused_linear_kl
 
-__all__ = ["FusedLinearKL", "effective_head"]
+__all__ = ["FusedLinearKL", "effective_head", "effective_heads"]
 
 _FIXED = ("student_weight", "teacher_weight", "student_bias", "teacher_bias")
 
@@ -96,6 +96,21 @@ def _lora_head(head: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor 
     return torch.cat(extra_hidden, dim=-1), torch.cat(extra_weight, dim=1), bias
 
 
+Head = tuple[Tensor, Tensor, Tensor | None]   # (hidden', weight, bias) of one effective head
+
+
+def effective_heads(student_head: nn.Module, teacher_head: nn.Module, student_hidden: Tensor,
+                    teacher_hidden: Tensor | None) -> tuple[Head, Head | None]:
+    """Both heads resolved once, cast to their hidden states' dtype; the teacher's without gradient (None when
+    ``teacher_hidden`` is None). Callers share the result across loss terms: one all-gather per head per call."""
+    student = effective_head(student_head, student_hidden, cast=True)
+    if teacher_hidden is None:
+        return student, None
+    with torch.no_grad():
+        teacher = effective_head(teacher_head, teacher_hidden, cast=True)
+    return student, teacher
+
+
 def _cast_to(dtype: torch.dtype, hidden: Tensor, weight: Tensor, bias: Tensor | None):
     if not (dtype.is_floating_point and weight.dtype.is_floating_point) or weight.dtype == dtype:
         return hidden, weight, bias
@@ -132,9 +147,8 @@ class FusedLinearKL(nn.Module):
         bad = sorted(set(kwargs) & set(_FIXED))
         if bad:
             raise TypeError(f"FusedLinearKL takes the weights from the heads; do not pass {bad}")
-        h_s, w_s, b_s = effective_head(self.student_head, student_hidden, cast=True)
-        with torch.no_grad():
-            h_t, w_t, b_t = effective_head(self.teacher_head, teacher_hidden, cast=True)
+        (h_s, w_s, b_s), (h_t, w_t, b_t) = effective_heads(self.student_head, self.teacher_head, student_hidden,
+                                                           teacher_hidden)
         options = {**self.defaults, **kwargs}
         return fused_linear_kl(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, **options)
 

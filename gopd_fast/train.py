@@ -1,4 +1,4 @@
-"""The training entrypoint: Guided-OPD, vanilla OPD and the SFT baseline, on one or many GPUs (or CPU).
+"""The training entrypoint and loop: Guided-OPD, vanilla OPD and the SFT baseline, on one or many GPUs (or CPU).
 
     torchrun --nproc_per_node=N -m gopd_fast.train --config configs/scienceworld.toml [section.key=value ...]
     gopd-fast --config configs/household.toml run.total_steps=4 optim.lr=1e-5        # console script
@@ -10,7 +10,13 @@ Multi-node: run the same command on every node with torchrun's rendezvous, e.g.
 
 Programmatic use (the demo does this): ``result = gopd_fast.train.run(load_config(path, overrides))``.
 
-One optimizer step, top to bottom (``Trainer.step`` and ``run``):
+The trainer in three modules (torchtitan's shape):
+    gopd_fast.train_setup   episode sources (expert / rollouts), the environment, models loaded and sharded
+    gopd_fast.train_step    ``Trainer``: one optimizer step on given episodes
+    gopd_fast.train         this loop: resume, per step rollouts -> ``Trainer.step`` -> weight sync -> log,
+                            evaluation, checkpoints (one ``TrainState``, gopd_fast.train_state), export
+
+One optimizer step, top to bottom (``run`` and ``Trainer.step``):
     beta = curriculum(step)                    (OPD: 0, SFT: 1)
     episodes = rollouts of this rank's share of the step's tasks   (teacher writes a turn with probability beta)
     rows = whole episodes packed into rows     (one forward per model per episode, never one per turn)
@@ -22,397 +28,48 @@ One optimizer step, top to bottom (``Trainer.step`` and ``run``):
 Sharding: the student is FSDP2-sharded per decoder block, then its decoder, then the root, with bf16 compute on
 GPU (fp32 on CPU); the frozen teacher likewise (``model.shard_teacher``), forward-only under no_grad.
 Gradients are the SUM over ranks (FSDP2 averages, so the local loss is multiplied by the world size; the sharded
-lm_head is gathered once per loss call with a rank-averaged gradient, see gopd_fast.module): with the loss divided
-by the global loss-token count, the update equals one process training on the whole batch (tests/test_train.py checks two processes against one).
+lm_head is gathered once per micro-batch with a rank-averaged gradient, see gopd_fast.module): with the loss
+divided by the global loss-token count, the update equals one process training on the whole batch
+(tests/test_train.py checks two processes against one).
 """
 from __future__ import annotations
 
 import argparse
-import logging
-import math
+import json
 import random
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from gopd_fast.checkpoint import CheckpointError, CheckpointManager, export_hf, full_state_dict
-from gopd_fast.config import Config, ConfigError, OptimConfig, config_to_dict, load_config
-from gopd_fast.curriculum import BetaSchedule, TaskCursor
-from gopd_fast.distributed import (
-    DistInfo,
-    all_gather_objects,
-    all_reduce_max,
-    all_reduce_sums,
-    apply_activation_checkpointing,
-    barrier,
-    init_distributed,
-    reshard,
-    shard_model,
-    shutdown,
-)
+from gopd_fast.config import Config, ConfigError, config_to_dict, load_config
+from gopd_fast.curriculum import BetaSchedule, TaskCursor, beta_at
+from gopd_fast.distributed import DistInfo, all_gather_objects, all_reduce_sums, init_distributed, shutdown
 from gopd_fast.logging_utils import MetricsLogger
-from gopd_fast.objectives import STAT_KEYS, DistillationObjective, LossOutput
-from gopd_fast.packing import pack_episodes, per_turn_reprefill_tokens
+from gopd_fast.packing import per_turn_reprefill_tokens
 from gopd_fast.rollout.episode import Episode, Role
+from gopd_fast.train_setup import (  # noqa: F401  (importable from here)
+    EpisodeSource,
+    ExpertSource,
+    RolloutSource,
+    ensure_tiny_models,
+    env_options,
+    expert_episode,
+    load_models,
+    make_env,
+    make_source,
+)
+from gopd_fast.train_state import TrainState
+from gopd_fast.train_step import Trainer, lr_lambda  # noqa: F401  (importable from here)
 
 __all__ = ["EpisodeSource", "ExpertSource", "RunResult", "Trainer", "cli", "expert_episode", "main", "run"]
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Where episodes come from
-# ---------------------------------------------------------------------------------------------------------
-
-class EpisodeSource(Protocol):
-    """Produces finished episodes for task ids; receives the student's new weights after every update."""
-
-    def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]: ...
-
-    def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
-
-    def stats(self) -> dict[str, float]: ...
-
-    def close(self) -> None: ...
-
-
-def expert_episode(env: Any, task_id: str, chat_format: Any, eos_token_id: int) -> Episode:
-    """One episode in which the environment's oracle writes every turn as ``Action: <action>`` + end-of-turn,
-    built with the rollout's append-only history (token-exact, the same layout as a model rollout)."""
-    from gopd_fast.sft import oracle_episodes
-
-    return oracle_episodes(env, [task_id], chat_format, eos_token_id=eos_token_id)[0]
-
-
-class ExpertSource:
-    """``rollout.engine = "expert"``: oracle demonstrations. Deterministic, so runs are exactly reproducible
-    across world sizes and resumes; every generated token is a teacher token."""
-
-    def __init__(self, env: Any, tokenizer: Any) -> None:
-        from gopd_fast.rollout.history import ChatFormat
-
-        self.env = env
-        self.chat_format = ChatFormat(tokenizer)
-        self.eos_token_id = int(tokenizer.eos_token_id)
-        self._cache: dict[str, Episode] = {}
-
-    def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]:
-        out = []
-        for t in task_ids:
-            if t not in self._cache:
-                self._cache[t] = expert_episode(self.env, t, self.chat_format, self.eos_token_id)
-            out.append(self._cache[t])
-        return out
-
-    def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        pass   # the oracle has no weights
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
-    def close(self) -> None:
-        self.env.close()
-
-
-class RolloutSource:
-    """``rollout.engine = "hf" | "vllm"``: guided multi-turn rollouts (``gopd_fast.rollout.run_rollout``) with a
-    student engine that receives every update and a frozen teacher engine. Each rank owns its engines and its
-    env slots (an ``EnvPool`` when ``env.pool``, used by training and evaluation rollouts alike)."""
-
-    def __init__(self, cfg: Config, tokenizer: Any, info: DistInfo) -> None:
-        from gopd_fast.rollout.envs import env_slots
-        from gopd_fast.rollout.history import ChatFormat
-
-        self.cfg = cfg
-        self.chat = ChatFormat(tokenizer)
-        self.student = self._engine(cfg.model.student, info)
-        self.teacher = self._teacher_engine(info)
-        self.envs = env_slots(cfg.env.name, env_options(cfg), pool=cfg.env.pool, pool_workers=cfg.env.pool_workers,
-                              step_timeout_s=cfg.env.step_timeout_s, threads=min(cfg.rollout.episodes_per_step, 8))
-        self._metrics: dict[str, float] = {}
-        self._env_counts: dict[str, float] = {}
-
-    def _engine(self, path: str, info: DistInfo) -> Any:
-        from gopd_fast.rollout.engines import HFEngine, VLLMEngine
-
-        dtype = "bfloat16" if _dtypes(self.cfg, info.device)[1] is not None else "float32"
-        if self.cfg.rollout.engine == "vllm":
-            extra = {"gpu_memory_utilization": self.cfg.rollout.gpu_memory_utilization} \
-                if info.device.type == "cuda" else {}
-            return VLLMEngine(path, dtype=dtype, seed=self.cfg.run.seed + info.rank,
-                              max_model_len=self.cfg.rollout.max_prompt_tokens + self.cfg.rollout.max_new_tokens,
-                              **extra)
-        return HFEngine.from_pretrained(path, dtype=dtype, device=str(info.device))
-
-    def _teacher_engine(self, info: DistInfo) -> Any:
-        """The teacher's generation engine: the shared server when ``rollout.teacher_server`` is set (every rank
-        sends its guided turns there), else an in-process engine like the student's."""
-        r = self.cfg.rollout
-        if not r.teacher_server:
-            return self._engine(self.cfg.model.teacher, info)
-        from gopd_fast.rollout.engines.remote import RemoteEngine, RemoteOptions
-
-        engine = RemoteEngine(r.teacher_server, RemoteOptions(
-            model=r.teacher_server_model, request_timeout_s=r.server_timeout_s,
-            max_concurrency=r.server_max_concurrency, retry_deadline_s=r.server_retry_deadline_s))
-        if engine.served_root not in (self.cfg.model.teacher, str(Path(self.cfg.model.teacher).resolve())):
-            logging.getLogger("gopd_fast.train").warning(
-                "the teacher server at %s serves %r but model.teacher is %r: guided turns and teacher scores "
-                "come from different checkpoints unless they hold the same weights", engine.url,
-                engine.served_root, self.cfg.model.teacher)
-        return engine
-
-    def collect(self, task_ids: Sequence[str], beta: float, temperature: float, seed: int) -> list[Episode]:
-        from gopd_fast.rollout.envs import pool_counts
-        from gopd_fast.rollout.rollout import RolloutOptions, run_rollout
-
-        before = pool_counts(self.envs)
-        r = self.cfg.rollout
-        options = RolloutOptions(max_turns=self.cfg.env.max_turns, max_new_tokens=r.max_new_tokens,
-                                 max_prompt_tokens=r.max_prompt_tokens, temperature=temperature,
-                                 max_in_flight=max(len(task_ids), 1), seed=seed)
-        result = run_rollout(list(task_ids), student=self.student, teacher=self.teacher, chat=self.chat,
-                             envs=self.envs, beta=beta, options=options)
-        self._metrics = result.metrics
-        # This collect's env failures: pool restarts and replays, and episodes the rollout had to drop.
-        after = pool_counts(self.envs)
-        self._env_counts = {k: after[k] - before[k] for k in after}
-        self._env_counts["env_episodes_dropped"] = result.metrics.get("episodes_dropped", 0.0)
-        return result.episodes
-
-    def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.student.sync_weights(state_dict)
-
-    def stats(self) -> dict[str, float]:
-        m = self._metrics
-        out = dict(self._env_counts)
-        keys = {"cache_hit_rate": "prefix_cache_hit_rate", "generation_failures": "generation_failures"}
-        out.update({name: m[key] for name, key in keys.items() if key in m})
-        return out
-
-    def close(self) -> None:
-        self.envs.close()
-        self.student.close()
-        self.teacher.close()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------------
-
-def ensure_tiny_models(cfg: Config, info: DistInfo) -> None:
-    """Build the tiny local student/teacher (one tokenizer trained on the environment's text) if missing."""
-    paths = [Path(cfg.model.student), Path(cfg.model.teacher)]
-    if all((p / "config.json").is_file() for p in paths) or not cfg.model.build_tiny_if_missing:
-        return
-    if info.is_main:
-        from gopd_fast.models import build_model, config_for_tokenizer, save_model, train_tokenizer
-
-        env = make_env(cfg)
-        corpus: list[str] = []
-        for task in env.tasks(cfg.env.train_split)[:64]:
-            first = env.reset(task)
-            corpus.append(first.observation)
-            done = False
-            while not done and (action := env.expert_action()) is not None:
-                step = env.step(action)
-                corpus += [f"Action: {action}", step.observation]
-                done = step.done
-        env.close()
-        tokenizer = train_tokenizer(corpus, vocab_size=512)
-        for path, size, seed in ((paths[0], "student-tiny", 1), (paths[1], "teacher-tiny", 2)):
-            save_model(build_model(config_for_tokenizer(size, tokenizer), seed=seed), tokenizer, path)
-    barrier()
-
-
-def _dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
-    """(teacher weight dtype, student mixed-precision compute dtype or None for full fp32)."""
-    choice = cfg.model.dtype
-    if choice == "auto":
-        choice = "bfloat16" if device.type == "cuda" else "float32"
-    if choice == "bfloat16":
-        return torch.bfloat16, torch.bfloat16
-    return torch.float32, None
-
-
-def _attn_implementation(cfg: Config, device: torch.device) -> str:
-    impl = cfg.model.attn_implementation
-    if impl != "auto":
-        return impl
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
-def load_models(cfg: Config, info: DistInfo) -> tuple[nn.Module, nn.Module, Any]:
-    """(student, teacher, tokenizer) through ``gopd_fast.models.load_model`` (``from_pretrained``), sharded."""
-    from gopd_fast.models import load_model
-
-    teacher_dtype, compute_dtype = _dtypes(cfg, info.device)
-    attn = _attn_implementation(cfg, info.device)
-    # Load on CPU: fully_shard moves each rank's shard to its device (a 30B teacher never sits whole on a GPU).
-    load_device = "cpu" if info.distributed else info.device
-    student, tokenizer = load_model(cfg.model.student, dtype="float32", device=load_device)   # fp32 master
-    teacher, teacher_tok = load_model(cfg.model.teacher, dtype=teacher_dtype, device=load_device)
-    if teacher_tok.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"student ({cfg.model.student}) and teacher ({cfg.model.teacher}) tokenizers differ; "
-                         "token-level distillation needs one shared vocabulary")
-    for m in (student, teacher):
-        m.config._attn_implementation = attn
-        m.config.use_cache = False
-    student.train()
-    teacher.eval().requires_grad_(False)
-    if cfg.model.activation_checkpointing:
-        apply_activation_checkpointing(student)
-    shard_model(student, info, param_dtype=compute_dtype)
-    if cfg.model.shard_teacher:
-        shard_model(teacher, info, param_dtype=None)
-    elif info.distributed:
-        teacher.to(info.device)
-    return student, teacher, tokenizer
-
-
-def lr_lambda(cfg: OptimConfig, total_steps: int):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        p = min((step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1), 1.0)
-        shape = 0.5 * (1 + math.cos(math.pi * p)) if cfg.lr_schedule == "cosine" else 1.0 - p
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
-    return factor
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One optimizer step on given episodes
-# ---------------------------------------------------------------------------------------------------------
-
-class Trainer:
-    """Student, teacher, objective, optimizer and schedule; ``step(episodes)`` is one update."""
-
-    def __init__(self, cfg: Config, info: DistInfo, student: nn.Module, teacher: nn.Module, pad_token_id: int):
-        self.cfg = cfg
-        self.info = info
-        self.student = student
-        self.teacher = teacher
-        self.pad_token_id = pad_token_id
-        self.compute_dtype = _dtypes(cfg, info.device)[1]
-        # The heads go in as they are: FusedLinearKL / effective_head gather FSDP2 shards once per call (gradient
-        # averaged over ranks like FSDP2's own) and cast them to the compute dtype of the hidden states.
-        self.objective = DistillationObjective(cfg.objective, student.lm_head, teacher.lm_head)
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            [p for p in student.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps,
-            weight_decay=o.weight_decay, foreach=info.device.type == "cuda",
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, cfg.run.total_steps))
-        self.skipped_steps = 0
-        # Decided from the config, not the batch: the teacher forward is collective under FSDP.
-        obj = cfg.objective
-        self.needs_teacher = (cfg.run.algorithm != "sft" and obj.student_tokens != "none") or (
-            cfg.run.algorithm != "opd" and obj.teacher_tokens in ("forward_kl", "reverse_kl"))
-
-    def _hidden(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        # attention_mask=None + reset position_ids = per-episode isolation (see gopd_fast.packing).
-        # FSDP2's mixed-precision policy casts to bf16 when sharded; a single GPU process autocasts instead.
-        autocast = self.compute_dtype is not None and not self.info.distributed
-        with torch.autocast(self.info.device.type, dtype=self.compute_dtype) if autocast else nullcontext():
-            hidden = model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        # the fused loss wants hidden states and head weights in one dtype (RMSNorm may promote to fp32)
-        return hidden if self.compute_dtype is None else hidden.to(self.compute_dtype)
-
-    def step(self, episodes: Sequence[Episode]) -> dict[str, float]:
-        """Pack this rank's ``episodes``, compute the loss, update. Every rank must call it (collectives)."""
-        info, cfg = self.info, self.cfg
-        times = {"time_forward": 0.0, "time_loss": 0.0, "time_backward": 0.0}
-        if not episodes:
-            raise ValueError(f"rank {info.rank} has no episodes this step (every rollout of its share was dropped "
-                             "after env failures, or rollout.episodes_per_step < world_size)")
-        batch = pack_episodes(episodes, cfg.packing.max_tokens_per_row, self.pad_token_id).to(info.device)
-        rows = batch.input_ids.shape[0]
-        per_micro = cfg.packing.rows_per_micro_batch or rows
-        counts = all_reduce_sums({"loss_tokens": batch.num_loss_tokens, "tokens": batch.num_tokens}, info.device)
-        # every rank must run the same number of forward/backward passes under FSDP
-        n_micro = int(all_reduce_max(float(math.ceil(rows / per_micro)), info.device))
-        normalizer = max(counts["loss_tokens"], 1.0)
-        sums = dict.fromkeys(STAT_KEYS, 0.0)
-        self.optimizer.zero_grad(set_to_none=True)
-        for m in range(n_micro):
-            lo, hi = m * per_micro, min((m + 1) * per_micro, rows)
-            empty = lo >= hi
-            if empty:   # this rank ran out of rows: run one padding row with no loss tokens (keeps FSDP in step)
-                lo, hi = 0, 1
-            sync = m == n_micro - 1
-            if info.distributed and hasattr(self.student, "set_requires_gradient_sync"):
-                self.student.set_requires_gradient_sync(sync)
-            ids, pos = batch.input_ids[lo:hi], batch.position_ids[lo:hi]
-            mask = batch.loss_mask[lo:hi] & (not empty)
-            t0 = time.perf_counter()
-            h_s = self._hidden(self.student, ids, pos)
-            h_t = None
-            if self.needs_teacher:
-                with torch.no_grad():
-                    h_t = self._hidden(self.teacher, ids, pos)
-            t1 = time.perf_counter()
-            out: LossOutput = self.objective(
-                h_s[mask], None if h_t is None else h_t[mask], batch.target_ids[lo:hi][mask],
-                batch.target_roles[lo:hi][mask], normalizer)
-            # keeps the graph connected to every student parameter even when this micro-batch has no loss tokens
-            loss = out.loss + 0.0 * h_s.sum()
-            t2 = time.perf_counter()
-            # FSDP averages gradients over ranks (gloo has no pre-scaled sum), so scale by the world size to get the
-            # global sum; the gathered lm_head averages likewise (gopd_fast.module).
-            (loss * info.world_size if info.distributed else loss).backward()
-            t3 = time.perf_counter()
-            times["time_forward"] += t1 - t0
-            times["time_loss"] += t2 - t1
-            times["time_backward"] += t3 - t2
-            for k in STAT_KEYS:
-                sums[k] += out.sums[k]
-        if cfg.model.shard_teacher:
-            reshard(self.teacher)
-        t0 = time.perf_counter()
-        sums = all_reduce_sums(sums, info.device)
-        metrics = LossOutput.metrics(sums)
-        grad_norm = _clip_grad_norm(self.student, cfg.optim.grad_clip)
-        finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-        else:
-            self.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        times["time_optim"] = time.perf_counter() - t0
-        metrics.update(times, grad_norm=grad_norm, lr=lr, skipped=0 if finite else 1,
-                       skipped_steps=self.skipped_steps, tokens_scored=counts["tokens"])
-        return metrics
-
-
-def _clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    full = getattr(norm, "full_tensor", None)
-    return float(full() if full is not None else norm)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------------------
 
 @dataclass
 class RunResult:
@@ -428,31 +85,6 @@ class RunResult:
     @property
     def final_loss(self) -> float:
         return self.history[-1]["loss"] if self.history else float("nan")
-
-
-def beta_at(cfg: Config, schedule: BetaSchedule, step: int) -> float:
-    if cfg.run.algorithm == "opd":
-        return 0.0
-    if cfg.run.algorithm == "sft":
-        return 1.0
-    return schedule(step)
-
-
-def env_options(cfg: Config) -> dict[str, Any]:
-    """Keyword options of ``envs.make(cfg.env.name, ...)``: the same for the in-process env and pool workers."""
-    return {"seed": cfg.env.seed, "max_turns": cfg.env.max_turns, **cfg.env.options}
-
-
-def make_env(cfg: Config) -> Any:
-    from gopd_fast import envs
-
-    return envs.make(cfg.env.name, **env_options(cfg))
-
-
-def make_source(cfg: Config, env: Any, tokenizer: Any, info: DistInfo) -> EpisodeSource:
-    if cfg.rollout.engine == "expert":
-        return ExpertSource(env, tokenizer)
-    return RolloutSource(cfg, tokenizer, info)
 
 
 def _rollout_seed(cfg: Config, step: int, info: DistInfo) -> int:
@@ -517,7 +149,26 @@ def run(cfg: Config, source: EpisodeSource | None = None) -> RunResult:
         shutdown()
 
 
-def _run(cfg: Config, info: DistInfo, source: EpisodeSource | None) -> RunResult:
+@dataclass
+class _Run:
+    """What the loop works with, built once by ``_setup``."""
+
+    cfg: Config
+    info: DistInfo
+    out_dir: Path
+    trainer: Trainer
+    tokenizer: Any
+    env: Any
+    source: EpisodeSource
+    state: TrainState
+    ckpt: CheckpointManager
+    resumed_from: Path | None
+
+
+def _setup(cfg: Config, info: DistInfo, source: EpisodeSource | None) -> _Run:
+    """Models, trainer, environment, episode source; then the resume (the newest checkpoint that verifies, newer
+    damaged ones logged and skipped; checkpoints exist but none verifies: ``CheckpointError``, the run stops, and
+    ``run.resume=false`` starts at step 1 instead)."""
     if cfg.rollout.episodes_per_step < info.world_size:
         raise ConfigError(f"rollout.episodes_per_step ({cfg.rollout.episodes_per_step}) must be >= the number of "
                           f"ranks ({info.world_size})")
@@ -527,88 +178,84 @@ def _run(cfg: Config, info: DistInfo, source: EpisodeSource | None) -> RunResult
     student, teacher, tokenizer = load_models(cfg, info)
     trainer = Trainer(cfg, info, student, teacher, pad_token_id=int(tokenizer.pad_token_id))
     env = make_env(cfg)
-    schedule = BetaSchedule(cfg.curriculum, cfg.run.total_steps)
-    cursor = TaskCursor(env.tasks(cfg.env.train_split), seed=cfg.run.seed)
+    state = TrainState(trainer, BetaSchedule(cfg.curriculum, cfg.run.total_steps),
+                       TaskCursor(env.tasks(cfg.env.train_split), seed=cfg.run.seed), config=config_to_dict(cfg))
     source = source or make_source(cfg, env, tokenizer, info)
     ckpt = CheckpointManager(out_dir / "checkpoints", info, keep=cfg.run.keep_checkpoints)
-
-    start, resumed_from = 0, None
-    # resume: the newest checkpoint that verifies (newer damaged ones are logged and skipped); checkpoints
-    # exist but none verifies: CheckpointError (the run stops; run.resume=false starts at step 1 instead)
     try:
-        found = ckpt.resume(student, trainer.optimizer) if cfg.run.resume else None
+        resumed_from = ckpt.resume_state(state) if cfg.run.resume else None
     except CheckpointError as e:
         raise CheckpointError(f"{e}. Repair or remove them, or set run.resume=false to start at step 1") from None
-    if found is not None:
-        latest, state = found
-        trainer.scheduler.load_state_dict(state["scheduler"])
-        schedule.load_state_dict(state["curriculum"])
-        cursor.load_state_dict(state["cursor"])
-        trainer.skipped_steps = state["skipped_steps"]
-        start, resumed_from = int(state["step"]), latest
+    if resumed_from is not None:
         source.sync_weights(full_state_dict(student, cpu_offload=False))
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        import json
-
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-    logger = MetricsLogger(out_dir, enabled=info.is_main, total_steps=cfg.run.total_steps, initial_step=start,
+    return _Run(cfg, info, out_dir, trainer, tokenizer, env, source, state, ckpt, resumed_from)
+
+
+def _train_one_step(r: _Run, step: int) -> dict[str, Any]:
+    """Rollouts, update and weight sync of 0-based ``step``; returns its train record."""
+    cfg, info, source, student = r.cfg, r.info, r.source, r.trainer.student
+    t_step = time.perf_counter()
+    beta = beta_at(cfg, r.state.curriculum, step)
+    tasks = r.state.cursor.take(cfg.rollout.episodes_per_step)     # the same global list on every rank
+    mine = tasks[info.rank::info.world_size]
+    t0 = time.perf_counter()
+    episodes = source.collect(mine, beta=beta, temperature=cfg.rollout.temperature,
+                              seed=_rollout_seed(cfg, step, info))
+    time_rollout = time.perf_counter() - t0
+    metrics = r.trainer.step(episodes)
+    t0 = time.perf_counter()
+    source.sync_weights(full_state_dict(student, cpu_offload=False))
+    time_sync = time.perf_counter() - t0
+    ep = _episode_metrics(episodes, info)
+    time_step = time.perf_counter() - t_step
+    record = {"kind": "train", "step": step + 1, "beta": beta, **metrics,
+              "score": ep["score"], "success_rate": ep["success_rate"], "rounds": ep["rounds"],
+              "teacher_turn_fraction": ep["teacher_turn_fraction"], "episodes": ep["episodes"],
+              "reprefill_tokens": ep["reprefill_tokens"], "env_failures": ep["env_failures"],
+              "time_rollout": time_rollout, "time_sync": time_sync, "time_step": time_step,
+              "tokens_per_s": metrics["tokens_scored"] / max(time_step, 1e-9)}
+    stats = source.stats()
+    if "cache_hit_rate" in stats:
+        record["prefix_cache_hit_rate"] = stats["cache_hit_rate"]
+    if "generation_failures" in stats:
+        record["generation_failures"] = stats["generation_failures"]
+    env_counts = {k: v for k, v in stats.items() if k.startswith("env_")}
+    if env_counts:   # env-pool restarts/replays of this step, summed over ranks
+        record.update(all_reduce_sums(env_counts, info.device))
+    return record
+
+
+def _run(cfg: Config, info: DistInfo, source: EpisodeSource | None) -> RunResult:
+    r = _setup(cfg, info, source)
+    start = r.state.step
+    logger = MetricsLogger(r.out_dir, enabled=info.is_main, total_steps=cfg.run.total_steps, initial_step=start,
                            tensorboard=cfg.run.tensorboard, progress_bar=cfg.run.progress_bar)
-    result = RunResult(output_dir=out_dir, steps_completed=start, skipped_steps=trainer.skipped_steps,
-                       resumed_from=resumed_from)
-
-    def trainer_state(step: int) -> dict[str, Any]:
-        return {"scheduler": trainer.scheduler.state_dict(), "curriculum": schedule.state_dict(),
-                "cursor": cursor.state_dict(), "skipped_steps": trainer.skipped_steps, "step": step,
-                "config": config_to_dict(cfg)}
-
+    result = RunResult(output_dir=r.out_dir, steps_completed=start, skipped_steps=r.trainer.skipped_steps,
+                       resumed_from=r.resumed_from)
     try:
         for step in range(start, cfg.run.total_steps):
-            t_step = time.perf_counter()
-            beta = beta_at(cfg, schedule, step)
-            tasks = cursor.take(cfg.rollout.episodes_per_step)     # the same global list on every rank
-            mine = tasks[info.rank::info.world_size]
-            t0 = time.perf_counter()
-            episodes = source.collect(mine, beta=beta, temperature=cfg.rollout.temperature,
-                                      seed=_rollout_seed(cfg, step, info))
-            time_rollout = time.perf_counter() - t0
-            metrics = trainer.step(episodes)
-            t0 = time.perf_counter()
-            source.sync_weights(full_state_dict(student, cpu_offload=False))
-            time_sync = time.perf_counter() - t0
-            ep = _episode_metrics(episodes, info)
-            time_step = time.perf_counter() - t_step
-            record = {"kind": "train", "step": step + 1, "beta": beta, **metrics,
-                      "score": ep["score"], "success_rate": ep["success_rate"], "rounds": ep["rounds"],
-                      "teacher_turn_fraction": ep["teacher_turn_fraction"], "episodes": ep["episodes"],
-                      "reprefill_tokens": ep["reprefill_tokens"], "env_failures": ep["env_failures"],
-                      "time_rollout": time_rollout, "time_sync": time_sync, "time_step": time_step,
-                      "tokens_per_s": metrics["tokens_scored"] / max(time_step, 1e-9)}
-            stats = source.stats()
-            if "cache_hit_rate" in stats:
-                record["prefix_cache_hit_rate"] = stats["cache_hit_rate"]
-            if "generation_failures" in stats:
-                record["generation_failures"] = stats["generation_failures"]
-            env_counts = {k: v for k, v in stats.items() if k.startswith("env_")}
-            if env_counts:   # env-pool restarts/replays of this step, summed over ranks
-                record.update(all_reduce_sums(env_counts, info.device))
+            record = _train_one_step(r, step)
+            r.state.step = step + 1
             logger.log(record)
             result.history.append(record)
             result.steps_completed = step + 1
             done = step + 1 == cfg.run.total_steps
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and not done:
-                _maybe_eval(cfg, source, env, info, step + 1, logger, result)
+                _maybe_eval(cfg, r.source, r.env, info, step + 1, logger, result)
             if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or done:
-                result.checkpoint = ckpt.save(step + 1, student, trainer.optimizer, trainer_state(step + 1))
+                result.checkpoint = r.ckpt.save_state(step + 1, r.state)
         if cfg.run.eval_at_end and cfg.run.total_steps > start:
-            _maybe_eval(cfg, source, env, info, cfg.run.total_steps, logger, result)
+            _maybe_eval(cfg, r.source, r.env, info, cfg.run.total_steps, logger, result)
         if cfg.run.export_hf:
-            result.export_dir = out_dir / "student-hf"
-            export_hf(student, tokenizer, result.export_dir, info)
+            result.export_dir = r.out_dir / "student-hf"
+            export_hf(r.trainer.student, r.tokenizer, result.export_dir, info)
     finally:
         logger.close()
-        source.close()
-    result.skipped_steps = trainer.skipped_steps
+        r.source.close()
+    result.skipped_steps = r.trainer.skipped_steps
     return result
 
 
@@ -656,3 +303,4 @@ def cli() -> None:
 
 if __name__ == "__main__":
     cli()
+

@@ -6,32 +6,23 @@ the student entropy and the target log-probs; the generalised JSD takes a second
 inputs and gradients: a few fp32 [N] vectors, plus the backward's buffers (``tiling.backward_buffer_bytes()``, 80 MiB
 by default, for the deterministic schedules; fp32 copies of grad_h and grad_W for the atomic one).
 
-The grad_scale contract is met by summing the differentiable per-token loss (the backward recomputes tiles either
-way; computing gradients eagerly in the forward would need lse_s/lse_t before the first tile is done).
+``schedule.choose_schedule`` picks the schedule before the forward: ``logit_block`` replaces both passes above by
+one that computes every logit once and stores the gradients (``logit_block``), the backward then only scales them.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor
 
-from .backward import SCHEDULES, check_schedule, kl_backward
+from . import logit_block
+from .backward import kl_backward
 from .forward import kl_forward
+from .objective import grad_coefficients, loss_and_kl_stat
+from .schedule import LOGIT_BLOCK, SKIP, choose_schedule, schedule_default  # noqa: F401 (schedule_default: re-export)
+from .skip import skip_backward
 from .tiling import interpreting
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-SCHEDULE_ENV = "GOPD_BACKWARD"
-DEFAULT_SCHEDULE = "one_pass"
-
-
-def schedule_default() -> str:
-    """The backward schedule when the caller does not choose: ``GOPD_BACKWARD`` (one of ``backward.SCHEDULES``),
-    else ``one_pass`` (see ``backward`` for the trade-offs)."""
-    value = os.environ.get(SCHEDULE_ENV, "").strip().lower() or DEFAULT_SCHEDULE
-    if value not in SCHEDULES:
-        raise ValueError(f"{SCHEDULE_ENV} must be one of {', '.join(SCHEDULES)}; got {value!r}")
-    return value
 
 
 def check_triton_runnable(*tensors: Tensor | None) -> None:
@@ -71,16 +62,19 @@ class FusedLinearKLTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
                 reverse_weight, forward_weight, target_ids, jsd_beta, temperature, schedule):
-        stats = kl_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                           teacher_bias, target_ids, temperature, jsd_beta)
         rw = reverse_weight.float()
         fw = forward_weight.float()
-        if jsd_beta is not None and 0.0 < jsd_beta < 1.0:
-            loss = rw * stats["jsd"]
-            kl_stat = stats["kl_student_mixture"]
+        ctx.stored = None
+        if schedule == LOGIT_BLOCK:
+            need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
+            stats, ctx.stored = logit_block.logit_block_forward(
+                student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+                target_ids, rw, fw, temperature=temperature, jsd_beta=jsd_beta, need_grad_h=need_h,
+                need_grad_w=need_w, need_grad_b=need_b and student_bias is not None)
         else:
-            loss = rw * stats["reverse_kl"] + fw * stats["forward_kl"]
-            kl_stat = stats["reverse_kl"]
+            stats = kl_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                               teacher_bias, target_ids, temperature, jsd_beta)
+        loss, kl_stat = loss_and_kl_stat(stats, rw, fw, jsd_beta)
         ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                               teacher_bias, rw, fw, stats["lse_s"], stats["lse_t"], kl_stat)
         ctx.jsd_beta, ctx.temperature, ctx.schedule = jsd_beta, temperature, schedule
@@ -93,20 +87,29 @@ class FusedLinearKLTriton(torch.autograd.Function):
     def backward(ctx, grad_loss, *_unused_stat_grads):
         (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
          rw, fw, lse_s, lse_t, kl_stat) = ctx.saved_tensors
-        beta, inv_temp = ctx.jsd_beta, 1.0 / ctx.temperature
-        g = grad_loss.float() * inv_temp
-        if beta is not None and 0.0 < beta < 1.0:
-            coef_a, coef_b = g * rw * (1.0 - beta), torch.zeros_like(g)
-        else:
-            coef_a, coef_b = g * rw, g * fw
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
-        grad_h, grad_w, grad_b = kl_backward(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
-            lse_s, lse_t, coef_a.contiguous(), coef_b.contiguous(), kl_stat,
-            temperature=ctx.temperature, jsd_beta=beta, need_grad_h=need_h, need_grad_w=need_w,
-            need_grad_b=need_b and student_bias is not None, schedule=ctx.schedule,
-        )
-        return grad_h, grad_w, None, None, grad_b, None, None, None, None, None, None, None
+        need_b = need_b and student_bias is not None
+        grad_h = grad_w = grad_b = None
+        schedule = "one_pass" if ctx.schedule == LOGIT_BLOCK else ctx.schedule  # once the stored grads are gone
+        if ctx.stored is not None:
+            stored, ctx.stored = ctx.stored, None  # handed over: autograd may keep them without a copy
+            grad_h, grad_w, grad_b, weight_side_done = logit_block.scale_stored(
+                stored, grad_loss, None if student_bias is None else student_bias.dtype)
+            del stored
+            if weight_side_done:
+                return grad_h, grad_w, None, None, grad_b, None, None, None, None, None, None, None
+            need_h = False  # per-token weights on a sum over tokens: recompute the weight side only
+        coef_a, coef_b = grad_coefficients(grad_loss, rw, fw, ctx.jsd_beta, ctx.temperature)
+        args = (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+                lse_s, lse_t, coef_a, coef_b, kl_stat)
+        options = {"temperature": ctx.temperature, "jsd_beta": ctx.jsd_beta, "need_grad_h": need_h,
+                   "need_grad_w": need_w, "need_grad_b": need_b}
+        if schedule == SKIP:
+            recomputed = skip_backward(*args, **options)[:3]  # the skip flags are for bench scripts
+        else:
+            recomputed = kl_backward(*args, **options, schedule=schedule)
+        grad_h = recomputed[0] if need_h else grad_h
+        return grad_h, recomputed[1], None, None, recomputed[2], None, None, None, None, None, None, None
 
 
 def fused_linear_kl_triton(
@@ -125,9 +128,10 @@ def fused_linear_kl_triton(
     grad_scale: float | None,
     return_stats: bool,
     schedule: str | None = None,
-) -> tuple[Tensor, dict[str, Tensor] | None]:
-    """Triton backend; see ``gopd_fast.ops`` for the contract. ``schedule`` picks the backward (``one_pass``,
-    ``two_pass`` or ``atomic``; see ``backward``); None reads ``GOPD_BACKWARD``, default ``one_pass``.
+) -> tuple[Tensor, dict[str, Tensor | str] | None]:
+    """Triton backend; see ``gopd_fast.ops`` for the contract. ``schedule`` is one of ``schedule.CHOICES``
+    (``auto``, ``logit_block``, ``one_pass``, ``two_pass``, ``atomic``, ``skip``); None reads ``GOPD_BACKWARD``,
+    default ``auto`` (``schedule.choose_schedule``). The stats report the schedule that ran under ``"schedule"``.
 
     jsd_beta = 0 or 1 are the TRL/Liger endpoints: forward KL resp. reverse KL, weighted by reverse_weight.
     target_ids must lie in [0, V) (``gopd_fast.loss`` validates them).
@@ -136,8 +140,10 @@ def fused_linear_kl_triton(
                           teacher_bias, reverse_weight, forward_weight, target_ids)
     _check_dtypes(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
                   teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias)
-    schedule = schedule_default() if schedule is None else schedule
-    check_schedule(schedule)  # before the forward, not in the backward
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias))
+    schedule = choose_schedule(schedule, needs_grad=needs_grad, n_tokens=student_hidden.shape[0],
+                               vocab=student_weight.shape[0], operand_bytes=student_hidden.element_size())
     rw, fw = reverse_weight, forward_weight
     if jsd_beta == 0.0:  # forward-KL endpoint
         rw, fw = torch.zeros_like(reverse_weight), reverse_weight
@@ -155,6 +161,7 @@ def fused_linear_kl_triton(
         if target_ids is not None:
             stats["student_logprob"] = logprob_s
             stats["teacher_logprob"] = logprob_t
+        stats["schedule"] = schedule
     if grad_scale is not None:
         loss = loss.sum() * grad_scale
     return loss, stats

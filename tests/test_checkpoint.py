@@ -251,3 +251,54 @@ def test_export_loads_with_from_pretrained_and_gives_the_same_logits(tmp_path, t
     ids = torch.randint(0, model.config.vocab_size, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
+
+
+class _Counted:
+    """A Checkpointable: a model, its optimizer and a counter, saved and restored as one object."""
+
+    def __init__(self, model, opt, position=0):
+        from gopd_fast.checkpoint import ModelOptimizerState
+
+        self.inner = ModelOptimizerState(model, opt)
+        self.position = position
+
+    def state_dict(self):
+        return {**self.inner.state_dict(), "trainer": {"position": self.position}}
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+        self.position = state["trainer"]["position"]
+
+
+def test_one_checkpointable_object_is_saved_and_resumed_whole(tmp_path, tokenizer):
+    from gopd_fast.checkpoint import Checkpointable
+
+    model = _model(tokenizer, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _train_a_bit(model, opt)
+    state = _Counted(model, opt, position=7)
+    assert isinstance(state, Checkpointable)
+    mgr = CheckpointManager(tmp_path, INFO)
+    path = mgr.save_state(3, state)
+    params, moments = _state(model, opt)
+
+    fresh = _model(tokenizer, 1)
+    restored = _Counted(fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+    assert mgr.resume_state(restored) == path and restored.position == 7
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, params[k], rtol=0, atol=0)
+    got = _state(fresh, restored.inner.optimizer)[1]
+    for a, b in zip(got.values(), moments.values()):
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+    # the same layout as save(model, optimizer, dict): either API reads the other's checkpoints
+    other = _model(tokenizer, 2)
+    assert mgr.load(path, other, torch.optim.AdamW(other.parameters(), lr=1e-3)) == {"position": 7, "step": 3}
+
+
+def test_save_state_rejects_what_is_not_checkpointable(tmp_path):
+    mgr = CheckpointManager(tmp_path, INFO)
+    with pytest.raises(TypeError, match="state must be a Checkpointable"):
+        mgr.save_state(1, {"model": {}})
+    with pytest.raises(TypeError, match="state must be a Checkpointable"):
+        mgr.resume_state(object())

@@ -114,8 +114,8 @@ def test_cli_prints_config_errors_and_exits_2(monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------------------
 
 def _config_roots() -> dict[str, tuple[type, str]]:
-    from gopd_fast.demo import DemoConfig
-    from gopd_fast.sft import SFTConfig
+    from gopd_fast.demo.config import DemoConfig
+    from gopd_fast.demo.sft import SFTConfig
 
     return {"trainer": (Config, ""), "demo": (DemoConfig, ""), "sft": (SFTConfig, "SFTConfig")}
 

@@ -6,7 +6,13 @@ import torch
 from torch import nn
 
 from gopd_fast.config import ObjectiveConfig
-from gopd_fast.objectives import DistillationObjective, LossOutput, token_weights
+from gopd_fast.objectives import (
+    DistillationObjective,
+    LossOutput,
+    roles_in_play,
+    select_loss_tokens,
+    token_weights,
+)
 from gopd_fast.rollout.episode import Role
 
 S, T = int(Role.STUDENT), int(Role.TEACHER)
@@ -125,3 +131,114 @@ def test_padded_teacher_vocabulary_uses_its_first_rows(student):
     got = DistillationObjective(cfg, s_head, padded)(hs, ht, targets, roles, 9.0)
     want = DistillationObjective(cfg, s_head, t_head)(hs, ht, targets, roles, 9.0)
     assert float(got.loss.detach()) == pytest.approx(float(want.loss.detach()), rel=1e-6)
+
+
+C = int(Role.CONTEXT)
+
+
+def _packed(seed=3, rows=2, width=9):
+    """A packed micro-batch [R, L] with positions without loss (CONTEXT) between the loss tokens."""
+    _, _, s_head, t_head, _, _ = _problem(seed)
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(rows, width, DS, generator=g, dtype=torch.float64)
+    ht = torch.randn(rows, width, DT, generator=g, dtype=torch.float64)
+    roles = torch.tensor([S, T, C])[torch.randint(0, 3, (rows, width), generator=g)]
+    targets = torch.randint(0, V, (rows, width), generator=g)
+    return hs, ht, s_head, t_head, roles, targets
+
+
+@pytest.mark.parametrize("student,teacher", [("reverse_kl", "forward_kl"), ("sampled_kl", "cross_entropy"),
+                                             ("none", "cross_entropy")])
+def test_a_packed_micro_batch_equals_its_loss_tokens_alone(student, teacher):
+    """[R, L] rows in, positions without loss dropped inside: the loss, the sums and the gradients equal those
+    of the loss tokens passed flat, and the other positions get an exactly zero gradient."""
+    hs, ht, s_head, t_head, roles, targets = _packed()
+    cfg = ObjectiveConfig(student_tokens=student, teacher_tokens=teacher)
+    obj = DistillationObjective(cfg, s_head, t_head)
+    keep = roles != C
+    packed_h = hs.clone().requires_grad_(True)
+    packed = obj(packed_h, ht, targets, roles, 11.0)
+    packed.loss.backward()
+    flat_h = hs[keep].clone().requires_grad_(True)
+    flat = obj(flat_h, ht[keep], targets[keep], roles[keep], 11.0)
+    flat.loss.backward()
+    assert float(packed.loss.detach()) == pytest.approx(float(flat.loss.detach()), rel=1e-12)
+    assert packed.sums == pytest.approx(flat.sums, rel=1e-12)
+    assert packed.sums["student_tokens"] + packed.sums["teacher_tokens"] == float(keep.sum())
+    torch.testing.assert_close(packed_h.grad[keep], flat_h.grad, rtol=1e-12, atol=1e-15)
+    assert bool((packed_h.grad[~keep] == 0).all()) and bool(packed_h.grad[keep].abs().sum() > 0)
+
+
+def test_select_loss_tokens_orders_them_by_term_in_contiguous_groups():
+    roles = torch.tensor([[T, C, S, S], [C, T, S, C]])
+    targets = torch.arange(8).reshape(2, 4)
+    cfg = ObjectiveConfig(student_tokens="sampled_kl", teacher_tokens="cross_entropy")
+    tokens = select_loss_tokens(targets, roles, cfg)
+    # sampled (student) tokens first, then cross-entropy (teacher) ones; each group keeps the batch order
+    assert tokens.index.tolist() == [2, 3, 6, 0, 5]
+    assert tokens.target_ids.tolist() == [2, 3, 6, 0, 5] and tokens.roles.tolist() == [S, S, S, T, T]
+    assert tokens.groups == {"kl": slice(0, 0), "sampled": slice(0, 3), "cross_entropy": slice(3, 5),
+                             "none": slice(5, 5)}
+    hidden = torch.arange(8.0)[:, None].expand(8, 3).reshape(2, 4, 3)
+    assert tokens.gather(hidden)[:, 0].tolist() == [2.0, 3.0, 6.0, 0.0, 5.0]
+    # tokens of a role without loss still count (they are in the normalizer), in the last group
+    tokens = select_loss_tokens(targets, roles, ObjectiveConfig(student_tokens="none", teacher_tokens="forward_kl"))
+    assert tokens.index.tolist() == [0, 5, 2, 3, 6] and tokens.groups["none"] == slice(2, 5)
+    with pytest.raises(ValueError, match="share N"):
+        select_loss_tokens(targets[:, :3], roles, cfg)
+
+
+def test_each_head_is_gathered_once_per_call(monkeypatch):
+    """The sampled-token and cross-entropy terms both read the student head: it is resolved once."""
+    from gopd_fast import module
+
+    hs, ht, s_head, t_head, roles, targets = _problem(4)
+    calls = []
+    full = module._full
+    monkeypatch.setattr(module, "_full", lambda t: (calls.append(t), full(t))[1])
+    cfg = ObjectiveConfig(student_tokens="sampled_kl", teacher_tokens="cross_entropy")
+    DistillationObjective(cfg, s_head, t_head)(hs, ht, targets, roles, 5.0)
+    weights = [t for t in calls if t is not None]
+    assert len(weights) == 2 and weights[0] is s_head.weight and weights[1] is t_head.weight
+
+
+@pytest.mark.parametrize("algorithm,student,teacher,needed", [
+    ("gopd", "reverse_kl", "forward_kl", True),
+    ("gopd", "none", "cross_entropy", False),
+    ("gopd", "sampled_kl", "cross_entropy", True),
+    ("opd", "reverse_kl", "cross_entropy", True),
+    ("sft", "reverse_kl", "cross_entropy", False),   # student tokens never occur under SFT
+    ("sft", "none", "forward_kl", True),
+])
+def test_the_objective_decides_whether_the_teacher_runs(algorithm, student, teacher, needed):
+    hs, _, s_head, t_head, roles, targets = _problem(5)
+    cfg = ObjectiveConfig(student_tokens=student, teacher_tokens=teacher)
+    obj = DistillationObjective(cfg, s_head, t_head, algorithm=algorithm)
+    assert obj.needs_teacher is needed
+    in_play = torch.isin(roles, torch.tensor([int(r) for r in roles_in_play(algorithm)]))
+    assert token_weights(roles[in_play], cfg).needs_teacher is needed    # the same rule on a batch
+    if not needed:   # the teacher's hidden states are not asked for
+        out = obj(hs[in_play], None, targets[in_play], roles[in_play], 3.0)
+        assert out.sums["kl_tokens"] == 0.0 and float(out.loss.detach()) > 0
+
+
+def test_a_micro_batch_without_loss_tokens_still_reaches_every_student_input():
+    """A rank's padding micro-batch: loss 0, and backward gives zero (not missing) gradients to the hidden states
+    and the head, so every rank runs the same collectives."""
+    hs, ht, s_head, t_head, roles, targets = _packed(6)
+    for cfg, algorithm in ((ObjectiveConfig(), "gopd"),
+                           (ObjectiveConfig(student_tokens="none", teacher_tokens="cross_entropy"), "sft")):
+        s_head.weight.grad = None
+        h = hs.clone().requires_grad_(True)
+        out = DistillationObjective(cfg, s_head, t_head, algorithm=algorithm)(
+            h, ht, targets, torch.full_like(roles, C), 1.0)
+        out.loss.backward()
+        assert float(out.loss.detach()) == 0.0 and out.sums["student_tokens"] + out.sums["teacher_tokens"] == 0
+        assert h.grad is not None and not bool(h.grad.any())
+        assert s_head.weight.grad is not None and not bool(s_head.weight.grad.any())
+
+
+def test_unknown_algorithm_is_an_error():
+    _, _, s_head, t_head, _, _ = _problem()
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        DistillationObjective(ObjectiveConfig(), s_head, t_head, algorithm="ppo")

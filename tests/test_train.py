@@ -297,3 +297,35 @@ def test_non_finite_loss_skips_the_update_and_is_counted(trainer_and_batch):
     with torch.no_grad():
         weight.copy_(saved)
     assert trainer.step(episodes)["skipped"] == 0
+
+
+def test_train_state_saves_and_restores_the_whole_trainer_as_one_object(trainer_and_batch, tmp_path):
+    """TrainState -> CheckpointManager.save_state; a later update, cursor move and counter change are all undone
+    by resume_state (weights, optimizer moments, LR scheduler, task cursor, skipped steps, step)."""
+    from gopd_fast.checkpoint import Checkpointable, CheckpointManager
+    from gopd_fast.curriculum import BetaSchedule, TaskCursor
+    from gopd_fast.train_state import TrainState
+
+    trainer, episodes = trainer_and_batch
+    cfg = trainer.cfg
+    state = TrainState(trainer, BetaSchedule(cfg.curriculum, cfg.run.total_steps),
+                       TaskCursor([f"task-{i}" for i in range(7)], seed=3), step=4)
+    assert isinstance(state, Checkpointable)
+    trainer.step(episodes)          # optimizer moments and a scheduler position to restore
+    state.cursor.take(3)
+    mgr = CheckpointManager(tmp_path, CPU)
+    path = mgr.save_state(4, state)
+    params = {k: v.detach().clone() for k, v in trainer.student.state_dict().items()}
+    moments = {k: v["exp_avg"].clone() for k, v in trainer.optimizer.state_dict()["state"].items()}
+    epoch, skipped, next_tasks = trainer.scheduler.last_epoch, trainer.skipped_steps, state.cursor.take(2)
+
+    trainer.step(episodes)
+    state.cursor.take(5)
+    state.step, trainer.skipped_steps = 9, skipped + 3
+    assert mgr.resume_state(state) == path
+    for k, v in trainer.student.state_dict().items():
+        torch.testing.assert_close(v, params[k], rtol=0, atol=0)
+    for k, v in trainer.optimizer.state_dict()["state"].items():
+        torch.testing.assert_close(v["exp_avg"], moments[k], rtol=0, atol=0)
+    assert (trainer.scheduler.last_epoch, trainer.skipped_steps, state.step) == (epoch, skipped, 4)
+    assert state.cursor.take(2) == next_tasks

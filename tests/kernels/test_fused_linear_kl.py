@@ -10,6 +10,7 @@ from gopd_fast.kernels.fused_linear_kl import (
     fused_linear_kl_triton,
     schedule_default,
 )
+from gopd_fast.kernels.schedule import CHOICES
 
 import gopd_fast
 
@@ -48,16 +49,16 @@ def test_stats_keys_and_values(problem, ref):
     _, stats = call(p, return_stats=True, target_ids=p["targets"], temperature=0.9)
     _, expected = ref(p["hs"], p["ws"], p["ht"], p["wt"], p["bs"], p["bt"], p["rw"], p["fw"], jsd_beta=None,
                       temperature=0.9, target_ids=p["targets"])
-    assert set(stats) == set(expected)
+    assert set(stats) == set(expected) | {"schedule"}
     for name, value in expected.items():
         assert not stats[name].requires_grad
         assert (stats[name].double() - value).abs().max() < 1e-5, name
     _, no_targets = call(p, return_stats=True)
-    assert set(no_targets) == {"reverse_kl", "forward_kl", "student_entropy"}
+    assert set(no_targets) == {"reverse_kl", "forward_kl", "student_entropy", "schedule"}
     assert call(p)[1] is None
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", SCHEDULES)  # logit_block: tests/kernels/test_logit_block.py
 def test_every_output_element_is_written(problem, monkeypatch, schedule):
     """Buffers the kernels fully overwrite are handed out filled with NaN; results must not change. The small
     buffer budget splits the backward into several token and vocabulary blocks."""
@@ -69,7 +70,7 @@ def test_every_output_element_is_written(problem, monkeypatch, schedule):
         loss, stats = call({**p, "hs": hs, "ws": ws, "bs": bs}, jsd_beta=0.4, return_stats=True,
                            target_ids=p["targets"], schedule=schedule)
         loss.sum().backward()
-        return [loss.detach(), *stats.values(), hs.grad, ws.grad, bs.grad]
+        return [loss.detach(), *(v for k, v in stats.items() if k != "schedule"), hs.grad, ws.grad, bs.grad]
 
     clean = run()
 
@@ -86,12 +87,13 @@ def test_every_output_element_is_written(problem, monkeypatch, schedule):
 
 def test_schedule_env_var(monkeypatch):
     monkeypatch.delenv("GOPD_BACKWARD", raising=False)
-    assert schedule_default() == "one_pass"
-    for name in SCHEDULES:
+    assert schedule_default() == "auto"
+    for name in CHOICES:
         monkeypatch.setenv("GOPD_BACKWARD", f" {name.upper()} ")
         assert schedule_default() == name
     monkeypatch.setenv("GOPD_BACKWARD", "0")
-    with pytest.raises(ValueError, match="GOPD_BACKWARD must be one of one_pass, two_pass, atomic; got '0'"):
+    with pytest.raises(ValueError, match="GOPD_BACKWARD must be one of auto, logit_block, one_pass, two_pass, "
+                                         "atomic, skip; got '0'"):
         schedule_default()
 
 

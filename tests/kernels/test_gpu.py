@@ -15,7 +15,7 @@ pytestmark = [
 
 
 @pytest.mark.parametrize("jsd_beta", [None, 0.5])
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", [*SCHEDULES, "logit_block", "skip"])
 def test_bf16_matches_float64(problem, ref, rel_err, jsd_beta, schedule):
     p = problem(n=517, vocab=8191, ds=320, dt=192, dtype=torch.bfloat16, device=torch.device("cuda"))
     hs, ws, bs = (p[k].clone().requires_grad_() for k in ("hs", "ws", "bs"))

@@ -100,9 +100,14 @@ class HFEngine(GenerationEngine):
         stats = self._stats
         stats.requests += len(prompts)
         stats.prompt_tokens += sum(len(p) for p in prompts)
+        stats.cached_prompt_tokens += sum(g.num_cached_tokens for g in out)
         stats.generated_tokens += sum(len(g.token_ids) for g in out)
         stats.generate_seconds += time.perf_counter() - t0
         return out  # type: ignore[return-value]
+
+    def _stop_ids(self, sampling: SamplingConfig) -> list[int]:
+        """The ids that end a turn: the model's eos ids and the call's extra stop ids."""
+        return sorted(set(self.eos_token_ids) | set(sampling.stop_token_ids))
 
     @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
@@ -112,7 +117,7 @@ class HFEngine(GenerationEngine):
         for r, p in enumerate(prompts):
             input_ids[r, width - len(p):] = torch.tensor(p)
             attention_mask[r, width - len(p):] = 1
-        stop_ids = sorted(set(self.eos_token_ids) | set(sampling.stop_token_ids))
+        stop_ids = self._stop_ids(sampling)
         greedy = sampling.temperature == 0
         out = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),

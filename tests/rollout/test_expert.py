@@ -1,14 +1,13 @@
-"""Oracle-episode rendering and the SFT loop (gopd_fast.sft)."""
+"""The oracle as a writer of turns (gopd_fast.rollout.expert): token-exact expert episodes and the oracle's text."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from gopd_fast import envs
-from gopd_fast.models import build_model, config_for_tokenizer, train_tokenizer
+from gopd_fast.models import train_tokenizer
 from gopd_fast.rollout.episode import Role
+from gopd_fast.rollout.expert import ACTION_FORMAT, oracle_episodes, oracle_text
 from gopd_fast.rollout.history import ChatFormat
-from gopd_fast.sft import ACTION_FORMAT, SFTConfig, collate, oracle_episodes, train_sft
 
 
 @pytest.fixture(scope="module")
@@ -62,23 +61,31 @@ def test_noise_turns_are_student_role_and_recovered(setup):
         oracle_episodes(env, env.tasks("train")[:1], chat, noise=1.0)
 
 
-def test_collate_masks_roles_and_padding(setup):
-    env, tok, chat = setup
-    eps = oracle_episodes(env, env.tasks("train")[:3], chat, noise=0.3, seed=2)
-    _, mask, labels = collate(eps, tok.pad_token_id, train_roles=(Role.TEACHER,))
-    for row, ep in enumerate(eps):
-        n = len(ep.token_ids)
-        assert mask[row, :n].all() and not mask[row, n:].any()
-        expect = [t if r == Role.TEACHER else -100 for t, r in zip(ep.token_ids, ep.roles)]
-        assert labels[row, :n].tolist() == expect and (labels[row, n:] == -100).all()
+def test_oracle_text_is_the_oracle_runs_observations_and_actions(setup):
+    env, _, _ = setup
+    tasks = env.tasks("train")[:3]
+    text = oracle_text(env, tasks)
+    want: list[str] = []
+    for t in tasks:   # an independent replay of the oracle
+        want.append(env.reset(t).observation)
+        done = False
+        while not done:
+            a = env.expert_action()
+            s = env.step(a)
+            want += [ACTION_FORMAT.format(action=a), s.observation]
+            done = s.done
+    assert text == want
+    noisy = oracle_text(env, tasks, noise=0.5, seed=1)
+    assert noisy != text and noisy == oracle_text(env, tasks, noise=0.5, seed=1)   # seeded, and it deviates
+    with pytest.raises(ValueError, match="noise"):
+        oracle_text(env, tasks, noise=-0.1)
 
 
-def test_train_sft_lowers_the_loss(setup):
+def test_the_trainer_expert_source_renders_with_it(setup):
+    """ExpertSource (rollout.engine = "expert") serves exactly the episodes oracle_episodes renders."""
+    from gopd_fast.train_setup import ExpertSource
+
     env, tok, chat = setup
-    eps = oracle_episodes(env, env.tasks("train")[:16], chat)
-    model = build_model(config_for_tokenizer("student-tiny", tok), seed=0)
-    losses = train_sft(model, eps, SFTConfig(steps=12, batch_size=8, lr=3e-3, warmup_steps=2), pad_id=tok.pad_token_id)
-    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-3:]) / 3 < 0.75 * losses[0]
-    with pytest.raises(ValueError, match="steps"):
-        SFTConfig(steps=0)
+    tasks = env.tasks("train")[:2]
+    got = ExpertSource(env, tok).collect(tasks, beta=0.0, temperature=1.0, seed=0)
+    assert [e.token_ids for e in got] == [e.token_ids for e in oracle_episodes(env, tasks, chat)]

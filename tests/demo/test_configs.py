@@ -1,4 +1,4 @@
-"""The demo configs for the Java envs (ScienceWorld, TextWorldExpress) load, and every method's trainer overrides
+"""The demo configs for the Java envs (ScienceWorld, TextWorldExpress) load, and every method's trainer settings
 build a valid trainer config whose env is the demo's. No env is started (no JVM): this only checks the plumbing
 between configs/demo-*.toml, gopd_fast.demo and gopd_fast.config."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gopd_fast import demo
-from gopd_fast.config import load_config
+from gopd_fast.demo import run as demo
+from gopd_fast.train_setup import make_env
 
 JVM_DEMO_CONFIGS = {
     "demo-textworld-express.toml": "textworld-express",
@@ -33,11 +33,10 @@ def test_demo_config_loads(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(JVM_DEMO_CONFIGS))
 @pytest.mark.parametrize("method", [m for m in demo.METHODS if m != "zero-shot"])
-def test_trainer_overrides_build_the_demo_env(name: str, method: str, tmp_path: Path) -> None:
+def test_trainer_config_builds_the_demo_env(name: str, method: str, tmp_path: Path) -> None:
     cfg = demo.load_demo_config(_config_path(name))
-    overrides = demo.trainer_overrides(cfg, method, seed=2, student_dir=tmp_path / "student",
-                                       teacher_dir=tmp_path / "teacher", out_dir=tmp_path / "out")
-    trainer = load_config(demo.REPO_DIR / cfg.distill.trainer_config, overrides)
+    trainer = demo.trainer_config(cfg, method, seed=2, student_dir=tmp_path / "student",
+                                  teacher_dir=tmp_path / "teacher", out_dir=tmp_path / "out")
     assert trainer.env.name == cfg.env
     assert trainer.env.max_turns == cfg.max_turns
     # env.seed is its own field; every other demo env option reaches envs.make through env.options, unchanged.
@@ -84,6 +83,6 @@ def test_demo_envs_use_the_pool_when_set() -> None:
     try:
         assert isinstance(envs.slots, EnvPool) and envs.slots.num_workers == 1
         first = envs.slots.reset(0, "household/eval/0").result(timeout=120)
-        assert first.observation == demo.make_env(envs.cfg).reset("household/eval/0").observation
+        assert first.observation == make_env(demo.env_config(envs.cfg)).reset("household/eval/0").observation
     finally:
         envs.close()

@@ -1,11 +1,11 @@
-"""The demo's figures are written as PNG files from plain data (gopd_fast.plots)."""
+"""The demo's figures are written as PNG files from plain data (gopd_fast.demo.plots)."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from gopd_fast import plots
+from gopd_fast.demo import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -13,9 +13,10 @@ Phases (each timed against the plan in the config, both printed):
                  SFT-ed on a few expert episodes (the stand-in for the paper's pretrained students: a random-init
                  student would flatter guidance)
   reference      teacher and zero-shot (untrained base) evaluations
-  distill        for every seed and method: ``gopd_fast.train.run`` from the same base, then a held-out evaluation
-  diagnostics    the failure-mode diagnostic (``gopd_fast.diagnostics``) on student-only vs teacher-only rollouts
-  report         table, plots (``gopd_fast.plots``), results.json / results.md in the run folder
+  distill        for every seed and method: ``gopd_fast.train.run`` from the same base (the trainer's typed
+                 ``Config``: configs/demo-trainer.toml with this config's values), then a held-out evaluation
+  diagnostics    the failure-mode diagnostic (``gopd_fast.demo.diagnostics``) on student-only vs teacher-only rollouts
+  report         table, plots (``gopd_fast.demo.plots``), results.json / results.md in the run folder
 """
 from __future__ import annotations
 
@@ -24,115 +25,25 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from gopd_fast.typed_config import SEED_RANGE, ConfigError, Section, build, load_toml, spec
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_DIR = PACKAGE_DIR.parent
-ASSETS_DIR = PACKAGE_DIR / "assets"
-METHODS = ("zero-shot", "sft", "opd", "guided-opd", "constant-0.5")
-
-# Trainer overrides that turn the shared trainer config into each distillation method.
-METHOD_OVERRIDES: dict[str, list[str]] = {
-    "sft": ["run.algorithm=sft", "objective.teacher_tokens=cross_entropy"],   # SFT on teacher-only rollouts
-    "opd": ["run.algorithm=opd", "curriculum.schedule=none"],                 # vanilla on-policy distillation
-    "guided-opd": ["run.algorithm=gopd", "curriculum.schedule=cosine", "curriculum.beta_start=1.0",
-                   "curriculum.beta_end=0.0", "curriculum.ratio=0.8"],
-    "constant-0.5": ["run.algorithm=gopd", "curriculum.schedule=constant", "curriculum.beta_start=0.5"],
-}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TeacherSpec(Section, section="teacher"):
-    asset: str = spec("household-full-teacher", path=True)   # gopd_fast/assets/<asset>: committed checkpoint
-    size: str = spec("teacher-tiny", nonempty=True)
-    num_hidden_layers: int = spec(0, ge=0, le=1000)   # 0: the size's default depth; else override it
-    vocab_size: int = spec(512, ge=64, le=10 ** 7)
-    tokenizer_tasks: int = spec(400, ge=1, le=10 ** 7)  # train tasks whose (noisy) oracle text trains the tokenizer
-    sft_episodes: int = spec(1000, ge=1, le=10 ** 7)    # oracle episodes the teacher is trained on (<= train split)
-    noise: float = spec(0.1, ge=0, le=1)   # fraction of random (non-expert) turns in its data: it sees some recovery
-    sft_steps: int = spec(250, ge=1, le=10 ** 7)
-    batch_size: int = spec(16, ge=1, le=10 ** 6)
-    lr: float = spec(3e-3, gt=0, le=10)
-    seed: int = spec(0, **SEED_RANGE)
-
-
-@dataclass(frozen=True)
-class StudentSpec(Section, section="student"):
-    size: str = spec("student-tiny", nonempty=True)
-    num_hidden_layers: int = spec(0, ge=0, le=1000)   # 0: the size's default depth; else override it
-    base_episodes: int = spec(32, ge=1, le=10 ** 7)   # expert episodes of the brief base SFT
-    base_steps: int = spec(40, ge=1, le=10 ** 7)
-    batch_size: int = spec(16, ge=1, le=10 ** 6)
-    lr: float = spec(3e-3, gt=0, le=10)
-    seed: int = spec(1, **SEED_RANGE)
-
-
-@dataclass(frozen=True)
-class DistillSpec(Section, section="distill"):
-    trainer_config: str = spec("configs/demo-trainer.toml", path=True)
-    total_steps: int = spec(8, ge=1, le=10 ** 7)
-    episodes_per_step: int = spec(8, ge=1, le=10 ** 6)
-    lr: float = spec(1e-3, gt=0, le=10)
-    eval_every: int = spec(4, ge=0, le=10 ** 7)             # learning-curve points (0: only at the end)
-    curve_eval_episodes: int = spec(16, ge=1, le=10 ** 6)   # held-out tasks per learning-curve point
-    extra_overrides: tuple[str, ...] = ()   # more trainer section.key=value overrides
-
-
-@dataclass(frozen=True)
-class EvalSpec(Section, section="eval"):
-    tasks: int = spec(48, ge=1, le=10 ** 6)              # held-out (eval split) tasks per evaluation
-    temperature: float = spec(0.4, ge=0, le=100)
-    max_new_tokens: int = spec(24, ge=1, le=10 ** 6)
-    diagnostic_tasks: int = spec(12, ge=1, le=10 ** 6)
-    # Episodes generated together (0: all tasks at once). Each in-flight episode holds an env: set a cap for
-    # envs that are expensive to start or hold (ScienceWorld / TextWorldExpress start a JVM per env).
-    max_in_flight: int = spec(0, ge=0, le=10 ** 6)
-
-
-@dataclass(frozen=True)
-class DemoConfig(Section):
-    env: str = spec("household", nonempty=True)
-    # observe="full": the state the oracle plans on is in every observation, so a CPU-sized teacher can learn the
-    # oracle (gopd_fast/envs/household/observe.py); the compounding-error mechanisms are unchanged.
-    env_options: dict[str, Any] = field(default_factory=lambda: {"seed": 0, "observe": "full"})
-    max_turns: int = spec(15, ge=1, le=10 ** 6)
-    # Evaluation and training rollouts step their envs in an EnvPool (worker processes surviving crashes and
-    # hangs) instead of threads; passed to the trainer as env.pool / env.pool_workers / env.step_timeout_s.
-    env_pool: bool = False
-    env_pool_workers: int = spec(2, ge=1, le=4096)
-    env_step_timeout_s: float = spec(120.0, gt=0, le=86400.0)
-    seeds: tuple[int, ...] = spec((0, 1, 2), nonempty=True, **SEED_RANGE)
-    methods: tuple[Literal[METHODS], ...] = spec(METHODS, nonempty=True)
-    budget_s: float = spec(1200.0, gt=0)             # the wall-time target the plan is checked against
-    plan_s: dict[str, float] = spec(factory=dict, ge=0)  # noqa: RUF009 (a field(default_factory=dict)); phase -> planned s ([plan])
-    teacher: TeacherSpec = field(default_factory=TeacherSpec)
-    student: StudentSpec = field(default_factory=StudentSpec)
-    distill: DistillSpec = field(default_factory=DistillSpec)
-    eval: EvalSpec = field(default_factory=EvalSpec)
-
-
-def load_demo_config(path: str | Path) -> DemoConfig:
-    """The demo TOML at ``path``, through the trainer's typed loader: every problem is a ``ConfigError``."""
-    data = load_toml(path, what="demo config")
-    if "plan" in data:
-        if "plan_s" in data:
-            raise ConfigError("demo config: give the phase plan once, as the [plan] table (not also plan_s)")
-        data["plan_s"] = data.pop("plan")
-    return build(DemoConfig, data)
-
+from gopd_fast.demo.config import (
+    ASSETS_DIR,
+    METHODS,
+    REPO_DIR,
+    DemoConfig,
+    beta_schedule,
+    env_config,
+    load_demo_config,
+    trainer_config,
+)
+from gopd_fast.typed_config import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------
 # Time plan
@@ -185,12 +96,6 @@ class _Phase:
 # Env, tokenizer and models
 # ---------------------------------------------------------------------------------------------------------
 
-def make_env(cfg: DemoConfig):
-    from gopd_fast import envs
-
-    return envs.make(cfg.env, max_turns=cfg.max_turns, **cfg.env_options)
-
-
 class DemoEnvs:
     """The envs of one demo run, started on first use and kept for every evaluation and diagnostic rollout:
     env slots for episodes in flight (at most ``eval.max_in_flight`` when set) and one env for replays. A JVM env
@@ -198,12 +103,13 @@ class DemoEnvs:
 
     def __init__(self, cfg: DemoConfig) -> None:
         from gopd_fast.rollout.envs import env_slots
+        from gopd_fast.train_setup import env_options
 
         self.cfg = cfg
         cap = cfg.eval.max_in_flight
-        self.slots = env_slots(cfg.env, {"max_turns": cfg.max_turns, **cfg.env_options}, pool=cfg.env_pool,
-                               pool_workers=cfg.env_pool_workers, step_timeout_s=cfg.env_step_timeout_s,
-                               threads=min(cap, 8) if cap > 0 else 8)
+        env = env_config(cfg)
+        self.slots = env_slots(env.name, env_options(env), pool=env.pool, pool_workers=env.pool_workers,
+                               step_timeout_s=env.step_timeout_s, threads=min(cap, 8) if cap > 0 else 8)
         self._replay = None
 
     def max_in_flight(self, n_tasks: int) -> int:
@@ -212,8 +118,10 @@ class DemoEnvs:
 
     @property
     def replay_env(self):
+        from gopd_fast.train_setup import make_env
+
         if self._replay is None:
-            self._replay = make_env(self.cfg)
+            self._replay = make_env(env_config(self.cfg))
         return self._replay
 
     def close(self) -> None:
@@ -239,25 +147,14 @@ def _envs_for(cfg: DemoConfig, envs: DemoEnvs | None) -> Iterator[DemoEnvs]:
 def env_corpus(cfg: DemoConfig, n_tasks: int, noise: float = 0.3, seed: int = 0) -> list[str]:
     """Observations and ``Action: ...`` lines of noisy oracle runs: the tokenizer's training text (noise so the
     tokenizer also sees refusals and off-path rooms)."""
-    import random
+    from gopd_fast.rollout.expert import oracle_text
+    from gopd_fast.train_setup import make_env
 
-    rng = random.Random(seed)
-    env = make_env(cfg)
-    texts: list[str] = []
+    env = make_env(env_config(cfg))
     try:
-        for task in env.tasks("train")[:n_tasks]:
-            first = env.reset(task)
-            texts.append(first.observation)
-            admissible, done = first.admissible_actions, False
-            while not done and (action := env.expert_action()) is not None:
-                if admissible and rng.random() < noise:
-                    action = rng.choice(list(admissible))
-                step = env.step(action)
-                texts += [f"Action: {action}", step.observation]
-                admissible, done = step.admissible_actions, step.done
+        return oracle_text(env, env.tasks("train")[:n_tasks], noise=noise, seed=seed)
     finally:
         env.close()
-    return texts
 
 
 def env_fingerprint(cfg: DemoConfig, n_tasks: int = 16) -> str:
@@ -283,14 +180,16 @@ def build_teacher(cfg: DemoConfig, out_dir: Path, log=print) -> dict[str, Any]:
     """Tokenizer on the env's text + teacher SFT on (noisy) oracle episodes; saved with save_pretrained."""
     import torch
 
+    from gopd_fast.demo.sft import SFTConfig, train_sft
     from gopd_fast.models import save_model, train_tokenizer
     from gopd_fast.rollout.episode import Role
-    from gopd_fast.sft import SFTConfig, oracle_episodes, train_sft
+    from gopd_fast.rollout.expert import oracle_episodes
+    from gopd_fast.train_setup import make_env
 
     t = cfg.teacher
     t0 = time.perf_counter()
     tokenizer = train_tokenizer(env_corpus(cfg, t.tokenizer_tasks), t.vocab_size)
-    env = make_env(cfg)
+    env = make_env(env_config(cfg))
     try:
         episodes = oracle_episodes(env, env.tasks("train")[:t.sft_episodes], chat_format(tokenizer),
                                    noise=t.noise, seed=t.seed)
@@ -312,11 +211,13 @@ def build_teacher(cfg: DemoConfig, out_dir: Path, log=print) -> dict[str, Any]:
 
 def build_student_base(cfg: DemoConfig, tokenizer: Any, out_dir: Path, log=print) -> dict[str, Any]:
     """A fresh smaller Qwen3 briefly SFT-ed on a few pure expert episodes (weak, but it knows the format)."""
+    from gopd_fast.demo.sft import SFTConfig, train_sft
     from gopd_fast.models import save_model
-    from gopd_fast.sft import SFTConfig, oracle_episodes, train_sft
+    from gopd_fast.rollout.expert import oracle_episodes
+    from gopd_fast.train_setup import make_env
 
     s = cfg.student
-    env = make_env(cfg)
+    env = make_env(env_config(cfg))
     try:
         # The tail of the train split: disjoint from the first tasks the distillation runs start with.
         tasks = env.tasks("train")[-s.base_episodes:]
@@ -342,13 +243,14 @@ def rollout(cfg: DemoConfig, student_dir: Path | str, tasks: Sequence[str], *, s
     ``envs`` when given, else on envs started and closed for this call."""
     import torch
 
-    from gopd_fast.rollout.engines.hf import HFEngine
+    from gopd_fast.rollout.engines.hf_cached import load_hf_engine
     from gopd_fast.rollout.rollout import RolloutOptions, run_rollout
 
-    # run_rollout passes no per-call sampling seed, so HFEngine samples from the global RNG: seed it per evaluation.
+    # run_rollout passes no per-call sampling seed, so the HF engines sample from the global RNG: seed it per
+    # evaluation.
     torch.manual_seed(seed)
-    student = HFEngine.from_pretrained(str(student_dir))
-    teacher = HFEngine.from_pretrained(str(teacher_dir)) if teacher_dir is not None else None
+    student = load_hf_engine(str(student_dir), kv_reuse=cfg.eval.kv_reuse)
+    teacher = load_hf_engine(str(teacher_dir), kv_reuse=cfg.eval.kv_reuse) if teacher_dir is not None else None
     tokenizer = _tokenizer(student_dir)
     with _envs_for(cfg, envs) as run_envs:
         options = RolloutOptions(max_turns=cfg.max_turns, max_new_tokens=cfg.eval.max_new_tokens,
@@ -373,7 +275,7 @@ def _tokenizer(path: Path | str):
 def evaluate(cfg: DemoConfig, model_dir: Path | str, *, seed: int, tasks: Sequence[str],
              envs: DemoEnvs | None = None) -> list[dict[str, Any]]:
     """Student-only evaluation at the eval temperature; per-episode records incl. score at every turn limit."""
-    from gopd_fast.diagnostics import replay, score_at_turn_limits
+    from gopd_fast.demo.diagnostics import replay, score_at_turn_limits
 
     with _envs_for(cfg, envs) as run_envs:
         episodes = rollout(cfg, model_dir, tasks, seed=seed, temperature=cfg.eval.temperature, envs=run_envs)
@@ -405,8 +307,7 @@ def summarize(records_by_seed: dict[int, list[dict[str, Any]]]) -> dict[str, Any
         scale = 100.0 if key == "success_rate" else 1.0
         get = (lambda r: 100.0 * bool(r["success"])) if key == "success_rate" else (lambda r, k=key: float(r[k]))
         per_seed = [sum(get(r) for r in recs) / len(recs) for recs in records_by_seed.values() if recs]
-        mu = sum(per_seed) / len(per_seed)
-        sd = math.sqrt(sum((x - mu) ** 2 for x in per_seed) / (len(per_seed) - 1)) if len(per_seed) > 1 else math.nan
+        sd = statistics.stdev(per_seed) if len(per_seed) > 1 else float("nan")
         out[key] = {"mean": iv.mean * scale, "low": iv.low * scale, "high": iv.high * scale, "method": iv.method,
                     "per_seed": per_seed, "seed_sd": sd}
     return out
@@ -427,56 +328,15 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Distillation (the trainer does the work)
+# Distillation (the trainer does the work, with the Config of demo.config.trainer_config)
 # ---------------------------------------------------------------------------------------------------------
-
-def toml_value(value: Any) -> str:
-    """A Python value as a TOML literal (for ``section.key=value`` trainer overrides)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)      # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} as a TOML value: {value!r}")
-
-
-def trainer_overrides(cfg: DemoConfig, method: str, seed: int, student_dir: Path, teacher_dir: Path,
-                      out_dir: Path) -> list[str]:
-    d = cfg.distill
-    # The demo's env options replace the trainer config's as a whole (env.seed is a field of its own).
-    opts = [f"env.options={toml_value({k: v for k, v in cfg.env_options.items() if k != 'seed'})}"]
-    return [
-        f"run.output_dir={json.dumps(str(out_dir))}", f"run.seed={seed}", f"run.total_steps={d.total_steps}",
-        f"run.eval_every={d.eval_every}", "run.eval_at_end=true", "run.resume=false", "run.export_hf=true",
-        "run.tensorboard=false", "run.progress_bar=false", "run.save_every=0", "run.keep_checkpoints=1",
-        f"model.student={json.dumps(str(student_dir))}", f"model.teacher={json.dumps(str(teacher_dir))}",
-        "model.build_tiny_if_missing=false",
-        f"env.name={json.dumps(cfg.env)}", f"env.max_turns={cfg.max_turns}",
-        f"env.seed={int(cfg.env_options.get('seed', 0))}", f"env.eval_episodes={d.curve_eval_episodes}",
-        f"env.pool={toml_value(cfg.env_pool)}", f"env.pool_workers={cfg.env_pool_workers}",
-        f"env.step_timeout_s={float(cfg.env_step_timeout_s)!r}",
-        *opts,
-        f"rollout.episodes_per_step={d.episodes_per_step}", f"rollout.eval_temperature={cfg.eval.temperature}",
-        f"rollout.max_new_tokens={cfg.eval.max_new_tokens}", f"optim.lr={d.lr}",
-        *METHOD_OVERRIDES[method], *d.extra_overrides,
-    ]
-
 
 def distill(cfg: DemoConfig, method: str, seed: int, student_dir: Path, teacher_dir: Path,
             out_dir: Path) -> dict[str, Any]:
-    from gopd_fast.config import load_config
     from gopd_fast.train import run
 
-    trainer_cfg = load_config(REPO_DIR / cfg.distill.trainer_config if not Path(cfg.distill.trainer_config)
-                              .is_absolute() else cfg.distill.trainer_config,
-                              trainer_overrides(cfg, method, seed, student_dir, teacher_dir, out_dir))
     t0 = time.perf_counter()
-    result = run(trainer_cfg)
+    result = run(trainer_config(cfg, method, seed, student_dir, teacher_dir, out_dir))
     if result.export_dir is None or not (Path(result.export_dir) / "config.json").is_file():
         raise RuntimeError(f"{method} seed {seed}: the trainer exported no student to {result.export_dir}")
     curve = [(int(e["step"]), float(e["eval/score"])) for e in result.evals]
@@ -514,9 +374,8 @@ def resolve_teacher(cfg: DemoConfig, run_dir: Path, log=print) -> tuple[Path, di
 def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
     import torch
 
-    from gopd_fast import plots
-    from gopd_fast.config import load_config
-    from gopd_fast.curriculum import BetaSchedule
+    from gopd_fast.demo import plots
+    from gopd_fast.train_setup import make_env
 
     run_dir.mkdir(parents=True, exist_ok=True)
     clock = PhaseClock(cfg.plan_s, cfg.budget_s)
@@ -529,7 +388,7 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
         teacher_dir, teacher_meta = resolve_teacher(cfg, run_dir)
         results["teacher"] = {"dir": str(teacher_dir), **teacher_meta}
         tokenizer = _tokenizer(teacher_dir)
-    env = make_env(cfg)
+    env = make_env(env_config(cfg))
     eval_tasks = env.tasks("eval")[:cfg.eval.tasks]
     env.close()
 
@@ -572,15 +431,9 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
         order = ["teacher", *[m for m in METHODS if m in records]]
         table_rows = {m: summarize(records[m]) for m in order}
         table = format_table(table_rows)
-        trainer_cfg = load_config(REPO_DIR / cfg.distill.trainer_config)
-        schedules = {}
-        for method in trained:
-            over = METHOD_OVERRIDES[method]
-            ccfg = load_config(None, [o for o in over if o.startswith("curriculum.")]).curriculum
-            betas = [BetaSchedule(ccfg, cfg.distill.total_steps)(k) for k in range(cfg.distill.total_steps)]
-            schedules[method] = ([1.0] * cfg.distill.total_steps if method == "sft"
-                                 else [0.0] * cfg.distill.total_steps if method == "opd" else betas)
-        del trainer_cfg
+        seed0 = cfg.seeds[0]
+        schedules = {m: beta_schedule(trainer_config(cfg, m, seed0, base_dir, teacher_dir,
+                                                     run_dir / "train" / f"{m}-seed{seed0}")) for m in trained}
         curves = {}
         k = cfg.distill.curve_eval_episodes
         for method, by_seed in runs.items():
@@ -631,9 +484,9 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
 def run_diagnostics(cfg: DemoConfig, student_dir: Path, teacher_dir: Path, tokenizer: Any,
                     envs: DemoEnvs | None = None) -> dict[str, Any]:
     """Failure-mode diagnostic on the base student: student-only vs teacher-only rollouts on held-out tasks."""
-    from gopd_fast.diagnostics import failure_mode
+    from gopd_fast.demo.diagnostics import failure_mode
     from gopd_fast.models import load_model
-    from gopd_fast.sft import ACTION_FORMAT
+    from gopd_fast.rollout.expert import ACTION_FORMAT
 
     with _envs_for(cfg, envs) as run_envs:
         env = run_envs.replay_env

@@ -1,16 +1,16 @@
 """Supervised fine-tuning on finished episodes: next-token cross-entropy on the generated tokens only.
 
 The demo uses it twice, before any distillation: to train the teacher on oracle episodes and to give the student
-its weak base (a brief SFT on a few expert episodes, the stand-in for a pretrained model). Episodes are the
-rollout contract (``gopd_fast.rollout.Episode``): token-exact histories whose ``roles`` say which tokens were
-generated. Prompt and observation tokens (``Role.CONTEXT``) carry no loss.
+its weak base (a brief SFT on a few expert episodes, the stand-in for a pretrained model); the episodes come from
+the library's ``gopd_fast.rollout.expert.oracle_episodes``. Episodes are the rollout contract
+(``gopd_fast.rollout.Episode``): token-exact histories whose ``roles`` say which tokens were generated. Prompt and
+observation tokens (``Role.CONTEXT``) carry no loss.
 
 The SFT *distillation baseline* (train on teacher-generated rollouts) is the trainer's job (``gopd_fast.train``);
 this module is the small in-process loop for data that is already on disk or in memory.
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -19,14 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gopd_fast.envs.base import TextEnv
+from gopd_fast.lr_schedule import lr_factor
 from gopd_fast.rollout.episode import Episode, Role
-from gopd_fast.rollout.history import ChatFormat, History
 from gopd_fast.typed_config import SEED_RANGE, Section, spec
-
-# How an action is written as an assistant turn: the ReAct "Action:" line that the rollout's default
-# ActionParser (gopd_fast.rollout.guidance.DEFAULT_ACTION_PATTERN) reads back.
-ACTION_FORMAT = "Action: {action}"
 
 
 @dataclass(frozen=True)
@@ -42,70 +37,8 @@ class SFTConfig(Section, section="SFTConfig"):
 
 
 def _lr_at(step: int, cfg: SFTConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    p = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
-
-
-def oracle_episodes(
-    env: TextEnv,
-    tasks: Sequence[str],
-    chat: ChatFormat,
-    *,
-    noise: float = 0.0,
-    seed: int = 0,
-    action_format: str = ACTION_FORMAT,
-    eos_token_id: int | None = None,
-) -> list[Episode]:
-    """Roll the environment's oracle over ``tasks`` and render each episode token-exactly through ``chat``.
-
-    Each expert turn is the tokens of ``action_format`` + the tokenizer's eos (how a model ends its turn), appended
-    with the same ``History`` the rollout uses, so training data and rollouts share one token layout.
-
-    ``noise``: probability that a turn takes a random admissible non-expert action instead (DAgger-style data:
-    the later expert turns then label the *recovery* from an off-path state). Noise turns are recorded with
-    ``Role.STUDENT`` so ``train_sft(..., train_roles=(Role.TEACHER,))`` never imitates them. ``noise=0`` gives
-    pure expert-path demonstrations (a teacher that has never seen a mistake). ``eos_token_id`` ends each turn
-    (default: the tokenizer's eos).
-    """
-    if not 0.0 <= noise < 1.0:
-        raise ValueError(f"noise must be in [0, 1), got {noise!r}")
-    if env.expert_action.__func__ is TextEnv.expert_action:  # type: ignore[attr-defined]
-        raise ValueError(f"environment {env.name!r} has no oracle (expert_action)")
-    tok = chat.tokenizer
-    eos = [int(tok.eos_token_id if eos_token_id is None else eos_token_id)]
-    rng = random.Random(seed)
-    out: list[Episode] = []
-    for task_id in tasks:
-        first = env.reset(task_id)
-        history = History(chat.initial_prompt(first.prompt))
-        actions: list[str] = []
-        admissible = first.admissible_actions
-        score, success = 0.0, False
-        while True:
-            expert = env.expert_action()
-            if expert is None:
-                break
-            action, role = expert, Role.TEACHER
-            if noise > 0 and admissible and rng.random() < noise:
-                others = [a for a in admissible if a != expert and a not in ("look", "inventory")]
-                if others:
-                    action, role = rng.choice(others), Role.STUDENT
-            response = list(tok(action_format.format(action=action), add_special_tokens=False)["input_ids"]) + eos
-            history.add_response(response, [0.0] * len(response), role)
-            actions.append(action)
-            step = env.step(action)
-            score, success, admissible = step.score, step.success, step.admissible_actions
-            if step.done:
-                break
-            history.add_observation(chat.piece_after(response, step.observation))
-        out.append(Episode(
-            task_id=task_id, token_ids=history.token_ids, roles=history.roles, logprobs=history.logprobs,
-            turn_spans=history.turn_spans, turn_roles=history.turn_roles, actions=actions, score=score,
-            success=success, rounds=len(actions), beta=1.0, info={"source": "oracle", "noise": noise},
-        ))
-    return out
+    return cfg.lr * lr_factor(step, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule="cosine",
+                              min_lr_ratio=cfg.min_lr_ratio)
 
 
 def collate(

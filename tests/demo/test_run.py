@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gopd_fast import demo
+from gopd_fast.demo import run as demo
+from gopd_fast.train_setup import make_env
 
 
 @pytest.fixture(scope="module")
@@ -152,15 +153,17 @@ def test_run_envs_are_reused_and_capped(monkeypatch):
     cfg = demo.load_demo_config(demo.REPO_DIR / "configs" / "demo-quick.toml")
     cfg = demo.dataclasses.replace(cfg, eval=demo.dataclasses.replace(cfg.eval, max_in_flight=2))
     teacher = demo.ASSETS_DIR / cfg.teacher.asset
+    from gopd_fast import envs as gym
+
+    tasks = make_env(demo.env_config(cfg)).tasks("eval")[:5]
     started = []
-    make_env = demo.make_env
+    make = gym.make
 
-    def counting_make_env(c):
+    def counting_make(*args, **kwargs):   # every env (slots and replay) is built by envs.make
         started.append(1)
-        return make_env(c)
+        return make(*args, **kwargs)
 
-    monkeypatch.setattr(demo, "make_env", counting_make_env)
-    tasks = make_env(cfg).tasks("eval")[:5]
+    monkeypatch.setattr(gym, "make", counting_make)
     fresh = demo.evaluate(cfg, teacher, seed=3, tasks=tasks)
     assert len(started) == 3  # 2 slots + 1 replay env, closed after the call
     envs = demo.DemoEnvs(cfg)

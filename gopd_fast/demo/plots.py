@@ -1,7 +1,7 @@
 """The demo's figures, drawn from plain numbers (no models, no envs), as PNG files with matplotlib's Agg backend.
 
 Every function takes already-aggregated data, writes one PNG and returns its path, so the figures can be redrawn
-from a run folder's JSON without re-running anything (``python -m gopd_fast.plots RUN_DIR``).
+from a run folder's JSON without re-running anything (``python -m gopd_fast.demo.plots RUN_DIR``).
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def plot_score_vs_turn_limit(
 
 
 def plot_failure_mode(diag: Mapping[str, object], out: str | Path) -> Path:
-    """The failure-mode diagnostic (see ``gopd_fast.diagnostics``), three panels:
+    """The failure-mode diagnostic (see ``gopd_fast.demo.diagnostics``), three panels:
 
     1. teacher confidence (mean max-prob on its own greedy choice over the action tokens) by turn index,
        on states reached by student-only vs teacher-only rollouts;
@@ -207,6 +207,6 @@ def redraw(run_dir: str | Path) -> list[Path]:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m gopd_fast.plots RUN_DIR")
+        raise SystemExit("usage: python -m gopd_fast.demo.plots RUN_DIR")
     for p in redraw(sys.argv[1]):
         print(p)

@@ -1,4 +1,4 @@
-"""The failure-mode diagnostic's pieces (gopd_fast.diagnostics) against independent float64 references."""
+"""The failure-mode diagnostic's pieces (gopd_fast.demo.diagnostics) against independent float64 references."""
 from __future__ import annotations
 
 import math
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from gopd_fast import envs
-from gopd_fast.diagnostics import failure_mode, replay, score_at_turn_limits, turn_signals
+from gopd_fast.demo.diagnostics import failure_mode, replay, score_at_turn_limits, turn_signals
 from gopd_fast.models import build_model, config_for_tokenizer, train_tokenizer
+from gopd_fast.rollout.expert import ACTION_FORMAT, oracle_episodes
 from gopd_fast.rollout.history import ChatFormat
-from gopd_fast.sft import ACTION_FORMAT, oracle_episodes
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,29 @@
+"""The objective's per-token algebra shared by every schedule: which forward statistic is the loss, and the
+per-token coefficients of ``logit_tiles.grad_logit_tile`` (the one place the chain rule to dz is spelled out)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def is_jsd(jsd_beta: float | None) -> bool:
+    """The generalised JSD form (0 < beta < 1); beta 0 / 1 are mapped to the KLs by the entry point."""
+    return jsd_beta is not None and 0.0 < jsd_beta < 1.0
+
+
+def loss_and_kl_stat(stats: dict[str, Tensor], rw: Tensor, fw: Tensor,
+                     jsd_beta: float | None) -> tuple[Tensor, Tensor]:
+    """(per-token loss, the KL that dz subtracts: RKL, or KL(p_s || M) for the JSD), all fp32 [N]."""
+    if is_jsd(jsd_beta):
+        return rw * stats["jsd"], stats["kl_student_mixture"]
+    return rw * stats["reverse_kl"] + fw * stats["forward_kl"], stats["reverse_kl"]
+
+
+def grad_coefficients(grad_loss: Tensor, rw: Tensor, fw: Tensor, jsd_beta: float | None,
+                      temperature: float) -> tuple[Tensor, Tensor]:
+    """(coef_a, coef_b) fp32 [N], contiguous: the incoming per-token gradient times the weights, (1 - beta) for the
+    JSD, and 1/temperature (the chain rule back to the unscaled logits)."""
+    g = grad_loss.float() * (1.0 / temperature)
+    if is_jsd(jsd_beta):
+        return (g * rw * (1.0 - jsd_beta)).contiguous(), torch.zeros_like(g)
+    return (g * rw).contiguous(), (g * fw).contiguous()

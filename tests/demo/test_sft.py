@@ -1,0 +1,50 @@
+"""The demo's SFT loop (gopd_fast.demo.sft) on oracle episodes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gopd_fast import envs
+from gopd_fast.demo.sft import SFTConfig, collate, train_sft
+from gopd_fast.models import build_model, config_for_tokenizer, train_tokenizer
+from gopd_fast.rollout.episode import Role
+from gopd_fast.rollout.expert import ACTION_FORMAT, oracle_episodes
+from gopd_fast.rollout.history import ChatFormat
+
+
+@pytest.fixture(scope="module")
+def setup():
+    env = envs.make("household", seed=3, max_turns=15)
+    corpus = []
+    for t in env.tasks("train")[:20]:
+        corpus.append(env.reset(t).observation)
+        done = False
+        while not done:
+            a = env.expert_action()
+            s = env.step(a)
+            corpus += [ACTION_FORMAT.format(action=a), s.observation]
+            done = s.done
+    tok = train_tokenizer(corpus, vocab_size=400)
+    return env, tok, ChatFormat(tok)
+
+
+def test_collate_masks_roles_and_padding(setup):
+    env, tok, chat = setup
+    eps = oracle_episodes(env, env.tasks("train")[:3], chat, noise=0.3, seed=2)
+    _, mask, labels = collate(eps, tok.pad_token_id, train_roles=(Role.TEACHER,))
+    for row, ep in enumerate(eps):
+        n = len(ep.token_ids)
+        assert mask[row, :n].all() and not mask[row, n:].any()
+        expect = [t if r == Role.TEACHER else -100 for t, r in zip(ep.token_ids, ep.roles)]
+        assert labels[row, :n].tolist() == expect and (labels[row, n:] == -100).all()
+
+
+def test_train_sft_lowers_the_loss(setup):
+    env, tok, chat = setup
+    eps = oracle_episodes(env, env.tasks("train")[:16], chat)
+    model = build_model(config_for_tokenizer("student-tiny", tok), seed=0)
+    losses = train_sft(model, eps, SFTConfig(steps=12, batch_size=8, lr=3e-3, warmup_steps=2), pad_id=tok.pad_token_id)
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.75 * losses[0]
+    with pytest.raises(ValueError, match="steps"):
+        SFTConfig(steps=0)
