@@ -20,6 +20,7 @@ if not torch.cuda.is_available():  # before the first triton import
 from gopd_fast.kernels import logit_block, tiling
 from gopd_fast.kernels.backward import SCHEDULES, one_pass_blocks
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
+from gopd_fast.ops.problem import build_problem
 
 
 def reference(hs, ws, bs, ht, wt, bt, rw, fw, jsd_beta, temperature):
@@ -54,9 +55,10 @@ def measure(dtype, n, vocab, ds, dt, jsd_beta, schedule, device, temperature=0.9
     rw, fw = torch.rand(n, generator=g).to(device), torch.rand(n, generator=g).to(device)
     upstream = torch.randn(n, generator=g).to(device)
     leaves = [t.clone().requires_grad_() for t in (hs, ws, bs)]
-    loss, stats = fused_linear_kl_triton(
-        leaves[0], leaves[1], ht, wt, leaves[2], bt, rw, fw, jsd_beta=jsd_beta, temperature=temperature,
-        target_ids=None, grad_scale=None, return_stats=True, schedule=schedule)
+    loss, stats = fused_linear_kl_triton(build_problem(
+        leaves[0], leaves[1], ht, wt, student_bias=leaves[2], teacher_bias=bt, reverse_weight=rw, forward_weight=fw,
+        jsd_beta=jsd_beta, temperature=temperature, target_ids=None, grad_scale=None,
+        return_stats=True), schedule=schedule)
     (loss * upstream).sum().backward()
     ref_leaves = [t.double().requires_grad_() for t in (hs, ws, bs)]
     ref_loss, ref_stats = reference(ref_leaves[0], ref_leaves[1], ref_leaves[2], ht, wt, bt, rw, fw, jsd_beta,

@@ -102,9 +102,11 @@ def format_rows(rows: list[dict]) -> str:
 
 def profile(shape: Shape, schedule: str, dtype: torch.dtype, jsd_beta: float | None, steps: int,
             device: torch.device) -> list[dict]:
-    from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
+
+    from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
+    from gopd_fast.ops.problem import build_problem
 
     g = torch.Generator().manual_seed(0)
 
@@ -119,9 +121,9 @@ def profile(shape: Shape, schedule: str, dtype: torch.dtype, jsd_beta: float | N
 
     def step():
         hs.grad = ws.grad = None
-        loss, _ = fused_linear_kl_triton(hs, ws, ht, wt, None, None, rw, fw, jsd_beta=jsd_beta, temperature=1.0,
-                                         target_ids=None, grad_scale=1.0 / shape.n, return_stats=False,
-                                         schedule=schedule)
+        loss, _ = fused_linear_kl_triton(build_problem(
+            hs, ws, ht, wt, reverse_weight=rw, forward_weight=fw, jsd_beta=jsd_beta, temperature=1.0, target_ids=None,
+            grad_scale=1.0 / shape.n, return_stats=False), schedule=schedule)
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()

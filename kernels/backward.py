@@ -41,6 +41,7 @@ import triton.language as tl
 
 from . import tiling
 from .logit_tiles import grad_logit_tile, logit_tile
+from .objective import is_jsd
 from .tiling import BACKWARD_CONFIGS, annotate, autotuned, dot_precision, launch_meta, new_output
 
 # Token tiles that sweep the vocabulary together in the atomic schedule (L2 reuse of weight tiles).
@@ -187,9 +188,9 @@ def kl_backward(
     ``schedule`` is one of ``SCHEDULES`` (see the module docstring).
     """
     check_schedule(schedule)
-    is_jsd = jsd_beta is not None and 0.0 < jsd_beta < 1.0
-    log_beta = math.log(jsd_beta) if is_jsd else 0.0
-    log_one_minus_beta = math.log1p(-jsd_beta) if is_jsd else 0.0
+    jsd = is_jsd(jsd_beta)
+    log_beta = math.log(jsd_beta) if jsd else 0.0
+    log_one_minus_beta = math.log1p(-jsd_beta) if jsd else 0.0
     n_tokens, ds = student_hidden.shape
     vocab, dt = student_weight.shape[0], teacher_hidden.shape[1]
     dummy = student_hidden.new_empty(1, dtype=torch.float32)
@@ -200,7 +201,7 @@ def kl_backward(
     )
     strides = (student_hidden.stride(0), student_weight.stride(0), teacher_hidden.stride(0), teacher_weight.stride(0))
     flags = {
-        "HAS_BS": student_bias is not None, "HAS_BT": teacher_bias is not None, "IS_JSD": is_jsd,
+        "HAS_BS": student_bias is not None, "HAS_BT": teacher_bias is not None, "IS_JSD": jsd,
         "PREC_S": dot_precision(student_hidden.dtype), "PREC_T": dot_precision(teacher_hidden.dtype),
     }
     scalars = (1.0 / temperature, log_beta, log_one_minus_beta)

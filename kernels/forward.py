@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .logit_tiles import logit_tile
+from .objective import is_jsd
 from .tiling import FORWARD_CONFIGS, annotate, autotuned, dot_precision, launch_meta, new_output, vocab_splits
 
 # Rows of the partial-statistics buffer written by _kl_forward_kernel.
@@ -192,7 +193,7 @@ def kl_forward(
     jsd_beta: float | None,
 ) -> dict[str, torch.Tensor]:
     """Per-token statistics [N] fp32: lse_s, lse_t, reverse_kl, forward_kl, student_entropy, student_logprob,
-    teacher_logprob (meaningful only with target_ids) and, when 0 < jsd_beta < 1, jsd and kl_student_mixture."""
+    teacher_logprob (meaningful only with target_ids) and, with jsd_beta (inside (0, 1)), jsd and kl_student_mixture."""
     n_tokens, ds = student_hidden.shape
     vocab, dt = teacher_weight.shape[0], teacher_hidden.shape[1]
     device = student_hidden.device
@@ -214,7 +215,7 @@ def kl_forward(
         )
     stats = combine_partials(part)
 
-    if jsd_beta is not None and 0.0 < jsd_beta < 1.0:
+    if is_jsd(jsd_beta):
         jsd_part = new_output((2, num_splits, n_tokens), torch.float32, device)
         with annotate("_jsd_kernel"):
             _jsd[grid](

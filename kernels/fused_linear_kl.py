@@ -1,4 +1,5 @@
-"""``fused_linear_kl_triton``: the Triton backend of ``gopd_fast.fused_linear_kl`` (contract: ``gopd_fast.ops``).
+"""``fused_linear_kl_triton``: the Triton backend of ``gopd_fast.fused_linear_kl`` (contract:
+``gopd_fast.ops.problem.KLProblem``).
 
 Forward (``forward.kl_forward``): one pass over vocabulary tiles per token tile computes lse_s, lse_t, both KLs,
 the student entropy and the target log-probs; the generalised JSD takes a second pass. Backward
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from gopd_fast.ops.problem import KLProblem
 
 from . import logit_block
 from .backward import kl_backward
@@ -42,13 +45,18 @@ def check_triton_runnable(*tensors: Tensor | None) -> None:
     )
 
 
-def _check_dtypes(**tensors: Tensor | None) -> None:
-    for name, t in tensors.items():
+def _check_inputs(problem: KLProblem) -> None:
+    """What the kernels can take: tensors on CUDA (or CPU under the interpreter) in bf16/fp16/fp32. Through
+    ``gopd_fast.fused_linear_kl`` this never fails (``gopd_fast.ops.dispatch`` picks another backend or raises
+    first); it names the problem for direct callers. Attribute reads only, no device sync."""
+    heads = {"student_hidden": problem.student_hidden, "student_weight": problem.student_weight,
+             "teacher_hidden": problem.teacher_hidden, "teacher_weight": problem.teacher_weight,
+             "student_bias": problem.student_bias, "teacher_bias": problem.teacher_bias}
+    check_triton_runnable(*heads.values(), problem.reverse_weight, problem.forward_weight, problem.target_ids)
+    for name, t in heads.items():
         if t is not None and t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"backend='triton' supports bfloat16, float16 and float32 for {name}, got {t.dtype}; "
-                "use backend='naive' or 'chunked' for float64"
-            )
+            raise TypeError(f"backend='triton' supports bfloat16, float16 and float32 for {name}, got {t.dtype}; "
+                            "use backend='naive' or 'chunked' for float64")
 
 
 def _unit_stride(t: Tensor | None) -> Tensor | None:
@@ -57,26 +65,33 @@ def _unit_stride(t: Tensor | None) -> Tensor | None:
 
 
 class FusedLinearKLTriton(torch.autograd.Function):
-    """Per-token loss (differentiable w.r.t. the student's hidden, weight, bias) and detached stats."""
+    """Per-token loss (differentiable w.r.t. the student's hidden, weight, bias) and detached stats.
+
+    Inputs: the student tensors that get gradients (unit last stride), the ``KLProblem`` and the schedule;
+    ``backward`` returns those three gradients and None for the problem and the schedule.
+    """
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
-                reverse_weight, forward_weight, target_ids, jsd_beta, temperature, schedule):
-        rw = reverse_weight.float()
-        fw = forward_weight.float()
+    def forward(ctx, student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
+                problem: KLProblem, schedule: str):
+        teacher = (_unit_stride(problem.teacher_hidden), _unit_stride(problem.teacher_weight),
+                   _unit_stride(problem.teacher_bias))
+        target_ids = None if problem.target_ids is None else problem.target_ids.contiguous()
+        rw, fw = problem.reverse_weight, problem.forward_weight  # float32: dispatch sends no float64 here
+        jsd_beta, temperature = problem.jsd_beta, problem.temperature
         ctx.stored = None
         if schedule == LOGIT_BLOCK:
-            need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
+            need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
             stats, ctx.stored = logit_block.logit_block_forward(
-                student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+                student_hidden, student_weight, teacher[0], teacher[1], student_bias, teacher[2],
                 target_ids, rw, fw, temperature=temperature, jsd_beta=jsd_beta, need_grad_h=need_h,
                 need_grad_w=need_w, need_grad_b=need_b and student_bias is not None)
         else:
-            stats = kl_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                               teacher_bias, target_ids, temperature, jsd_beta)
+            stats = kl_forward(student_hidden, student_weight, teacher[0], teacher[1], student_bias, teacher[2],
+                               target_ids, temperature, jsd_beta)
         loss, kl_stat = loss_and_kl_stat(stats, rw, fw, jsd_beta)
-        ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                              teacher_bias, rw, fw, stats["lse_s"], stats["lse_t"], kl_stat)
+        ctx.save_for_backward(student_hidden, student_weight, student_bias, *teacher, rw, fw, stats["lse_s"],
+                              stats["lse_t"], kl_stat)
         ctx.jsd_beta, ctx.temperature, ctx.schedule = jsd_beta, temperature, schedule
         outputs = (stats["reverse_kl"], stats["forward_kl"], stats["student_entropy"],
                    stats["student_logprob"], stats["teacher_logprob"])
@@ -85,9 +100,9 @@ class FusedLinearKLTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused_stat_grads):
-        (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+        (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
          rw, fw, lse_s, lse_t, kl_stat) = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_b = need_b and student_bias is not None
         grad_h = grad_w = grad_b = None
         schedule = "one_pass" if ctx.schedule == LOGIT_BLOCK else ctx.schedule  # once the stored grads are gone
@@ -97,7 +112,7 @@ class FusedLinearKLTriton(torch.autograd.Function):
                 stored, grad_loss, None if student_bias is None else student_bias.dtype)
             del stored
             if weight_side_done:
-                return grad_h, grad_w, None, None, grad_b, None, None, None, None, None, None, None
+                return grad_h, grad_w, grad_b, None, None
             need_h = False  # per-token weights on a sum over tokens: recompute the weight side only
         coef_a, coef_b = grad_coefficients(grad_loss, rw, fw, ctx.jsd_beta, ctx.temperature)
         args = (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
@@ -109,59 +124,30 @@ class FusedLinearKLTriton(torch.autograd.Function):
         else:
             recomputed = kl_backward(*args, **options, schedule=schedule)
         grad_h = recomputed[0] if need_h else grad_h
-        return grad_h, recomputed[1], None, None, recomputed[2], None, None, None, None, None, None, None
+        return grad_h, recomputed[1], recomputed[2], None, None  # nothing for the problem and the schedule
 
 
-def fused_linear_kl_triton(
-    student_hidden: Tensor,
-    student_weight: Tensor,
-    teacher_hidden: Tensor,
-    teacher_weight: Tensor,
-    student_bias: Tensor | None,
-    teacher_bias: Tensor | None,
-    reverse_weight: Tensor,
-    forward_weight: Tensor,
-    *,
-    jsd_beta: float | None,
-    temperature: float,
-    target_ids: Tensor | None,
-    grad_scale: float | None,
-    return_stats: bool,
-    schedule: str | None = None,
-) -> tuple[Tensor, dict[str, Tensor | str] | None]:
-    """Triton backend; see ``gopd_fast.ops`` for the contract. ``schedule`` is one of ``schedule.CHOICES``
-    (``auto``, ``logit_block``, ``one_pass``, ``two_pass``, ``atomic``, ``skip``); None reads ``GOPD_BACKWARD``,
-    default ``auto`` (``schedule.choose_schedule``). The stats report the schedule that ran under ``"schedule"``.
-
-    jsd_beta = 0 or 1 are the TRL/Liger endpoints: forward KL resp. reverse KL, weighted by reverse_weight.
-    target_ids must lie in [0, V) (``gopd_fast.loss`` validates them).
+def fused_linear_kl_triton(problem: KLProblem, *,
+                           schedule: str | None = None) -> tuple[Tensor, dict[str, Tensor | str] | None]:
+    """Triton backend; contract: ``gopd_fast.ops.problem.KLProblem`` (bf16/fp16/fp32 operands on CUDA, or on
+    CPU under ``TRITON_INTERPRET=1``; see ``_check_inputs``).
+    ``schedule`` is one of ``schedule.CHOICES`` (``auto``, ``logit_block``, ``one_pass``, ``two_pass``, ``atomic``,
+    ``skip``); None reads ``GOPD_BACKWARD``, default ``auto`` (``schedule.choose_schedule``). The stats report the
+    schedule that ran under ``"schedule"``.
     """
-    check_triton_runnable(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                          teacher_bias, reverse_weight, forward_weight, target_ids)
-    _check_dtypes(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
-                  teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias))
-    schedule = choose_schedule(schedule, needs_grad=needs_grad, n_tokens=student_hidden.shape[0],
-                               vocab=student_weight.shape[0], operand_bytes=student_hidden.element_size())
-    rw, fw = reverse_weight, forward_weight
-    if jsd_beta == 0.0:  # forward-KL endpoint
-        rw, fw = torch.zeros_like(reverse_weight), reverse_weight
-    elif jsd_beta == 1.0:  # reverse-KL endpoint
-        fw = torch.zeros_like(forward_weight)
-    beta = None if jsd_beta in (0.0, 1.0) else jsd_beta
+    _check_inputs(problem)
+    schedule = choose_schedule(schedule, needs_grad=any(problem.needs_grad), n_tokens=problem.n_tokens,
+                               vocab=problem.vocab, operand_bytes=problem.student_hidden.element_size())
     loss, reverse_kl, forward_kl, entropy, logprob_s, logprob_t = FusedLinearKLTriton.apply(
-        _unit_stride(student_hidden), _unit_stride(student_weight), _unit_stride(teacher_hidden),
-        _unit_stride(teacher_weight), _unit_stride(student_bias), _unit_stride(teacher_bias), rw, fw,
-        None if target_ids is None else target_ids.contiguous(), beta, float(temperature), schedule,
-    )
+        _unit_stride(problem.student_hidden), _unit_stride(problem.student_weight),
+        _unit_stride(problem.student_bias), problem, schedule)
     stats = None
-    if return_stats:
+    if problem.return_stats:
         stats = {"reverse_kl": reverse_kl, "forward_kl": forward_kl, "student_entropy": entropy}
-        if target_ids is not None:
+        if problem.target_ids is not None:
             stats["student_logprob"] = logprob_s
             stats["teacher_logprob"] = logprob_t
         stats["schedule"] = schedule
-    if grad_scale is not None:
-        loss = loss.sum() * grad_scale
+    if problem.grad_scale is not None:
+        loss = loss.sum() * problem.grad_scale
     return loss, stats

@@ -7,8 +7,8 @@ from torch import Tensor
 
 
 def is_jsd(jsd_beta: float | None) -> bool:
-    """The generalised JSD form (0 < beta < 1); beta 0 / 1 are mapped to the KLs by the entry point."""
-    return jsd_beta is not None and 0.0 < jsd_beta < 1.0
+    """The generalised JSD form: a ``KLProblem``'s jsd_beta is None (plain KLs) or strictly inside (0, 1)."""
+    return jsd_beta is not None
 
 
 def loss_and_kl_stat(stats: dict[str, Tensor], rw: Tensor, fw: Tensor,

@@ -95,15 +95,7 @@ def _import_triton() -> Backend:
     except ImportError as err:
         raise ImportError(f"backend='triton' needs the triton package and gopd_fast.kernels.fused_linear_kl "
                           f"({err}); use backend='chunked' on machines without them") from err
-    return partial(_triton_adapter, fused_linear_kl_triton)
-
-
-def _triton_adapter(kernel: Callable, problem: KLProblem) -> tuple[Tensor, dict[str, Tensor] | None]:
-    """The kernel entry still takes the problem's fields one by one (until it takes the problem itself)."""
-    return kernel(problem.student_hidden, problem.student_weight, problem.teacher_hidden, problem.teacher_weight,
-                  problem.student_bias, problem.teacher_bias, problem.reverse_weight, problem.forward_weight,
-                  jsd_beta=problem.jsd_beta, temperature=problem.temperature, target_ids=problem.target_ids,
-                  grad_scale=problem.grad_scale, return_stats=problem.return_stats)
+    return fused_linear_kl_triton
 
 
 def _triton_usable(device: torch.device) -> bool:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from gopd_fast.kernels import tiling
 from gopd_fast.kernels.backward import SCHEDULES, one_pass_chunks, two_pass_chunks
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
+from gopd_fast.ops.problem import build_problem
 
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
 
@@ -13,9 +15,10 @@ GRAD_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
 def run_triton(p, *, jsd_beta, temperature, schedule, upstream):
     hs, ws = p["hs"].clone().requires_grad_(), p["ws"].clone().requires_grad_()
     bs = p["bs"].clone().requires_grad_() if p["bs"] is not None else None
-    loss, _ = fused_linear_kl_triton(
-        hs, ws, p["ht"], p["wt"], bs, p["bt"], p["rw"], p["fw"], jsd_beta=jsd_beta, temperature=temperature,
-        target_ids=None, grad_scale=None, return_stats=False, schedule=schedule)
+    loss, _ = fused_linear_kl_triton(build_problem(
+        hs, ws, p["ht"], p["wt"], student_bias=bs, teacher_bias=p["bt"], reverse_weight=p["rw"], forward_weight=p["fw"],
+        jsd_beta=jsd_beta, temperature=temperature, target_ids=None, grad_scale=None,
+        return_stats=False), schedule=schedule)
     (loss * upstream).sum().backward()
     return loss.detach(), hs.grad, ws.grad, None if bs is None else bs.grad
 
@@ -61,8 +64,9 @@ def test_only_requested_grads_without_bias(problem, ref, rel_err):
     """Frozen lm_head (no weight grad), no biases: only the hidden-state gradient is computed and correct."""
     p = problem(bias=False)
     hs = p["hs"].clone().requires_grad_()
-    loss, _ = fused_linear_kl_triton(hs, p["ws"], p["ht"], p["wt"], None, None, p["rw"], p["fw"], jsd_beta=None,
-                                     temperature=1.0, target_ids=None, grad_scale=None, return_stats=False)
+    loss, _ = fused_linear_kl_triton(build_problem(
+        hs, p["ws"], p["ht"], p["wt"], reverse_weight=p["rw"], forward_weight=p["fw"], jsd_beta=None, temperature=1.0,
+        target_ids=None, grad_scale=None, return_stats=False))
     loss.sum().backward()
     hs64 = p["hs"].double().requires_grad_()
     ref(hs64, p["ws"], p["ht"], p["wt"], None, None, p["rw"], p["fw"], jsd_beta=None,
@@ -127,9 +131,9 @@ def test_deterministic_schedules_stay_within_the_buffer_budget(problem, monkeypa
     def backward_extra(budget):
         monkeypatch.setattr(tiling, "BACKWARD_BUFFER_BYTES", budget)
         hs, ws = p["hs"].clone().requires_grad_(), p["ws"].clone().requires_grad_()
-        loss, _ = fused_linear_kl_triton(hs, ws, p["ht"], p["wt"], None, None, p["rw"], p["fw"], jsd_beta=None,
-                                         temperature=1.0, target_ids=None, grad_scale=1.0, return_stats=False,
-                                         schedule=schedule)
+        loss, _ = fused_linear_kl_triton(build_problem(
+            hs, ws, p["ht"], p["wt"], reverse_weight=p["rw"], forward_weight=p["fw"], jsd_beta=None, temperature=1.0,
+            target_ids=None, grad_scale=1.0, return_stats=False), schedule=schedule)
         peak = peak_cpu_bytes(loss.backward)
         return peak - (hs.numel() + ws.numel()) * 4  # minus the returned fp32 gradients
 

@@ -11,14 +11,17 @@ from gopd_fast.kernels.fused_linear_kl import (
     schedule_default,
 )
 from gopd_fast.kernels.schedule import CHOICES
+from gopd_fast.ops.problem import build_problem
 
 import gopd_fast
 
 
-def call(p, **overrides):
+def call(p, schedule=None, **overrides):
     kwargs = {"jsd_beta": None, "temperature": 1.0, "target_ids": None, "grad_scale": None, "return_stats": False}
     kwargs.update(overrides)
-    return fused_linear_kl_triton(p["hs"], p["ws"], p["ht"], p["wt"], p["bs"], p["bt"], p["rw"], p["fw"], **kwargs)
+    problem = build_problem(p["hs"], p["ws"], p["ht"], p["wt"], student_bias=p["bs"], teacher_bias=p["bt"],
+                            reverse_weight=p["rw"], forward_weight=p["fw"], **kwargs)
+    return fused_linear_kl_triton(problem, schedule=schedule)
 
 
 @pytest.mark.parametrize("beta,weights", [(0.0, "forward"), (1.0, "reverse")])

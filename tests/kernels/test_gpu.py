@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from gopd_fast.kernels import tiling
 from gopd_fast.kernels.backward import SCHEDULES, mm_accumulate
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
+from gopd_fast.ops.problem import build_problem
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,9 +21,10 @@ pytestmark = [
 def test_bf16_matches_float64(problem, ref, rel_err, jsd_beta, schedule):
     p = problem(n=517, vocab=8191, ds=320, dt=192, dtype=torch.bfloat16, device=torch.device("cuda"))
     hs, ws, bs = (p[k].clone().requires_grad_() for k in ("hs", "ws", "bs"))
-    loss, stats = fused_linear_kl_triton(
-        hs, ws, p["ht"], p["wt"], bs, p["bt"], p["rw"], p["fw"], jsd_beta=jsd_beta, temperature=0.9,
-        target_ids=p["targets"], grad_scale=None, return_stats=True, schedule=schedule)
+    loss, stats = fused_linear_kl_triton(build_problem(
+        hs, ws, p["ht"], p["wt"], student_bias=bs, teacher_bias=p["bt"], reverse_weight=p["rw"], forward_weight=p["fw"],
+        jsd_beta=jsd_beta, temperature=0.9, target_ids=p["targets"], grad_scale=None,
+        return_stats=True), schedule=schedule)
     loss.sum().backward()
     hs64, ws64, bs64 = (p[k].double().requires_grad_() for k in ("hs", "ws", "bs"))
     want, want_stats = ref(hs64, ws64, p["ht"], p["wt"], bs64, p["bt"], p["rw"], p["fw"], jsd_beta=jsd_beta,
@@ -43,8 +46,9 @@ def test_large_vocab_bf16_no_logits_materialised(problem):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss, _ = fused_linear_kl_triton(hs, ws, p["ht"], p["wt"], p["bs"], p["bt"], p["rw"], p["fw"], jsd_beta=None,
-                                     temperature=1.0, target_ids=None, grad_scale=1.0, return_stats=False)
+    loss, _ = fused_linear_kl_triton(build_problem(
+        hs, ws, p["ht"], p["wt"], student_bias=p["bs"], teacher_bias=p["bt"], reverse_weight=p["rw"],
+        forward_weight=p["fw"], jsd_beta=None, temperature=1.0, target_ids=None, grad_scale=1.0, return_stats=False))
     loss.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
@@ -58,9 +62,9 @@ def test_one_pass_many_blocks_bf16(problem, ref, rel_err, monkeypatch):
     monkeypatch.setattr(tiling, "BACKWARD_BUFFER_BYTES", 2 * 128 * 320 * 4)
     p = problem(n=517, vocab=8191, ds=320, dt=192, dtype=torch.bfloat16, device=torch.device("cuda"))
     hs, ws, bs = (p[k].clone().requires_grad_() for k in ("hs", "ws", "bs"))
-    loss, _ = fused_linear_kl_triton(
-        hs, ws, p["ht"], p["wt"], bs, p["bt"], p["rw"], p["fw"], jsd_beta=None, temperature=0.9,
-        target_ids=None, grad_scale=None, return_stats=False, schedule="one_pass")
+    loss, _ = fused_linear_kl_triton(build_problem(
+        hs, ws, p["ht"], p["wt"], student_bias=bs, teacher_bias=p["bt"], reverse_weight=p["rw"], forward_weight=p["fw"],
+        jsd_beta=None, temperature=0.9, target_ids=None, grad_scale=None, return_stats=False), schedule="one_pass")
     loss.sum().backward()
     hs64, ws64, bs64 = (p[k].double().requires_grad_() for k in ("hs", "ws", "bs"))
     ref(hs64, ws64, p["ht"], p["wt"], bs64, p["bt"], p["rw"], p["fw"], jsd_beta=None,

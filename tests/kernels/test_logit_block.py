@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from gopd_fast.kernels import backward, forward, logit_block, tiling
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 from gopd_fast.kernels.schedule import CHOICES, choose_schedule
+from gopd_fast.ops.problem import build_problem
 
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
 N, V, DS, DT = 37, 203, 48, 40  # conftest.make_problem's odd default shape
@@ -15,9 +17,10 @@ def run(p, *, schedule, jsd_beta=None, temperature=0.8, upstream=None, grad_scal
     """Loss, stats and gradients of (loss * upstream).sum() (or of the grad_scale'd scalar)."""
     hs, ws = p["hs"].clone().requires_grad_(), p["ws"].clone().requires_grad_()
     bs = p["bs"].clone().requires_grad_() if p["bs"] is not None else None
-    loss, stats = fused_linear_kl_triton(
-        hs, ws, p["ht"], p["wt"], bs, p["bt"], p["rw"], p["fw"], jsd_beta=jsd_beta, temperature=temperature,
-        target_ids=p["targets"], grad_scale=grad_scale, return_stats=True, schedule=schedule)
+    loss, stats = fused_linear_kl_triton(build_problem(
+        hs, ws, p["ht"], p["wt"], student_bias=bs, teacher_bias=p["bt"], reverse_weight=p["rw"], forward_weight=p["fw"],
+        jsd_beta=jsd_beta, temperature=temperature, target_ids=p["targets"], grad_scale=grad_scale,
+        return_stats=True), schedule=schedule)
     total = loss if grad_scale is not None else (loss * upstream).sum()
     total.backward(retain_graph=retain)
     if retain:
@@ -108,9 +111,9 @@ def test_auto_choice_and_overrides(problem, monkeypatch):
 
     def chosen(schedule=None, grad=True):
         hs = p["hs"].clone().requires_grad_(grad)
-        _, stats = fused_linear_kl_triton(hs, p["ws"], p["ht"], p["wt"], None, None, p["rw"], p["fw"],
-                                          jsd_beta=None, temperature=1.0, target_ids=None, grad_scale=None,
-                                          return_stats=True, schedule=schedule)
+        _, stats = fused_linear_kl_triton(build_problem(
+            hs, p["ws"], p["ht"], p["wt"], reverse_weight=p["rw"], forward_weight=p["fw"], jsd_beta=None,
+            temperature=1.0, target_ids=None, grad_scale=None, return_stats=True), schedule=schedule)
         return stats["schedule"]
 
     assert chosen() == "logit_block"
@@ -181,9 +184,9 @@ def test_extra_memory_stays_within_the_buffer_budget(problem, monkeypatch):
         hs, ws = p["hs"].clone().requires_grad_(), p["ws"].clone().requires_grad_()
 
         def step():
-            loss, _ = fused_linear_kl_triton(hs, ws, p["ht"], p["wt"], None, None, p["rw"], p["fw"], jsd_beta=None,
-                                             temperature=1.0, target_ids=None, grad_scale=0.5,
-                                             return_stats=False, schedule="logit_block")
+            loss, _ = fused_linear_kl_triton(build_problem(
+                hs, ws, p["ht"], p["wt"], reverse_weight=p["rw"], forward_weight=p["fw"], jsd_beta=None,
+                temperature=1.0, target_ids=None, grad_scale=0.5, return_stats=False), schedule="logit_block")
             loss.backward()
 
         return peak_cpu_bytes(step) - (hs.numel() + ws.numel()) * 4, budget

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from gopd_fast.kernels import tiling
 from gopd_fast.kernels.forward import kl_forward
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 from gopd_fast.kernels.objective import grad_coefficients, loss_and_kl_stat
 from gopd_fast.kernels.skip import skip_backward
+from gopd_fast.ops.problem import build_problem
 
 OBJECTIVES = {"reverse": (None, 1.0, 0.0), "forward": (None, 0.0, 1.0), "jsd": (0.5, 1.0, 0.0)}
 
@@ -77,9 +79,10 @@ def test_eps_zero_matches_the_atomic_schedule(problem):
     grads = {}
     for schedule in ("skip", "atomic"):
         hs, ws = p["hs"].clone().requires_grad_(), p["ws"].clone().requires_grad_()
-        loss, _ = fused_linear_kl_triton(hs, ws, p["ht"], p["wt"], p["bs"], p["bt"], p["rw"], p["fw"], jsd_beta=None,
-                                         temperature=0.9, target_ids=None, grad_scale=1.0, return_stats=False,
-                                         schedule=schedule)
+        loss, _ = fused_linear_kl_triton(build_problem(
+            hs, ws, p["ht"], p["wt"], student_bias=p["bs"], teacher_bias=p["bt"], reverse_weight=p["rw"],
+            forward_weight=p["fw"], jsd_beta=None, temperature=0.9, target_ids=None, grad_scale=1.0,
+            return_stats=False), schedule=schedule)
         loss.backward()
         grads[schedule] = (hs.grad, ws.grad)
     for a, b in zip(grads["skip"], grads["atomic"]):
