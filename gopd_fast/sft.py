@@ -11,10 +11,12 @@ this module is the small in-process loop for data that is already on disk or in 
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -84,39 +86,77 @@ def oracle_episodes(
         raise ValueError(f"noise must be in [0, 1), got {noise!r}")
     if env.expert_action.__func__ is TextEnv.expert_action:  # type: ignore[attr-defined]
         raise ValueError(f"environment {env.name!r} has no oracle (expert_action)")
+    rng = random.Random(seed)
+
+    def choose(expert: str | None, admissible: Sequence[str]) -> tuple[str, int] | None:
+        if expert is None:
+            return None
+        if noise > 0 and admissible and rng.random() < noise:
+            others = [a for a in admissible if a != expert and a not in ("look", "inventory")]
+            if others:
+                return rng.choice(others), Role.STUDENT
+        return expert, Role.TEACHER
+
+    return [_play(env, task_id, chat, choose, action_format, eos_token_id, {"source": "oracle", "noise": noise},
+                  uses_expert=True) for task_id in tasks]
+
+
+def random_episodes(
+    env: TextEnv,
+    tasks: Sequence[str],
+    chat: ChatFormat,
+    *,
+    seed: int = 0,
+    action_format: str = ACTION_FORMAT,
+    eos_token_id: int | None = None,
+) -> list[Episode]:
+    """Episodes of a uniformly random admissible action every turn (until the env's turn limit or success).
+
+    Data that teaches the action format and the env's text but no policy better than chance: a student base
+    SFT-ed on it has learned nothing from a source better than any teacher. Turns are ``Role.STUDENT``.
+    """
+    rng = random.Random(seed)
+
+    def choose(expert: str | None, admissible: Sequence[str]) -> tuple[str, int] | None:
+        if not admissible:
+            raise ValueError(f"environment {env.name!r} gave no admissible actions: random_episodes needs them")
+        return rng.choice(list(admissible)), Role.STUDENT
+
+    return [_play(env, task_id, chat, choose, action_format, eos_token_id, {"source": "random"},
+                  uses_expert=False) for task_id in tasks]
+
+
+def _play(env: TextEnv, task_id: str, chat: ChatFormat,
+          choose: Callable[[str | None, Sequence[str]], tuple[str, int] | None], action_format: str,
+          eos_token_id: int | None, info: dict, *, uses_expert: bool) -> Episode:
+    """One episode in which ``choose(expert_action, admissible)`` picks each turn's (action, role); None ends it.
+    ``uses_expert=False`` skips the oracle query (passes None). Rendered token-exactly with the rollout's
+    ``History``."""
     tok = chat.tokenizer
     eos = [int(tok.eos_token_id if eos_token_id is None else eos_token_id)]
-    rng = random.Random(seed)
-    out: list[Episode] = []
-    for task_id in tasks:
-        first = env.reset(task_id)
-        history = History(chat.initial_prompt(first.prompt))
-        actions: list[str] = []
-        admissible = first.admissible_actions
-        score, success = 0.0, False
-        while True:
-            expert = env.expert_action()
-            if expert is None:
-                break
-            action, role = expert, Role.TEACHER
-            if noise > 0 and admissible and rng.random() < noise:
-                others = [a for a in admissible if a != expert and a not in ("look", "inventory")]
-                if others:
-                    action, role = rng.choice(others), Role.STUDENT
-            response = list(tok(action_format.format(action=action), add_special_tokens=False)["input_ids"]) + eos
-            history.add_response(response, [0.0] * len(response), role)
-            actions.append(action)
-            step = env.step(action)
-            score, success, admissible = step.score, step.success, step.admissible_actions
-            if step.done:
-                break
-            history.add_observation(chat.piece_after(response, step.observation))
-        out.append(Episode(
-            task_id=task_id, token_ids=history.token_ids, roles=history.roles, logprobs=history.logprobs,
-            turn_spans=history.turn_spans, turn_roles=history.turn_roles, actions=actions, score=score,
-            success=success, rounds=len(actions), beta=1.0, info={"source": "oracle", "noise": noise},
-        ))
-    return out
+    first = env.reset(task_id)
+    history = History(chat.initial_prompt(first.prompt))
+    actions: list[str] = []
+    admissible = first.admissible_actions
+    score, success = 0.0, False
+    while True:
+        picked = choose(env.expert_action() if uses_expert else None, admissible)
+        if picked is None:
+            break
+        action, role = picked
+        response = list(tok(action_format.format(action=action), add_special_tokens=False)["input_ids"]) + eos
+        history.add_response(response, [0.0] * len(response), role)
+        actions.append(action)
+        step = env.step(action)
+        score, success, admissible = step.score, step.success, step.admissible_actions
+        if step.done:
+            break
+        history.add_observation(chat.piece_after(response, step.observation))
+    return Episode(
+        task_id=task_id, token_ids=history.token_ids, roles=history.roles, logprobs=history.logprobs,
+        turn_spans=history.turn_spans, turn_roles=history.turn_roles, actions=actions, score=score,
+        success=success, rounds=len(actions), beta=1.0, info=dict(info),
+    )
 
 
 def collate(
@@ -156,12 +196,21 @@ def train_sft(
     train_roles: tuple[int, ...] = (Role.STUDENT, Role.TEACHER),
     log: Callable[[dict], None] | None = None,
     log_every: int = 20,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
 ) -> list[float]:
     """Train ``model`` in place on ``episodes``; returns the loss of every step.
 
     Batches are drawn without replacement (reshuffled each pass) from length-sorted buckets so padding stays
     small. Raises ValueError when no episode has a generated token (nothing to learn from).
+
+    ``checkpoint``: a file that holds the model, optimizer, step, batch order and RNG states, written atomically
+    every ``checkpoint_every`` steps (> 0). When the file exists, training resumes from it and continues the same
+    batch sequence, so an interrupted run ends with the same weights as an uninterrupted one.
     """
+    if checkpoint_every < 0 or (checkpoint_every > 0 and checkpoint is None):
+        raise ValueError(f"checkpoint_every must be >= 0 and needs a checkpoint path, got {checkpoint_every!r} "
+                         f"with checkpoint={checkpoint!r}")
     usable = [e for e in episodes if any(r in train_roles for r in e.roles)]
     if not usable:
         raise ValueError(f"train_sft: no episode has a token with a role in {train_roles}")
@@ -172,8 +221,18 @@ def train_sft(
     model.train()
     order: list[int] = []
     losses: list[float] = []
+    start = 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        start, order, losses = state["step"], state["order"], state["losses"]
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if log is not None:
+            log({"sft_resumed_at": start, "checkpoint": str(checkpoint)})
     t0 = time.perf_counter()
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         if len(order) < cfg.batch_size:
             perm = list(range(len(usable)))
             rng.shuffle(perm)
@@ -197,5 +256,17 @@ def train_sft(
         if log is not None and (step % log_every == 0 or step == cfg.steps - 1):
             log({"sft_step": step, "loss": losses[-1], "lr": _lr_at(step, cfg),
                  "elapsed_s": round(time.perf_counter() - t0, 2)})
+        if checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
+            _save_checkpoint(Path(checkpoint), model, opt, step + 1, order, losses, rng)
     model.eval()
     return losses
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, order: list[int],
+                     losses: list[float], rng: random.Random) -> None:
+    """Write-then-rename, so a crash mid-save leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step, "order": list(order),
+                "losses": list(losses), "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
