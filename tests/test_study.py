@@ -93,6 +93,18 @@ def test_ablation_overrides_come_after_guided_opd():
         method_overrides("zero-shot")
 
 
+def test_a_trained_cell_needs_a_learning_rate(tmp_path):
+    from gopd_fast.study.cells import Study, all_cells
+
+    cfg = load_study_config(_write_config(tmp_path))
+    assert [c.name for c in all_cells(cfg)] == ["teacher__teacher__seed0", "tiny__zero-shot__seed0",
+                                                "tiny__opd__seed0", "tiny__guided-opd__seed0"]
+    study = Study(cfg)
+    with pytest.raises(FileNotFoundError, match="--select-lr"):
+        study.run_cell(Cell("tiny", "opd", 0), lr=None)
+    study.close()
+
+
 # ------------------------------------------------------------------------------------------------ aggregation
 def _synthetic_cell(cells: Path, size: str, method: str, seed: int, scores: list[float]) -> None:
     evals = [{"task_id": f"household/eval/{i}", "score": s, "success": s == 100.0, "rounds": 5,

@@ -55,10 +55,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             select_lr(study)
             return
         if not args.aggregate:
-            lr = chosen_lr(study)
-            runner.run_cells(study, lr, args.only)
+            runner.run_cells(study, chosen_lr(study), args.only)
             if not args.only:
-                runner.run_diagnostics(study, lr)
+                runner.run_diagnostics(study)
         runner.aggregate(study)
     finally:
         study.close()

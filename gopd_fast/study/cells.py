@@ -173,11 +173,15 @@ class Study:
         return info
 
     # ------------------------------------------------------------------------------------------ the cells
-    def run_cell(self, cell: Cell, lr: float) -> dict[str, Any]:
-        """The cell's results (from its file when finished, else trained/resumed and evaluated now)."""
+    def run_cell(self, cell: Cell, lr: float | None) -> dict[str, Any]:
+        """The cell's results (from its file when finished, else trained/resumed and evaluated now). ``lr``: the
+        distillation rate (None: no rate chosen yet, so a trained cell cannot run)."""
         path = self.cell_path(cell)
         if path.is_file():
             return json.loads(path.read_text())
+        if cell.trained and lr is None:
+            raise FileNotFoundError(f"{cell.name}: no learning rate: set lr in the config or run "
+                                    f"`python -m gopd_fast.study --select-lr` first")
         t0 = time.perf_counter()
         load_before = [round(x, 2) for x in os.getloadavg()]
         data: dict[str, Any] = {"cell": dataclasses.asdict(cell), "name": cell.name}

@@ -37,7 +37,7 @@ class StudyTeacherSpec:
     init_from: str = "household-full-teacher"  # committed asset it starts from (its tokenizer is kept)
     task_range: tuple[int, int] = (1000, 5000)  # train-split indices of its oracle episodes
     noise: float = 0.1                   # random non-expert turns (not trained on): it sees recoveries
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 10

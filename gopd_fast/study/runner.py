@@ -28,25 +28,25 @@ def beta_schedules(cfg: StudyConfig) -> dict[str, list[float]]:
     return out
 
 
-def run_cells(study: Study, lr: float, only: str = "") -> list[dict[str, Any]]:
+def run_cells(study: Study, lr: float | None, only: str = "") -> list[dict[str, Any]]:
     """Every cell (skipping finished ones); ``only``: a substring the cell names must contain."""
     cells = [c for c in all_cells(study.cfg) if only in c.name]
     todo = [c for c in cells if not study.cell_path(c).is_file()]
-    study.log(f"[study] {len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run; lr {lr:g}")
+    study.log(f"[study] {len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run; lr {lr}")
     t0 = time.perf_counter()
     results = []
     for i, cell in enumerate(cells):
         fresh = not study.cell_path(cell).is_file()
         results.append(study.run_cell(cell, lr))
         if fresh:
-            done = sum(1 for c in todo[:todo.index(cell) + 1])
+            done = todo.index(cell) + 1
             elapsed = time.perf_counter() - t0
             study.log(f"[study] cell {i + 1}/{len(cells)} {cell.name} done; elapsed {elapsed:.0f} s, about "
                       f"{elapsed / done * (len(todo) - done):.0f} s left at this pace")
     return results
 
 
-def run_diagnostics(study: Study, lr: float) -> None:
+def run_diagnostics(study: Study) -> None:
     """Before training (the base) and after (each ``diagnostic_methods`` student of the first seed)."""
     cfg = study.cfg
     for size in cfg.sizes:

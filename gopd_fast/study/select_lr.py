@@ -22,15 +22,12 @@ def lr_file(study: Study) -> Path:
     return study.cells_dir.parent / "lr.json"
 
 
-def chosen_lr(study: Study) -> float:
-    """``cfg.lr`` when set, else the rate ``--select-lr`` wrote."""
+def chosen_lr(study: Study) -> float | None:
+    """``cfg.lr`` when set, else the rate ``--select-lr`` wrote, else None (only untrained cells can run)."""
     if study.cfg.lr > 0:
         return study.cfg.lr
     path = lr_file(study)
-    if not path.is_file():
-        raise FileNotFoundError(f"lr = 0 in the config and no {path}: run `python -m gopd_fast.study --select-lr` "
-                                f"first (or set lr)")
-    return float(json.loads(path.read_text())["lr"])
+    return float(json.loads(path.read_text())["lr"]) if path.is_file() else None
 
 
 def validation_tasks(study: Study) -> list[str]:
