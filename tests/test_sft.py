@@ -87,7 +87,7 @@ def test_train_sft_lowers_the_loss(setup):
 def test_random_episodes_take_admissible_actions_as_student_turns(setup):
     from gopd_fast.sft import random_episodes
 
-    env, tok, chat = setup
+    env, _, chat = setup
     eps = random_episodes(env, env.tasks("train")[:6], chat, seed=2)
     again = random_episodes(env, env.tasks("train")[:6], chat, seed=2)
     assert [e.actions for e in eps] == [e.actions for e in again]           # seeded

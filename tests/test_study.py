@@ -212,6 +212,11 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert len(gopd["eval"]) == cfg.eval.tasks and all(0 <= r["score"] <= 100 for r in gopd["eval"])
     assert {"diagnostic__tiny__base.json", "diagnostic__tiny__opd-seed0.json"} <= {p.name for p in cells.glob("*")}
 
+    changed = tmp_path / "changed.toml"                 # a finished cell made under other settings is refused
+    changed.write_text(config.read_text().replace("[eval]\n", "[eval]\ntemperature = 0.7\n"))
+    with pytest.raises(ValueError, match="other settings"):
+        _main(changed)
+
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
     s = summary["sizes"]["tiny"]
     assert set(s["table"]) == {"teacher", "zero-shot", "opd", "guided-opd"}

@@ -7,6 +7,7 @@ interrupted cell resumes from its latest checkpoint (``run.resume=true``) instea
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -119,6 +120,18 @@ class Study:
     def base_info(self, size: str) -> dict[str, Any]:
         return json.loads((self.base_dir(size) / "student_base.json").read_text())
 
+    def fingerprint(self, cell: Cell, lr: float | None) -> str:
+        """Hash of every setting a cell's result depends on: a finished cell made under other settings is stale."""
+        cfg = self.cfg
+        parts: dict[str, Any] = {"env": cfg.env, "env_options": cfg.env_options, "max_turns": cfg.max_turns,
+                                 "teacher": cfg.teacher.asset, "eval": dataclasses.asdict(cfg.eval),
+                                 "tasks": len(self.eval_tasks), "cell": dataclasses.asdict(cell)}
+        if cell.method != TEACHER:
+            parts["base"] = dataclasses.asdict(cfg.sizes[cell.size])
+        if cell.trained:
+            parts.update(distill=dataclasses.asdict(cfg.distill), lr=lr)
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     def cell_path(self, cell: Cell) -> Path:
         return self.cells_dir / f"{cell.name}.json"
 
@@ -178,13 +191,21 @@ class Study:
         distillation rate (None: no rate chosen yet, so a trained cell cannot run)."""
         path = self.cell_path(cell)
         if path.is_file():
-            return json.loads(path.read_text())
+            data = json.loads(path.read_text())
+            if cell.trained and lr is None:
+                return data
+            if data.get("fingerprint") != self.fingerprint(cell, lr):
+                raise ValueError(f"{path} was made with other settings (fingerprint {data.get('fingerprint')} != "
+                                 f"{self.fingerprint(cell, lr)}): delete it (and {self.train_dir(cell)}) to rerun "
+                                 f"the cell, or restore the settings it was made with")
+            return data
         if cell.trained and lr is None:
             raise FileNotFoundError(f"{cell.name}: no learning rate: set lr in the config or run "
                                     f"`python -m gopd_fast.study --select-lr` first")
         t0 = time.perf_counter()
         load_before = [round(x, 2) for x in os.getloadavg()]
-        data: dict[str, Any] = {"cell": dataclasses.asdict(cell), "name": cell.name}
+        data: dict[str, Any] = {"cell": dataclasses.asdict(cell), "name": cell.name,
+                                "fingerprint": self.fingerprint(cell, lr)}
         if cell.method == TEACHER:
             model_dir = self.teacher_dir
         elif cell.method == "zero-shot":
