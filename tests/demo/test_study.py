@@ -85,6 +85,21 @@ def test_config_rejects_bad_input(tmp_path):
         load_study_config(tmp_path / "missing.toml")
 
 
+def test_config_errors_name_the_key(tmp_path):
+    from gopd_fast.typed_config import ConfigError
+
+    good = _write_config(tmp_path)
+    for old, new, match in (("steps = 2\nbatch_size = 2", "steps = 0\nbatch_size = 2", "sizes.tiny.steps"),
+                            ("task_range = [0, 4]", "task_range = [0, 4, 8]", "sizes.tiny.task_range"),
+                            ("total_steps = 1", "total_steps = \"1\"", "select_lr.total_steps"),
+                            ('asset = "household-full-teacher"', 'asset = "x"\nnoise = 1.0', "teacher.noise"),
+                            ("[sizes.tiny]", "[sizes.tiny]\nwidth = 3", "sizes.tiny.width")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(good.read_text().replace(old, new, 1))
+        with pytest.raises(ConfigError, match=match):
+            load_study_config(bad)
+
+
 def test_ablation_settings_are_guided_opd_with_their_objective():
     over, gopd = method_settings("gopd-swapped"), method_settings("guided-opd")
     assert {k: v for k, v in over.items() if k != "objective"} == gopd
