@@ -11,7 +11,7 @@ import pytest
 
 from gopd_fast.demo.study import aggregate as agg
 from gopd_fast.demo.study.cells import Cell, read_metrics
-from gopd_fast.demo.study.config import ABLATIONS, load_study_config, method_settings
+from gopd_fast.demo.study.config import ABLATIONS, load_study_config, study_trainer_config
 
 TINY = """
 env = "household"
@@ -100,12 +100,16 @@ def test_config_errors_name_the_key(tmp_path):
             load_study_config(bad)
 
 
-def test_ablation_settings_are_guided_opd_with_their_objective():
-    over, gopd = method_settings("gopd-swapped"), method_settings("guided-opd")
-    assert {k: v for k, v in over.items() if k != "objective"} == gopd
-    assert over["objective"] == {**gopd.get("objective", {}), **ABLATIONS["gopd-swapped"]["objective"]}
+def test_an_ablation_is_guided_opd_with_its_objective(tmp_path):
+    import dataclasses
+
+    demo = load_study_config(_write_config(tmp_path)).demo_config()
+    over, gopd = (study_trainer_config(demo, m, 0, tmp_path, tmp_path, tmp_path) for m in ("gopd-swapped", "guided-opd"))
+    assert dataclasses.replace(over, objective=gopd.objective) == gopd
+    assert over.objective == dataclasses.replace(gopd.objective, **ABLATIONS["gopd-swapped"]["objective"])
+    assert over.objective != gopd.objective
     with pytest.raises(ValueError, match="zero-shot"):
-        method_settings("zero-shot")
+        study_trainer_config(demo, "zero-shot", 0, tmp_path, tmp_path, tmp_path)
 
 
 def test_an_ablation_cell_trains_guided_opd_with_its_objective(tmp_path):

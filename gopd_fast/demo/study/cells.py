@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gopd_fast.demo.config import ASSETS_DIR, REPO_DIR, trainer_config
+from gopd_fast.demo.config import ASSETS_DIR, REPO_DIR
 from gopd_fast.demo.run import DemoEnvs, evaluate
-from gopd_fast.demo.study.config import ABLATIONS, StudyConfig
+from gopd_fast.demo.study.config import StudyConfig, study_trainer_config
 from gopd_fast.train_setup import make_env
 
 if TYPE_CHECKING:
@@ -154,14 +154,10 @@ class Study:
         dcfg = cfg.demo_config(cell.size, lr)
         if total_steps is not None:
             dcfg = dataclasses.replace(dcfg, distill=dataclasses.replace(dcfg.distill, total_steps=total_steps))
-        method = "guided-opd" if cell.method in ABLATIONS else cell.method
-        trainer = trainer_config(dcfg, method, cell.seed, self.base_dir(cell.size), self.teacher_dir, out)
-        sections = {name: dataclasses.replace(getattr(trainer, name), **fields)
-                    for name, fields in ABLATIONS.get(cell.method, {}).items()}
-        sections["run"] = dataclasses.replace(trainer.run, resume=True, save_every=cfg.save_every,
-                                              **dict(run_values or {}))
-        # One replace for all sections: Config's cross-section rules see the final values.
-        return dataclasses.replace(trainer, **sections)
+        trainer = study_trainer_config(dcfg, cell.method, cell.seed, self.base_dir(cell.size), self.teacher_dir,
+                                       out)
+        run = dataclasses.replace(trainer.run, resume=True, save_every=cfg.save_every, **dict(run_values or {}))
+        return dataclasses.replace(trainer, run=run)
 
     def train(self, cell: Cell, lr: float, out: Path | None = None, total_steps: int | None = None,
               run_values: Mapping[str, Any] | None = None) -> dict[str, Any]:

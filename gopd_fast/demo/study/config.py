@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gopd_fast.config import Config
 from gopd_fast.demo.config import (
     METHOD_SETTINGS,
     DemoConfig,
@@ -15,11 +16,12 @@ from gopd_fast.demo.config import (
     StudentSpec,
     TeacherSpec,
     env_config,
+    trainer_config,
 )
 from gopd_fast.typed_config import SEED_RANGE, ConfigError, Section, build, load_toml, spec
 
-# The paper's role-loss ablation on Guided-OPD: which divergence each role's tokens get (objective settings, on top
-# of METHOD_SETTINGS["guided-opd"]).
+# The paper's role-loss ablation on Guided-OPD: which divergence each role's tokens get (objective fields replaced
+# in Guided-OPD's trainer Config, by study_trainer_config).
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "gopd-reverse-both": {"objective": {"student_tokens": "reverse_kl", "teacher_tokens": "reverse_kl"}},
     "gopd-swapped": {"objective": {"student_tokens": "forward_kl", "teacher_tokens": "reverse_kl"}},
@@ -27,17 +29,17 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
 STUDY_METHODS = ("zero-shot", "sft", "opd", "guided-opd", "constant-0.5", *ABLATIONS)
 
 
-def method_settings(method: str) -> dict[str, dict[str, Any]]:
-    """Trainer settings (section -> field -> value) of one trained method: the demo's ``METHOD_SETTINGS``, and the
-    ablations as Guided-OPD with their objective on top."""
-    if method in ABLATIONS:
-        merged = {k: dict(v) for k, v in METHOD_SETTINGS["guided-opd"].items()}
-        for section, fields in ABLATIONS[method].items():
-            merged[section] = {**merged.get(section, {}), **fields}
-        return merged
-    if method not in METHOD_SETTINGS:
+def study_trainer_config(demo: DemoConfig, method: str, seed: int, student_dir: Path, teacher_dir: Path,
+                         out_dir: Path) -> Config:
+    """The trainer ``Config`` of one trained study method: the demo's (``trainer_config``, ``METHOD_SETTINGS``),
+    and an ablation as Guided-OPD with its objective replaced."""
+    if method not in METHOD_SETTINGS and method not in ABLATIONS:
         raise ValueError(f"method {method!r} is not trained; trained methods: {[*METHOD_SETTINGS, *ABLATIONS]}")
-    return {k: dict(v) for k, v in METHOD_SETTINGS[method].items()}
+    trainer = trainer_config(demo, "guided-opd" if method in ABLATIONS else method, seed, student_dir, teacher_dir,
+                             out_dir)
+    # One replace for all sections: Config's cross-section rules (run.algorithm vs objective) see the final values.
+    return dataclasses.replace(trainer, **{name: dataclasses.replace(getattr(trainer, name), **fields)
+                                           for name, fields in ABLATIONS.get(method, {}).items()})
 
 
 @dataclass(frozen=True)

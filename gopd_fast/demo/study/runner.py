@@ -2,30 +2,21 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
+from gopd_fast.demo.config import beta_schedule
 from gopd_fast.demo.study.cells import TEACHER, Cell, Study, all_cells
-from gopd_fast.demo.study.config import StudyConfig, method_settings
+from gopd_fast.demo.study.config import StudyConfig, study_trainer_config
 
 
 def beta_schedules(cfg: StudyConfig) -> dict[str, list[float]]:
-    """The beta every trained method uses at each step (for the schedule plot), as the trainer computes it."""
-    from gopd_fast.config import CurriculumConfig
-    from gopd_fast.curriculum import BetaSchedule
-
-    n = cfg.distill.total_steps
-    out: dict[str, list[float]] = {}
-    for method in cfg.methods:
-        if method == "zero-shot":
-            continue
-        settings = method_settings(method)
-        algo = settings["run"]["algorithm"]
-        if algo in ("sft", "opd"):
-            out[method] = [1.0 if algo == "sft" else 0.0] * n
-        else:
-            sched = BetaSchedule(CurriculumConfig(**settings.get("curriculum", {})), n)
-            out[method] = [float(sched(k)) for k in range(n)]
-    return out
+    """The beta every trained method uses at each step (for the schedule plot), as the trainer computes it
+    (``gopd_fast.demo.config.beta_schedule`` of the method's trainer Config)."""
+    demo = cfg.demo_config()
+    unused = Path("unused")   # model and output paths do not change the schedule
+    return {method: beta_schedule(study_trainer_config(demo, method, 0, unused, unused, unused))
+            for method in cfg.methods if method != "zero-shot"}
 
 
 def run_cells(study: Study, lr: float | None, only: str = "") -> list[dict[str, Any]]:
