@@ -65,6 +65,12 @@ def _unit_stride(t: Tensor | None) -> Tensor | None:
     return t if t is None or (t.dim() >= 1 and t.stride(-1) == 1) else t.contiguous()
 
 
+def _weighted(weight: Tensor, kl: Tensor) -> Tensor:
+    """weight * kl per token, where a zero weight drops the term even if that KL is +inf (a -inf bias masks an entry
+    one model gives mass): 0 * inf would be NaN."""
+    return torch.where(weight == 0, 0.0, weight * kl)
+
+
 class FusedLinearKLTriton(torch.autograd.Function):
     """Per-token loss (differentiable w.r.t. the student's hidden, weight, bias) and detached stats."""
 
@@ -76,10 +82,10 @@ class FusedLinearKLTriton(torch.autograd.Function):
         rw = reverse_weight.float()
         fw = forward_weight.float()
         if jsd_beta is not None and 0.0 < jsd_beta < 1.0:
-            loss = rw * stats["jsd"]
+            loss = _weighted(rw, stats["jsd"])
             kl_stat = stats["kl_student_mixture"]
         else:
-            loss = rw * stats["reverse_kl"] + fw * stats["forward_kl"]
+            loss = _weighted(rw, stats["reverse_kl"]) + _weighted(fw, stats["forward_kl"])
             kl_stat = stats["reverse_kl"]
         ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                               teacher_bias, rw, fw, stats["lse_s"], stats["lse_t"], kl_stat)

@@ -86,8 +86,15 @@ def backward_buffer_bytes() -> int:
         raise ValueError(f"{BUFFER_ENV} must be a positive number of MiB, got {value!r}")
     return int(mib * 2**20)
 
-# Autotune keys: the problem dimensions that change the best tile (dtypes are part of Triton's key already).
-AUTOTUNE_KEY = ["Ds", "Dt", "V"]
+# Autotune keys: the problem dimensions that change the best tile (dtypes are part of Triton's key already). N enters
+# as a power-of-two bucket (``n_bucket``, every kernel's ``N_BUCKET`` argument): a tile tuned at N=1024 (few token
+# tiles, many vocabulary splits) is not reused at N=16384, and varying batch sizes do not retune at every step.
+AUTOTUNE_KEY = ["N_BUCKET", "Ds", "Dt", "V"]
+
+
+def n_bucket(n_tokens: int) -> int:
+    """The autotune bucket of a token count: the next power of two (at least 1)."""
+    return 1 << max(n_tokens - 1, 0).bit_length()
 
 
 def autotuned(kernel, configs: tuple[TileConfig, ...], reset_to_zero: list[str] | None = None):
@@ -99,12 +106,72 @@ def autotuned(kernel, configs: tuple[TileConfig, ...], reset_to_zero: list[str] 
     )(kernel)
 
 
-def launch_meta() -> dict[str, int]:
-    """Extra launch arguments: the fixed tile under the interpreter, nothing when the autotuner picks it."""
-    if not interpreting():
-        return {}
-    c = INTERPRETER_CONFIG
-    return {"BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_D": c.block_d}
+def launch_meta(*operands: torch.Tensor) -> dict[str, int | bool]:
+    """Extra launch arguments of every kernel: the operand-load path (``USE_TMA``, see ``use_tma``) and, under the
+    interpreter, the fixed tile (the autotuner picks it on a GPU)."""
+    meta: dict[str, int | bool] = {"USE_TMA": use_tma(*operands)}
+    if interpreting():
+        c = INTERPRETER_CONFIG
+        meta.update(BLOCK_N=c.block_n, BLOCK_V=c.block_v, BLOCK_D=c.block_d)
+    return meta
+
+
+# --- operand loads: TMA tensor descriptors on Hopper, pointer loads elsewhere (the one switch) ---
+TMA_ALIGN_BYTES = 16  # a TMA descriptor's base address and row stride must be multiples of 16 bytes
+
+
+def use_tma(*operands: torch.Tensor) -> bool:
+    """Whether the kernels load their [rows, D] operand tiles through TMA tensor descriptors
+    (``tl.make_tensor_descriptor``): on sm_90+ CUDA devices when every operand meets TMA's layout rules (unit
+    column stride, 16-byte aligned base and row stride). Elsewhere (older GPUs, the interpreter, odd strides) the
+    kernels use masked pointer loads. TMA zero-fills out-of-range rows and columns, as the masks do."""
+    if interpreting() or not operands or operands[0].device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(operands[0].device)[0] < 9:
+        return False
+    for t in operands:
+        size = t.element_size()
+        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * size) % TMA_ALIGN_BYTES \
+                or t.data_ptr() % TMA_ALIGN_BYTES:
+            return False
+    _ensure_descriptor_allocator()
+    return True
+
+
+def _ensure_descriptor_allocator() -> None:
+    """Device-side descriptors (``tl.make_tensor_descriptor``) live in a per-launch global scratch buffer that
+    Triton asks the host for; give it torch's caching allocator once."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+            return torch.empty(size, dtype=torch.int8, device="cuda")
+
+        triton.set_allocator(alloc)
+        _ALLOCATOR_SET = True
+
+
+_ALLOCATOR_SET = False
+
+
+# --- launch order (L2 reuse) ---
+# Token tiles that sweep the vocabulary together in 1-D tiled grids (_grad_logits, _backward_atomic): each wave of
+# programs covers GROUP_N token tiles x (programs / GROUP_N) vocabulary tiles, so a weight tile is read from HBM
+# once per group and the group's hidden-state rows stay in L2 while it walks the vocabulary.
+GROUP_N = 16
+# L2 of the target GPU (H100: 50 MB) and the part of it the forward lets its resident hidden-state rows take.
+L2_BYTES = 50 * 10**6
+FORWARD_L2_SHARE = 0.5
+
+
+def grouped_tile(pid: int, num_n: int, num_v: int, group: int) -> tuple[int, int]:
+    """(token tile, vocabulary tile) of program ``pid`` in the grouped launch order: token tiles fastest within a
+    group of ``group`` token tiles, then vocabulary tiles, then groups. The Python twin of
+    ``logit_tiles.grouped_tile`` (the traffic model and the tests use it; a test checks the two agree)."""
+    per_group = group * num_v
+    first_n = (pid // per_group) * group
+    size = min(num_n - first_n, group)
+    local = pid % per_group
+    return first_n + local % size, local // size
 
 
 def multiprocessor_count(device: torch.device) -> int:
@@ -113,16 +180,27 @@ def multiprocessor_count(device: torch.device) -> int:
     return 2
 
 
-def vocab_splits(n_tokens: int, vocab: int, device: torch.device) -> tuple[int, int]:
-    """Split the vocabulary so that (token tiles x splits) fills the machine: returns (num_splits, per_split).
+def vocab_splits(n_tokens: int, vocab: int, device: torch.device, row_bytes: int = 0) -> tuple[int, int]:
+    """Split the vocabulary so that (token tiles x splits) fills the machine and each wave of programs shares its
+    hidden-state rows through L2: returns (num_splits, per_split).
 
-    Small token counts would otherwise launch fewer programs than the GPU has SMs (N=1024 is 8-16 token tiles on a
-    132-SM H100); each split keeps its own online softmax statistics, merged afterwards in O(splits x N).
+    The forward's grid is (splits, token tiles) with the split fastest, so a wave of P programs holds P / splits
+    token tiles, each walking its vocabulary split tile by tile. Their hidden-state rows (``row_bytes`` per token:
+    (Ds + Dt) x the element size) are re-read for every vocabulary tile and must stay in L2; the splits' weight
+    tiles are read once per wave. So there are at least enough splits that a wave's rows fit in
+    ``FORWARD_L2_SHARE`` of the L2 (12 at Ds=Dt=4096, bf16, 128-token tiles on 132 SMs), and enough that small token
+    counts still fill the GPU (N=1024 is 8-16 token tiles on a 132-SM H100). Each split keeps its own online
+    softmax statistics, merged afterwards in O(splits x N).
     """
     align = INTERPRETER_CONFIG.block_v if interpreting() else SPLIT_ALIGN
     min_block_n = INTERPRETER_CONFIG.block_n if interpreting() else min(c.block_n for c in FORWARD_CONFIGS)
+    max_block_n = INTERPRETER_CONFIG.block_n if interpreting() else max(c.block_n for c in FORWARD_CONFIGS)
     token_tiles = triton.cdiv(n_tokens, min_block_n)
-    wanted = triton.cdiv(4 * multiprocessor_count(device), token_tiles)
+    sms = multiprocessor_count(device)
+    wanted = triton.cdiv(4 * sms, token_tiles)
+    if row_bytes:
+        resident_tiles = max(1, int(L2_BYTES * FORWARD_L2_SHARE) // (max_block_n * row_bytes))
+        wanted = max(wanted, triton.cdiv(sms, resident_tiles))
     splits = max(1, min(wanted, triton.cdiv(vocab, align)))
     per_split = triton.cdiv(triton.cdiv(vocab, splits), align) * align
     return triton.cdiv(vocab, per_split), per_split
