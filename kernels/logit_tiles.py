@@ -109,13 +109,14 @@ def grad_logit_tile(
     (1 - beta) for JSD, and 1/temperature (the chain rule back to the unscaled logits).
 
     -inf logits: entries with p_s = 0 get no p_s-term (0 * (-inf) := 0) and a token with coef_a = 0 none at all;
-    p_s - p_t is always finite. Where the RKL is +inf (p_s > 0 = p_t somewhere) the p_s-term is its limit: +inf on
-    the entries the teacher masks, -inf on the others the student gives mass (never inf - inf = NaN).
+    p_s - p_t is always finite. A token whose RKL is +inf (p_s > 0 = p_t somewhere) gets no RKL gradient: the usual
+    formula is inf - inf there, and its limit (+inf on the teacher-masked entries, -inf elsewhere) would turn
+    grad_h = dz @ W into NaN; its loss is +inf, which the caller reports. So every dz is finite.
     """
     logp_s = zs - lse_s[:, None]
     logp_t = zt - lse_t[:, None]
     p_s = tl.exp(logp_s)
-    live = (p_s > 0.0) & (coef_a != 0.0)[:, None]
+    live = (p_s > 0.0) & ((coef_a != 0.0) & (kl_stat != float("inf")))[:, None]
     if IS_JSD:
         a = logp_t + log_beta
         b = logp_s + log_one_minus_beta  # finite wherever p_s > 0, so log M is too there
@@ -124,6 +125,8 @@ def grad_logit_tile(
         dz = tl.where(live, coef_a[:, None] * p_s * ((logp_s - log_m) - kl_stat[:, None]), 0.0)
     else:
         p_t = tl.exp(logp_t)
-        gap = tl.where(logp_t == float("-inf"), float("inf"), (logp_s - logp_t) - kl_stat[:, None])
-        dz = tl.where(live, coef_a[:, None] * p_s * gap, 0.0) + coef_b[:, None] * (p_s - p_t)
+        live = live & (logp_t != float("-inf"))  # a finite RKL with the teacher masking a p_s > 0 entry: p_s
+        # underflowed in the forward's running-max offset but not here; drop it as the forward did
+        dz = tl.where(live, coef_a[:, None] * p_s * ((logp_s - logp_t) - kl_stat[:, None]), 0.0) \
+            + coef_b[:, None] * (p_s - p_t)
     return dz

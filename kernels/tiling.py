@@ -208,7 +208,12 @@ def vocab_splits(n_tokens: int, vocab: int, device: torch.device, row_bytes: int
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact-ish IEEE fp32 products (TF32 would round logits to 10 mantissa bits)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return dot_precision_name("fp32" if dtype == torch.float32 else "16-bit")
+
+
+def dot_precision_name(dtype_name: str) -> str:
+    """``dot_precision`` by Triton type name ('fp32', 'bf16', ...), for ahead-of-time compilation."""
+    return "ieee" if dtype_name == "fp32" else "tf32"
 
 
 def annotate(kernel_name: str) -> contextlib.AbstractContextManager:
