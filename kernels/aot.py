@@ -49,13 +49,13 @@ def kernel_specs(dtype: str = "bf16") -> list[KernelSpec]:
     return [
         KernelSpec("kl_forward", forward._kl_forward_kernel, dict(flags, HAS_TARGET=True), tiling.FORWARD_CONFIGS),
         KernelSpec("jsd", forward._jsd_kernel, flags, tiling.FORWARD_CONFIGS),
-        KernelSpec("grad_logits", backward._grad_logits_kernel, dict(flags, IS_JSD=False, GROUP=tiling.GROUP_N),
+        KernelSpec("grad_logits", backward._grad_logits_kernel, dict(flags, IS_JSD=False, GROUP_TOKENS=tiling.GROUP_TOKENS),
                    tiling.BACKWARD_CONFIGS),
-        KernelSpec("grad_logits_jsd", backward._grad_logits_kernel, dict(flags, IS_JSD=True, GROUP=tiling.GROUP_N),
+        KernelSpec("grad_logits_jsd", backward._grad_logits_kernel, dict(flags, IS_JSD=True, GROUP_TOKENS=tiling.GROUP_TOKENS),
                    tiling.BACKWARD_CONFIGS),
         KernelSpec("backward_atomic", backward._backward_atomic_kernel,
                    dict(flags, IS_JSD=False, NEED_GRAD_H=True, NEED_GRAD_W=True, NEED_GRAD_B=True,
-                        GROUP=tiling.GROUP_N), tiling.BACKWARD_CONFIGS),
+                        GROUP_TOKENS=tiling.GROUP_TOKENS), tiling.BACKWARD_CONFIGS),
     ]
 
 

@@ -17,7 +17,7 @@ Three schedules with the same math (``logit_tiles.grad_logit_tile``), chosen by 
 * ``atomic`` (Cut Cross-Entropy style): grid over (token tile x vocabulary tile). Each program recomputes its
   student and teacher logit tiles once, forms dz, and adds dz @ W_s[tile] into grad_h and dz^T @ h_s[tile] into
   grad_W with relaxed fp32 atomics (``tl.atomic_add(sem="relaxed")``), in the grouped launch order
-  (``tiling.GROUP_N`` token tiles at a time) so that shared weight tiles stay in L2. Same 1.5x FLOPs as
+  (``tiling.GROUP_TOKENS`` tokens at a time) so that shared weight tiles stay in L2. Same 1.5x FLOPs as
   ``one_pass``, but fp32 buffers for the whole of grad_h [N, Ds] and grad_W [V, Ds]
   ((N + V) x Ds x 4 bytes: 2.6 GiB, 28% of the fp32 logits at N=16384, Ds=4096, V=151936), V/BLOCK_V resp.
   N/BLOCK_N atomic adds per element, and results that vary in the last bits from run to run. It is kept as a test
@@ -43,7 +43,7 @@ import triton.language as tl
 
 from . import tiling
 from .logit_tiles import grad_logit_tile, grouped_tile, load_rows, logit_tiles, operand_source
-from .tiling import BACKWARD_CONFIGS, GROUP_N, annotate, autotuned, dot_precision, launch_meta, n_bucket, new_output
+from .tiling import BACKWARD_CONFIGS, GROUP_TOKENS, annotate, autotuned, dot_precision, launch_meta, n_bucket, new_output
 
 @triton.jit
 def _backward_atomic_kernel(
@@ -54,10 +54,11 @@ def _backward_atomic_kernel(
     stride_hs, stride_ws, stride_ht, stride_wt,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, IS_JSD: tl.constexpr,
     NEED_GRAD_H: tl.constexpr, NEED_GRAD_W: tl.constexpr, NEED_GRAD_B: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr, GROUP: tl.constexpr, USE_TMA: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, GROUP_TOKENS: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP)
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V),
+                                GROUP_TOKENS // BLOCK_N)  # >= 1: GROUP_TOKENS exceeds every BLOCK_N
     r0 = pid_n * BLOCK_N
     c0 = pid_v * BLOCK_V
     rows = r0 + tl.arange(0, BLOCK_N)
@@ -111,12 +112,13 @@ def _grad_logits_kernel(
     N, V, Ds, Dt, n_lo, height, v_lo, width, inv_temp, log_beta, log_one_minus_beta, N_BUCKET,
     stride_hs, stride_ws, stride_ht, stride_wt,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, IS_JSD: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr, GROUP: tl.constexpr, USE_TMA: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, GROUP_TOKENS: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dz[i, j] = dL/dz[n_lo + i, v_lo + j] for i < height, j < width, into a contiguous [height, width] buffer
     (stored in the buffer's dtype). 1-D grid in the grouped launch order (``logit_tiles.grouped_tile``)."""
-    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(height, BLOCK_N), tl.cdiv(width, BLOCK_V), GROUP)
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(height, BLOCK_N), tl.cdiv(width, BLOCK_V),
+                                GROUP_TOKENS // BLOCK_N)  # >= 1: GROUP_TOKENS exceeds every BLOCK_N
     local_rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     r0 = n_lo + pid_n * BLOCK_N
@@ -231,7 +233,7 @@ def _backward_atomic_schedule(tensors, strides, flags, scalars, n_tokens, vocab,
     with annotate("_backward_atomic_kernel"):
         _backward_atomic[grid](
             *tensors, grad_h, grad_w, grad_b, n_tokens, vocab, ds, dt, *scalars, *strides,
-            NEED_GRAD_H=need_grad_h, NEED_GRAD_W=need_grad_w, NEED_GRAD_B=need_grad_b, GROUP=GROUP_N,
+            NEED_GRAD_H=need_grad_h, NEED_GRAD_W=need_grad_w, NEED_GRAD_B=need_grad_b, GROUP_TOKENS=GROUP_TOKENS,
             **flags, **launch_meta(*tensors[:2], *tensors[3:5]),
         )
     return grad_h, grad_w, grad_b
@@ -281,6 +283,8 @@ def one_pass_chunks(n_tokens: int, vocab: int, ds: int, operand_bytes: int, fp32
     align_n, align_v = _alignments()
     budget = tiling.backward_buffer_bytes()
     accumulator_row_bytes = ds * (4 + partial_bytes)
+    if not tiling.interpreting() and budget // 2 >= GROUP_TOKENS * accumulator_row_bytes:
+        align_n = GROUP_TOKENS  # whole L2 groups of _grad_logits' launch order: a weight tile read once per block
     rows = _chunk(budget // 2, accumulator_row_bytes, align_n, n_tokens)
     left = max(budget - rows * accumulator_row_bytes, 0)
     columns = _chunk(left, rows * _dz_column_bytes(operand_bytes, fp32_dz), align_v, vocab)
@@ -308,7 +312,7 @@ def _backward_gemm_schedule(schedule, tensors, strides, flags, scalars, n_tokens
 
         with annotate("_grad_logits_kernel"):
             _grad_logits[grid](*tensors, dz, n_tokens, vocab, ds, dt, n_lo, height, v_lo, width, *scalars,
-                               *strides, GROUP=GROUP_N, **flags, **meta)
+                               *strides, GROUP_TOKENS=GROUP_TOKENS, **flags, **meta)
 
     need_weight_side = need_grad_w or need_grad_b
     if schedule == "one_pass" and need_grad_h and need_weight_side:

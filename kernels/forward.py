@@ -1,8 +1,9 @@
 """Forward kernels: per-token log-sum-exps, KLs, entropy, target log-probs (and JSD) without [N, V] logits.
 
-Grid: (vocabulary splits, token tiles), the split fastest, so that a wave of programs holds few token tiles whose
-hidden-state rows stay in L2 (``tiling.vocab_splits``). Each program walks its vocabulary split one BLOCK_V tile
-at a time, computes the student and teacher logit tiles with tl.dot (fp32 accumulation) and updates the online
+Grid: 1-D over (token tile, vocabulary split) in the grouped launch order (``logit_tiles.grouped_tile`` with
+``tiling.forward_group_tokens``): a group of token tiles, whose hidden-state rows stay in L2, walks every split
+before the next group, and the group's programs on one split share its weight panels. Each program walks its
+vocabulary split one BLOCK_V tile at a time, computes the student and teacher logit tiles with tl.dot (fp32 accumulation) and updates the online
 recurrences per token:
 
     m_s, l_s = sum exp(z_s - m_s),   m_t, l_t = sum exp(z_t - m_t)
@@ -21,8 +22,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .logit_tiles import logit_tiles, operand_source, safe_max
-from .tiling import FORWARD_CONFIGS, annotate, autotuned, dot_precision, launch_meta, n_bucket, new_output, vocab_splits
+from .logit_tiles import grouped_tile, logit_tiles, operand_source, safe_max
+from .tiling import (
+    FORWARD_CONFIGS,
+    annotate,
+    autotuned,
+    dot_precision,
+    forward_group_tokens,
+    launch_meta,
+    n_bucket,
+    new_output,
+    vocab_splits,
+)
 
 # Rows of the partial-statistics buffer written by _kl_forward_kernel.
 M_S, L_S, M_T, L_T, A_SUM, B_SUM, E_SUM, ZS_TARGET, ZT_TARGET = range(9)
@@ -32,20 +43,20 @@ NUM_PARTIALS = 9
 @triton.jit
 def _kl_forward_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, target_ptr, part_ptr,
-    N, V, Ds, Dt, v_per_split, inv_temp, N_BUCKET,
+    N, V, Ds, Dt, num_splits, split_unit, group_tokens, inv_temp, N_BUCKET,
     stride_hs, stride_ws, stride_ht, stride_wt,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, HAS_TARGET: tl.constexpr,
     PREC_S: tl.constexpr, PREC_T: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)  # the split is the fastest axis: a wave shares few token tiles' rows (L2)
-    pid_n = tl.program_id(1)
-    num_splits = tl.num_programs(0)
+    pid_n, pid_s = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits,
+                                tl.maximum(group_tokens // BLOCK_N, 1))
     r0 = pid_n * BLOCK_N
     rows = r0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    v_start = pid_s * v_per_split
-    v_end = tl.minimum(v_start + v_per_split, V)
+    units = tl.cdiv(V, split_unit)  # balanced splits of whole units (tiling.split_bounds)
+    v_start = pid_s * units // num_splits * split_unit
+    v_end = tl.minimum((pid_s + 1) * units // num_splits * split_unit, V)
     hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
     ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
     ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
@@ -113,7 +124,7 @@ def _kl_forward_kernel(
 @triton.jit
 def _jsd_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, part_ptr,
-    N, V, Ds, Dt, v_per_split, inv_temp, beta, log_beta, log_one_minus_beta, N_BUCKET,
+    N, V, Ds, Dt, num_splits, split_unit, group_tokens, inv_temp, beta, log_beta, log_one_minus_beta, N_BUCKET,
     stride_hs, stride_ws, stride_ht, stride_wt,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
     PREC_S: tl.constexpr, PREC_T: tl.constexpr, USE_TMA: tl.constexpr,
@@ -121,14 +132,14 @@ def _jsd_kernel(
 ):
     """Second pass for the generalised JSD: sums JSD_beta and KL(p_s || M) per token and vocabulary split
     (same launch order as ``_kl_forward_kernel``)."""
-    pid_s = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    num_splits = tl.num_programs(0)
+    pid_n, pid_s = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits,
+                                tl.maximum(group_tokens // BLOCK_N, 1))
     r0 = pid_n * BLOCK_N
     rows = r0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    v_start = pid_s * v_per_split
-    v_end = tl.minimum(v_start + v_per_split, V)
+    units = tl.cdiv(V, split_unit)  # balanced splits of whole units (tiling.split_bounds)
+    v_start = pid_s * units // num_splits * split_unit
+    v_end = tl.minimum((pid_s + 1) * units // num_splits * split_unit, V)
     hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
     ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
     ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
@@ -223,20 +234,23 @@ def kl_forward(
     vocab, dt = teacher_weight.shape[0], teacher_hidden.shape[1]
     device = student_hidden.device
     row_bytes = ds * student_hidden.element_size() + dt * teacher_hidden.element_size()
-    num_splits, per_split = vocab_splits(n_tokens, vocab, device, row_bytes)
+    num_splits, split_unit = vocab_splits(n_tokens, vocab, device, row_bytes)
+    group = forward_group_tokens(row_bytes)
     tensors, flags = _common_args(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                   student_bias, teacher_bias)
     strides = (student_hidden.stride(0), student_weight.stride(0), teacher_hidden.stride(0), teacher_weight.stride(0))
     meta = launch_meta(student_hidden, student_weight, teacher_hidden, teacher_weight)
 
     def grid(cfg):
-        return (num_splits, triton.cdiv(n_tokens, cfg["BLOCK_N"]))
+        return (num_splits * triton.cdiv(n_tokens, cfg["BLOCK_N"]),)
 
     part = new_output((NUM_PARTIALS, num_splits, n_tokens), torch.float32, device)
     target = target_ids if target_ids is not None else tensors[0].new_empty(1, dtype=torch.int64)
     with annotate("_kl_forward_kernel"):
         _kl_forward[grid](
-            *tensors, target, part, n_tokens, vocab, ds, dt, per_split, 1.0 / temperature, n_bucket(n_tokens), *strides,
+            *tensors, target, part, n_tokens, vocab, ds, dt, num_splits, split_unit, group, 1.0 / temperature,
+            n_bucket(n_tokens),
+            *strides,
             HAS_TARGET=target_ids is not None, **flags, **meta,
         )
     stats = combine_partials(part)
@@ -245,7 +259,8 @@ def kl_forward(
         jsd_part = new_output((2, num_splits, n_tokens), torch.float32, device)
         with annotate("_jsd_kernel"):
             _jsd[grid](
-                *tensors, stats["lse_s"], stats["lse_t"], jsd_part, n_tokens, vocab, ds, dt, per_split,
+                *tensors, stats["lse_s"], stats["lse_t"], jsd_part, n_tokens, vocab, ds, dt, num_splits, split_unit,
+                group,
                 1.0 / temperature, float(jsd_beta), math.log(jsd_beta), math.log1p(-jsd_beta), n_bucket(n_tokens), *strides,
                 **flags, **meta,
             )

@@ -14,13 +14,13 @@ import triton.language as tl
 
 
 @triton.jit
-def grouped_tile(pid, num_n, num_v, GROUP: tl.constexpr):
-    """(token tile, vocabulary tile) of program ``pid``: token tiles fastest within groups of GROUP token tiles,
-    so a wave of programs shares weight tiles (read once per group) and hidden-state rows (kept in L2).
+def grouped_tile(pid, num_n, num_v, group):
+    """(token tile, vocabulary tile or split) of program ``pid``: token tiles fastest within groups of ``group``
+    token tiles, so a wave of programs shares weight tiles (read once per group) and hidden-state rows (kept in L2).
     ``tiling.grouped_tile`` is the Python twin used by the traffic model."""
-    per_group = GROUP * num_v
-    first_n = (pid // per_group) * GROUP
-    size = tl.minimum(num_n - first_n, GROUP)
+    per_group = group * num_v
+    first_n = (pid // per_group) * group
+    size = tl.minimum(num_n - first_n, group)
     local = pid % per_group
     return first_n + local % size, local // size
 
@@ -90,6 +90,9 @@ def logit_tiles(
     return acc_s * inv_temp, acc_t * inv_temp
 
 
+NEG_BIG = tl.constexpr(-1e30)  # a log-probability floor far below any representable fp32 probability
+
+
 @triton.jit
 def safe_max(m):
     """A running maximum usable as an exp offset: -inf (nothing seen but masked entries) becomes 0, so that
@@ -113,20 +116,22 @@ def grad_logit_tile(
     formula is inf - inf there, and its limit (+inf on the teacher-masked entries, -inf elsewhere) would turn
     grad_h = dz @ W into NaN; its loss is +inf, which the caller reports. So every dz is finite.
     """
-    logp_s = zs - lse_s[:, None]
-    logp_t = zt - lse_t[:, None]
+    # Log-probabilities clamped at -1e30: a masked entry (-inf) gets p = exp(-1e30) = 0 and finite log terms, so
+    # 0 * log-term is 0 without a per-element select (which costs registers the 128 x 128 tiles do not have).
+    logp_s = tl.maximum(zs - lse_s[:, None], NEG_BIG)
+    logp_t = tl.maximum(zt - lse_t[:, None], NEG_BIG)
     p_s = tl.exp(logp_s)
-    live = (p_s > 0.0) & ((coef_a != 0.0) & (kl_stat != float("inf")))[:, None]
+    # Only a token whose RKL is +inf has an entry with p_s > 0 = p_t (clamped log-ratio ~1e30): it gets no RKL term.
+    finite_kl = kl_stat != float("inf")
+    coef_a = tl.where(finite_kl, coef_a, 0.0)
+    kl_stat = tl.where(finite_kl, kl_stat, 0.0)
     if IS_JSD:
         a = logp_t + log_beta
-        b = logp_s + log_one_minus_beta  # finite wherever p_s > 0, so log M is too there
+        b = logp_s + log_one_minus_beta
         top = tl.maximum(a, b)
         log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
-        dz = tl.where(live, coef_a[:, None] * p_s * ((logp_s - log_m) - kl_stat[:, None]), 0.0)
+        dz = coef_a[:, None] * p_s * ((logp_s - log_m) - kl_stat[:, None])
     else:
         p_t = tl.exp(logp_t)
-        live = live & (logp_t != float("-inf"))  # a finite RKL with the teacher masking a p_s > 0 entry: p_s
-        # underflowed in the forward's running-max offset but not here; drop it as the forward did
-        dz = tl.where(live, coef_a[:, None] * p_s * ((logp_s - logp_t) - kl_stat[:, None]), 0.0) \
-            + coef_b[:, None] * (p_s - p_t)
+        dz = coef_a[:, None] * p_s * ((logp_s - logp_t) - kl_stat[:, None]) + coef_b[:, None] * (p_s - p_t)
     return dz

@@ -1,10 +1,12 @@
 """Tile sizes, launch configurations and buffer helpers shared by the fused linear-KL kernels.
 
 GPU configurations are autotuned from short lists chosen for an H100 (132 SMs, 228 KiB shared memory and 64 K
-32-bit registers per SM). They were checked without a GPU by compiling every kernel for sm_90a with Triton's
-bundled ptxas (``python bench/compile_sm90.py``): the forward keeps two fp32 logit tiles plus their exponentials
-live and spills at 128 x 128 with 8 warps (255 registers, ~0.9 KB of spills per thread), so its list favours
-64-row tiles, which fit without spilling; the backward kernels fit 128 x 128 with 8 warps.
+32-bit registers per SM). Every configuration in them compiles for sm_90a without a single spilled byte (with TMA
+loads and wgmma; ``tests/kernels/test_aot.py`` checks it, ``python bench/compile_sm90.py`` prints the table). Every
+kernel keeps two fp32 logit tiles live (student and teacher) plus a third tile of exponentials or dz, so:
+128 x 256 tiles cannot fit (the two accumulators alone are 256 registers per thread at 8 warps, and 16 warps cap a
+thread at 128), the forward and the JSD gradient spill at 128 x 128, and only the KL gradient and the atomic
+oracle fit 128 x 128. ``REJECTED_CONFIGS`` keeps the tried-and-spilling candidates for the bench table.
 
 Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) autotuning would only multiply the already
 slow interpreted run time, so one small fixed configuration is used instead.
@@ -44,22 +46,41 @@ class TileConfig:
 # and vocabulary tiles, so masking, the split-vocabulary combine and atomics are all exercised.
 INTERPRETER_CONFIG = TileConfig(block_n=16, block_v=32, block_d=16)
 
-# H100 candidates (block_n, block_v, block_d, warps, stages). Forward: two logit tiles + online statistics.
+# H100 candidates (block_n, block_v, block_d, warps, stages), all spill-free for sm_90a in bf16.
+# Forward (_kl_forward, _jsd): two logit tiles + one tile of exponentials; 3 stages of four TMA operand tiles.
 FORWARD_CONFIGS: tuple[TileConfig, ...] = (
     TileConfig(64, 128, 64, num_warps=8, num_stages=3),
     TileConfig(64, 64, 64, num_warps=8, num_stages=4),
     TileConfig(64, 128, 32, num_warps=8, num_stages=4),
-    TileConfig(128, 64, 64, num_warps=8, num_stages=3),
-    TileConfig(128, 128, 64, num_warps=8, num_stages=3),
 )
-# Backward (atomic and gradient-of-logits kernels): two logit tiles + dz.
-BACKWARD_CONFIGS: tuple[TileConfig, ...] = (
-    TileConfig(128, 128, 64, num_warps=8, num_stages=3),
+# Backward (_grad_logits, _backward_atomic): two logit tiles + dz. The JSD gradient (log M on top) spills at
+# 128 x 128, so that tile is pruned for IS_JSD launches (``prune_for_jsd``).
+KL_ONLY_CONFIGS: tuple[TileConfig, ...] = (TileConfig(128, 128, 64, num_warps=8, num_stages=3),)
+BACKWARD_CONFIGS: tuple[TileConfig, ...] = KL_ONLY_CONFIGS + (
     TileConfig(128, 64, 64, num_warps=8, num_stages=3),
     TileConfig(64, 128, 64, num_warps=8, num_stages=3),
     TileConfig(64, 64, 64, num_warps=8, num_stages=4),
 )
 GPU_CONFIGS = FORWARD_CONFIGS + BACKWARD_CONFIGS
+# Tried for sm_90a and left out (ptxas spills, or shared memory beyond the 227 KiB a block may use).
+REJECTED_CONFIGS: tuple[TileConfig, ...] = (
+    TileConfig(128, 256, 64, num_warps=8, num_stages=2),
+    TileConfig(128, 256, 64, num_warps=16, num_stages=2),
+    TileConfig(128, 256, 32, num_warps=8, num_stages=3),
+    TileConfig(64, 256, 64, num_warps=8, num_stages=3),
+    TileConfig(128, 128, 64, num_warps=8, num_stages=2),
+    TileConfig(128, 128, 32, num_warps=8, num_stages=4),
+)
+
+
+def prune_for_jsd(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotune pruning: no KL-only tile for a JSD launch (``IS_JSD`` constexpr)."""
+    if not kwargs.get("IS_JSD", named_args.get("IS_JSD", False)):
+        return configs
+    kl_only = {(c.block_n, c.block_v, c.block_d, c.num_warps, c.num_stages) for c in KL_ONLY_CONFIGS}
+    kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_D"], c.num_warps,
+                                   c.num_stages) not in kl_only]
+    return kept or configs
 
 # Every vocabulary split of the forward starts at a multiple of this, so it is a multiple of every BLOCK_V.
 SPLIT_ALIGN = max(c.block_v for c in GPU_CONFIGS)
@@ -102,8 +123,14 @@ def autotuned(kernel, configs: tuple[TileConfig, ...], reset_to_zero: list[str] 
     if interpreting():
         return kernel
     return triton.autotune(
-        configs=[c.as_triton() for c in configs], key=AUTOTUNE_KEY, reset_to_zero=reset_to_zero
+        configs=[c.as_triton() for c in configs], key=AUTOTUNE_KEY, reset_to_zero=reset_to_zero,
+        prune_configs_by={"early_config_prune": prune_for_jsd},
     )(kernel)
+
+
+def candidate_configs(configs: tuple[TileConfig, ...], is_jsd: bool) -> tuple[TileConfig, ...]:
+    """The configurations the autotuner may choose for a launch (``prune_for_jsd`` applied)."""
+    return tuple(c for c in configs if not (is_jsd and c in KL_ONLY_CONFIGS))
 
 
 def launch_meta(*operands: torch.Tensor) -> dict[str, int | bool]:
@@ -154,13 +181,26 @@ _ALLOCATOR_SET = False
 
 
 # --- launch order (L2 reuse) ---
-# Token tiles that sweep the vocabulary together in 1-D tiled grids (_grad_logits, _backward_atomic): each wave of
-# programs covers GROUP_N token tiles x (programs / GROUP_N) vocabulary tiles, so a weight tile is read from HBM
-# once per group and the group's hidden-state rows stay in L2 while it walks the vocabulary.
-GROUP_N = 16
+# Tokens whose tiles sweep the vocabulary together in the 1-D tiled grids (_grad_logits, _backward_atomic): a wave
+# of 132 programs covers GROUP_TOKENS / BLOCK_N token tiles (16 of 128 rows, 32 of 64) x the rest in vocabulary
+# tiles, so a weight tile is read from HBM once per group while the group's hidden-state rows (2048 x (Ds + Dt) x
+# 2 B = 32 MiB at S*) stay in L2. one_pass's token blocks are whole groups where the budget allows.
+GROUP_TOKENS = 2048
 # L2 of the target GPU (H100: 50 MB) and the part of it the forward lets its resident hidden-state rows take.
 L2_BYTES = 50 * 10**6
-FORWARD_L2_SHARE = 0.5
+FORWARD_L2_SHARE = 0.7
+FORWARD_SPLIT_COLUMNS = 8192  # about this many vocabulary columns per forward program (64 tiles of 128)
+
+
+def forward_group_tokens(row_bytes: int) -> int:
+    """Tokens per group of the forward's grouped launch order: its programs walk every vocabulary split of a group
+    of token tiles before the next group, so the group's hidden-state rows (``row_bytes`` per token: (Ds + Dt) x
+    the element size) are read from HBM once and each weight panel once per group. The group's rows take
+    ``FORWARD_L2_SHARE`` of the L2 (2136 tokens, 33 tiles of 64, at Ds=Dt=4096 in bf16); the interpreter uses two
+    of its tiles so that tests cover several groups."""
+    if interpreting():
+        return 2 * INTERPRETER_CONFIG.block_n
+    return max(1, int(L2_BYTES * FORWARD_L2_SHARE) // max(row_bytes, 1))
 
 
 def grouped_tile(pid: int, num_n: int, num_v: int, group: int) -> tuple[int, int]:
@@ -181,29 +221,32 @@ def multiprocessor_count(device: torch.device) -> int:
 
 
 def vocab_splits(n_tokens: int, vocab: int, device: torch.device, row_bytes: int = 0) -> tuple[int, int]:
-    """Split the vocabulary so that (token tiles x splits) fills the machine and each wave of programs shares its
-    hidden-state rows through L2: returns (num_splits, per_split).
+    """Split the vocabulary for the forward: returns (num_splits, unit); split s covers ``split_bounds(s, ...)``,
+    whole units of ``unit`` columns (a multiple of every BLOCK_V), the splits balanced to within one unit.
 
-    The forward's grid is (splits, token tiles) with the split fastest, so a wave of P programs holds P / splits
-    token tiles, each walking its vocabulary split tile by tile. Their hidden-state rows (``row_bytes`` per token:
-    (Ds + Dt) x the element size) are re-read for every vocabulary tile and must stay in L2; the splits' weight
-    tiles are read once per wave. So there are at least enough splits that a wave's rows fit in
-    ``FORWARD_L2_SHARE`` of the L2 (12 at Ds=Dt=4096, bf16, 128-token tiles on 132 SMs), and enough that small token
-    counts still fill the GPU (N=1024 is 8-16 token tiles on a 132-SM H100). Each split keeps its own online
-    softmax statistics, merged afterwards in O(splits x N).
+    Enough splits that (token tiles x splits) fills the machine (N=1024 is 8-16 token tiles on a 132-SM H100), and
+    on a GPU splits of about ``FORWARD_SPLIT_COLUMNS``, rounded up to whole waves of the grouped launch order (a
+    group's programs, ``forward_group_tokens(row_bytes)``, fill whole waves, so a wave never holds two groups'
+    hidden rows),
+    with balanced lengths, so that a wave's programs stay in step. Each split keeps its own online softmax
+    statistics, merged afterwards in O(splits x N) (9 x 20 x N fp32, 11.25 MiB at N=16384, V=151936).
     """
-    align = INTERPRETER_CONFIG.block_v if interpreting() else SPLIT_ALIGN
+    unit = INTERPRETER_CONFIG.block_v if interpreting() else SPLIT_ALIGN
     min_block_n = INTERPRETER_CONFIG.block_n if interpreting() else min(c.block_n for c in FORWARD_CONFIGS)
-    max_block_n = INTERPRETER_CONFIG.block_n if interpreting() else max(c.block_n for c in FORWARD_CONFIGS)
     token_tiles = triton.cdiv(n_tokens, min_block_n)
     sms = multiprocessor_count(device)
     wanted = triton.cdiv(4 * sms, token_tiles)
-    if row_bytes:
-        resident_tiles = max(1, int(L2_BYTES * FORWARD_L2_SHARE) // (max_block_n * row_bytes))
-        wanted = max(wanted, triton.cdiv(sms, resident_tiles))
-    splits = max(1, min(wanted, triton.cdiv(vocab, align)))
-    per_split = triton.cdiv(triton.cdiv(vocab, splits), align) * align
-    return triton.cdiv(vocab, per_split), per_split
+    if not interpreting():
+        group_tiles = forward_group_tokens(row_bytes) // min_block_n if row_bytes else token_tiles
+        per_wave = triton.cdiv(sms, max(1, min(token_tiles, group_tiles)))
+        wanted = max(wanted, triton.cdiv(triton.cdiv(vocab, FORWARD_SPLIT_COLUMNS), per_wave) * per_wave)
+    return max(1, min(wanted, triton.cdiv(vocab, unit))), unit
+
+
+def split_bounds(split: int, num_splits: int, vocab: int, unit: int) -> tuple[int, int]:
+    """[start, end) columns of a forward vocabulary split (the kernels compute the same)."""
+    units = triton.cdiv(vocab, unit)
+    return split * units // num_splits * unit, min((split + 1) * units // num_splits * unit, vocab)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

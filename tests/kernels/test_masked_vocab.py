@@ -21,9 +21,9 @@ from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 
 INF = math.inf
 N, V = 37, 203
-# Interpreter tiles are 32 columns and this shape gets 3 vocabulary splits of 96 columns: [0, 96) is a whole split
-# (three whole tiles), so the all -inf tile and split paths run, plus scattered single entries.
-MASKED_RANGE = slice(0, 96)
+# Interpreter tiles are 32 columns and this shape gets 3 vocabulary splits: [0, 64) is a whole split (two whole
+# tiles), so the all -inf tile and split paths run, plus scattered single entries.
+MASKED_RANGE = slice(0, 64)
 SCATTERED = [101, 150, 202]
 
 
@@ -167,5 +167,5 @@ def test_zero_weight_drops_an_infinite_kl(problem):
 
 def test_whole_split_masked_is_exercised():
     """Guard for this file's premise: MASKED_RANGE covers a whole vocabulary split of the forward."""
-    splits, per_split = tiling.vocab_splits(N, V, torch.device("cpu"))
-    assert splits >= 2 and per_split == MASKED_RANGE.stop - MASKED_RANGE.start
+    splits, unit = tiling.vocab_splits(N, V, torch.device("cpu"))
+    assert splits >= 2 and tiling.split_bounds(0, splits, V, unit) == (MASKED_RANGE.start, MASKED_RANGE.stop)
