@@ -15,7 +15,7 @@ import os
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU target, not the interpreter
 
-from gopd_fast.kernels import aot, tiling  # noqa: E402
+from gopd_fast.kernels import aot, tiling
 
 
 def main() -> None:

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 
 os.environ.pop("TRITON_INTERPRET", None)  # GPU tile lists and alignments
 
-import torch  # noqa: E402
-from gopd_fast.kernels import tiling  # noqa: E402
-from gopd_fast.kernels.backward import one_pass_chunks  # noqa: E402
+import torch
+
+from gopd_fast.kernels import tiling
+from gopd_fast.kernels.backward import one_pass_chunks
 
 ON_CHIP_MB = {"l2": 50, "shared": 132 * 228 * 1024 / 1e6, "registers": 132 * 256 * 1024 / 1e6}
 

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gopd_fast.kernels.fused_linear_kl import (
+        FusedLinearKLTriton,
+        check_triton_runnable,
+        fused_linear_kl_triton,
+    )
 
 __all__ = ["FusedLinearKLTriton", "check_triton_runnable", "fused_linear_kl_triton"]
 

@@ -7,7 +7,7 @@ Three schedules with the same math (``logit_tiles.grad_logit_tile``), chosen by 
   GEMMs consume it: grad_h[rows] += dz @ W_s[columns] into an fp32 accumulator, and grad_W[columns] += dz^T @ h_s[rows]
   in grad_W's own dtype. Memory: the accumulator and the dz block share ``tiling.backward_buffer_bytes()``
   (80 MiB unless ``GOPD_BACKWARD_BUFFER_MIB`` says otherwise). Cost: 1.5x the useful FLOPs at Ds = Dt (logits once in the forward, once here), plus the accumulators'
-  read-modify-write traffic. A 16-bit grad_W is rounded once per token block (ceil(N / rows) times, e.g. 7 at
+  read-modify-write traffic. A 16-bit grad_W is rounded once per token block (ceil(N / rows) times, e.g. 8 at
   N=16384, Ds=4096, against once in ``two_pass``).
 * ``two_pass``: deterministic, every gradient element written once from a complete reduction done by one GEMM:
   pass 1 walks token chunks, a kernel writes dz for the chunk x all V and grad_h[chunk] = dz @ W_s; pass 2 walks
@@ -43,7 +43,17 @@ import triton.language as tl
 
 from . import tiling
 from .logit_tiles import grad_logit_tile, grouped_tile, load_rows, logit_tiles, operand_source
-from .tiling import BACKWARD_CONFIGS, GROUP_TOKENS, annotate, autotuned, dot_precision, launch_meta, n_bucket, new_output
+from .tiling import (
+    BACKWARD_CONFIGS,
+    GROUP_TOKENS,
+    annotate,
+    autotuned,
+    dot_precision,
+    launch_meta,
+    n_bucket,
+    new_output,
+)
+
 
 @triton.jit
 def _backward_atomic_kernel(
@@ -333,7 +343,8 @@ def _one_pass(tensors, grad_logits, n_tokens, vocab, ds, need_grad_w, need_grad_
 
     grad_h[block] is summed over the vocabulary blocks in an fp32 accumulator and rounded once. grad_W[columns] and
     grad_b[columns] are summed over the token blocks in their own dtype (exact for fp32; one rounding per token block
-    for a 16-bit weight: ``one_pass_chunks`` keeps the blocks tall, e.g. 7 blocks at N=16384, Ds=4096).
+    for a 16-bit weight: ``one_pass_chunks`` keeps the blocks tall, e.g. 8 blocks of 2048 tokens, whole L2 groups,
+    at N=16384, Ds=4096).
     """
     student_hidden, student_weight = tensors[0], tensors[1]
     op_dtype, device = student_hidden.dtype, student_hidden.device

@@ -35,7 +35,8 @@ SHARED_LIMIT = 227 * 1024  # the most dynamic shared memory an H100 block may us
 @pytest.mark.slow  # ~25 ptxas compiles: 1-3 minutes on the 2-core CI machine
 def test_autotune_configs_compile_for_sm90_without_spills_using_wgmma_and_tma():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=1200,
+                            check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     kernels = {row["kernel"] for row in rows}

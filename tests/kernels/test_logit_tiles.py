@@ -5,6 +5,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from gopd_fast.kernels import tiling
 from gopd_fast.kernels.logit_tiles import grouped_tile
 

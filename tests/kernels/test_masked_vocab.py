@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+
 from gopd_fast.kernels import tiling
 from gopd_fast.kernels.backward import SCHEDULES
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton

@@ -1,8 +1,11 @@
 """kernels/tiling.py: vocabulary splits and deterministic chunks cover the vocabulary exactly."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+
 from gopd_fast.kernels import tiling
 from gopd_fast.kernels.backward import one_pass_chunks, two_pass_chunks
 
@@ -15,7 +18,7 @@ def test_vocab_splits_cover_vocab_without_empty_splits(n_tokens, vocab):
     bounds = [tiling.split_bounds(s, splits, vocab, unit) for s in range(splits)]
     assert bounds[0][0] == 0 and bounds[-1][1] == vocab
     assert all(lo < hi and lo % unit == 0 for lo, hi in bounds)
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     lengths = [hi - lo for lo, hi in bounds[:-1]]
     assert not lengths or max(lengths) - min(lengths) <= unit  # balanced
 
