@@ -94,6 +94,24 @@ NEG_BIG = tl.constexpr(-1e30)  # a log-probability floor far below any represent
 
 
 @triton.jit
+def logit_tile(
+    h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_w, inv_temp,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One model's logit tile (h[rows] @ w[cols]^T + b[cols]) * inv_temp with pointer loads, fp32-accumulated: the
+    single-model form for kernels that need one head only (the fused kernels here use ``logit_tiles``)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        h = load_rows(h_ptr, 0, rows, row_mask, d0, D, stride_h, BLOCK_D, False)
+        w = load_rows(w_ptr, 0, cols, col_mask, d0, D, stride_w, BLOCK_D, False)
+        acc = tl.dot(h, tl.trans(w.to(h.dtype)), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_temp
+
+
+@triton.jit
 def safe_max(m):
     """A running maximum usable as an exp offset: -inf (nothing seen but masked entries) becomes 0, so that
     exp(z - m) is 0 for z = -inf and exp(m_old - m) is 0 for m_old = -inf, instead of exp(-inf + inf) = NaN."""

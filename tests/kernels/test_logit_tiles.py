@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from gopd_fast.kernels import tiling
-from gopd_fast.kernels.logit_tiles import grouped_tile
+from gopd_fast.kernels.logit_tiles import grouped_tile, logit_tile
 
 
 @triton.jit
@@ -30,3 +30,24 @@ def test_grouped_order_matches_python_twin_and_covers_every_tile_once(num_n, num
     # Within a full group, consecutive programs walk the group's token tiles before the next vocabulary tile.
     if num_n >= group:
         assert [t[0] for t in want[:group]] == list(range(group)) and {t[1] for t in want[:group]} == {0}
+
+
+@triton.jit
+def _single_tile_probe(h_ptr, w_ptr, b_ptr, out_ptr, N, V, D, inv_temp,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_V)
+    z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, rows < N, cols < V, D, D, D, inv_temp, True, BLOCK_N,
+                   BLOCK_V, BLOCK_D, "ieee")
+    tl.store(out_ptr + rows[:, None] * V + cols[None, :], z, mask=(rows < N)[:, None] & (cols < V)[None, :])
+
+
+def test_single_model_tile_matches_float64():
+    """logit_tile (one head, pointer loads) on a tile with masked rows, columns and a ragged hidden dimension."""
+    g = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    h, w, b = (torch.randn(*s, generator=g).to(device) for s in ((13, 40), (29, 40), (29,)))
+    out = torch.empty(13, 29, device=device)
+    _single_tile_probe[(1,)](h, w, b, out, 13, 29, 40, 0.5, BLOCK_N=16, BLOCK_V=32, BLOCK_D=16)
+    want = (h.double() @ w.double().T + b.double()) * 0.5
+    assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5)
