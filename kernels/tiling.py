@@ -149,15 +149,18 @@ TMA_ALIGN_BYTES = 16  # a TMA descriptor's base address and row stride must be m
 
 def use_tma(*operands: torch.Tensor) -> bool:
     """Whether the kernels load their [rows, D] operand tiles through TMA tensor descriptors
-    (``tl.make_tensor_descriptor``): on sm_90+ CUDA devices when every operand meets TMA's layout rules (unit
-    column stride, 16-byte aligned base and row stride). Elsewhere (older GPUs, the interpreter, odd strides) the
-    kernels use masked pointer loads. TMA zero-fills out-of-range rows and columns, as the masks do."""
+    (``tl.make_tensor_descriptor``): on sm_90+ CUDA devices when every operand is 16-bit and meets TMA's layout
+    rules (unit column stride, 16-byte aligned base and row stride). Elsewhere (older GPUs, the interpreter, fp32,
+    odd strides) the kernels use masked pointer loads. TMA zero-fills out-of-range rows and columns, as the masks
+    do."""
     if interpreting() or not operands or operands[0].device.type != "cuda":
         return False
     if torch.cuda.get_device_capability(operands[0].device)[0] < 9:
         return False
     for t in operands:
         size = t.element_size()
+        if size != 2:  # 16-bit operands only (the tensor-core path); fp32 keeps its IEEE pointer path
+            return False
         if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * size) % TMA_ALIGN_BYTES \
                 or t.data_ptr() % TMA_ALIGN_BYTES:
             return False
