@@ -29,8 +29,9 @@ Which schedule is fastest on a given GPU is for bench/test_bench_fused_linear_kl
 ``triton_two_pass``, ``triton_atomic``) to say; the default follows the FLOP and memory arithmetic until then.
 
 dz is rounded to the input dtype only as an operand of the gradient matmuls (as in every bf16 backward); the
-logits and dz themselves are fp32. Tiles whose gradient is negligible are not skipped (CCE's filter): for a KL the
-teacher mass makes such tiles rarer than for cross-entropy, and skipping is not exact.
+logits and dz themselves are fp32. These schedules never skip a tile whose gradient is negligible (CCE's filter):
+skipping is not exact, so it is the opt-in ``skip`` schedule (``skip.py``, exact to bf16 tolerance, its skip
+fraction in bench/skip_fraction.py); for a KL the teacher mass makes such tiles rarer than for cross-entropy.
 """
 from __future__ import annotations
 

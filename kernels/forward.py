@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logit_tiles import grouped_tile, logit_tiles, operand_source, safe_max
+from .logit_tiles import grouped_tile, logit_tiles, operand_source, safe_max, split_bounds
 from .tiling import (
     FORWARD_CONFIGS,
     annotate,
@@ -55,9 +55,7 @@ def _kl_forward_kernel(
     r0 = pid_n * BLOCK_N
     rows = r0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    units = tl.cdiv(V, split_unit)  # balanced splits of whole units (tiling.split_bounds)
-    v_start = pid_s * units // num_splits * split_unit
-    v_end = tl.minimum((pid_s + 1) * units // num_splits * split_unit, V)
+    v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
     hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
     ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
     ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
@@ -138,9 +136,7 @@ def _jsd_kernel(
     r0 = pid_n * BLOCK_N
     rows = r0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    units = tl.cdiv(V, split_unit)  # balanced splits of whole units (tiling.split_bounds)
-    v_start = pid_s * units // num_splits * split_unit
-    v_end = tl.minimum((pid_s + 1) * units // num_splits * split_unit, V)
+    v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
     hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
     ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
     ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)

@@ -26,6 +26,14 @@ def grouped_tile(pid, num_n, num_v, group):
 
 
 @triton.jit
+def split_bounds(split, num_splits, V, split_unit):
+    """[start, end) columns of vocabulary split ``split``: balanced whole units of ``split_unit`` columns.
+    ``tiling.split_bounds`` is the Python twin (``tiling.vocab_splits`` picks num_splits and the unit)."""
+    units = tl.cdiv(V, split_unit)
+    return split * units // num_splits * split_unit, tl.minimum((split + 1) * units // num_splits * split_unit, V)
+
+
+@triton.jit
 def operand_source(ptr, n_rows, n_cols, stride, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                    USE_TMA: tl.constexpr):
     """What ``load_rows`` reads a [n_rows, n_cols] row-major operand from: a TMA tensor descriptor (sm_90+, chosen

@@ -1,4 +1,5 @@
-"""kernels/logit_tiles.py: the grouped launch order (Triton device function vs its Python twin in tiling)."""
+"""kernels/logit_tiles.py: the grouped launch order and the vocabulary split bounds (Triton device functions vs
+their Python twins in tiling)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import triton
 import triton.language as tl
 
 from gopd_fast.kernels import tiling
-from gopd_fast.kernels.logit_tiles import grouped_tile, logit_tile
+from gopd_fast.kernels.logit_tiles import grouped_tile, logit_tile, split_bounds
 
 
 @triton.jit
@@ -30,6 +31,23 @@ def test_grouped_order_matches_python_twin_and_covers_every_tile_once(num_n, num
     # Within a full group, consecutive programs walk the group's token tiles before the next vocabulary tile.
     if num_n >= group:
         assert [t[0] for t in want[:group]] == list(range(group)) and {t[1] for t in want[:group]} == {0}
+
+
+@triton.jit
+def _split_bounds_probe(out_ptr, V, split_unit):
+    split = tl.program_id(0)
+    start, end = split_bounds(split, tl.num_programs(0), V, split_unit)
+    tl.store(out_ptr + 2 * split, start)
+    tl.store(out_ptr + 2 * split + 1, end)
+
+
+@pytest.mark.parametrize("num_splits,vocab,unit", [(3, 203, 32), (1, 5, 32), (7, 151936, 128), (5, 640, 128)])
+def test_split_bounds_match_python_twin(num_splits, vocab, unit):
+    """The kernels' split columns (forward and logit_block) are the ones tiling.split_bounds reports."""
+    out = torch.full((2 * num_splits,), -1, dtype=torch.int32, device="cuda" if torch.cuda.is_available() else "cpu")
+    _split_bounds_probe[(num_splits,)](out, vocab, unit)
+    got = [tuple(pair) for pair in out.view(-1, 2).tolist()]
+    assert got == [tiling.split_bounds(s, num_splits, vocab, unit) for s in range(num_splits)]
 
 
 @triton.jit

@@ -18,7 +18,11 @@ import torch
 
 from gopd_fast.kernels import tiling
 from gopd_fast.kernels.backward import SCHEDULES
+from gopd_fast.kernels.forward import kl_forward
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
+from gopd_fast.kernels.objective import grad_coefficients, loss_and_kl_stat
+from gopd_fast.kernels.schedule import LOGIT_BLOCK, SKIP
+from gopd_fast.kernels.skip import skip_backward
 
 INF = math.inf
 N, V = 37, 203
@@ -115,7 +119,7 @@ def test_spec_reference_matches_autograd_without_masks(problem, ref):
             assert torch.allclose(grad, leaf.grad, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", (*SCHEDULES, LOGIT_BLOCK, SKIP))
 @pytest.mark.parametrize("side", ["both", "student", "teacher"])
 @pytest.mark.parametrize("jsd_beta", [None, 0.3], ids=["kl", "jsd"])
 def test_masked_entries_follow_the_spec(problem, schedule, side, jsd_beta):
@@ -150,6 +154,7 @@ def test_masked_in_both_equals_the_loss_over_the_other_entries(problem):
     small_loss, small_stats, small_grads = run(small, jsd_beta=None, temperature=1.0, schedule="one_pass",
                                                upstream=upstream)
     assert torch.allclose(loss, small_loss, rtol=1e-5, atol=1e-6)
+    assert stats.pop("schedule") == small_stats.pop("schedule") == "one_pass"  # the stats name the schedule
     for name in small_stats:
         assert torch.allclose(stats[name], small_stats[name], rtol=1e-5, atol=1e-5), name
     assert torch.allclose(grads[0], small_grads[0], rtol=1e-4, atol=1e-6)
@@ -170,3 +175,26 @@ def test_whole_split_masked_is_exercised():
     """Guard for this file's premise: MASKED_RANGE covers a whole vocabulary split of the forward."""
     splits, unit = tiling.vocab_splits(N, V, torch.device("cpu"))
     assert splits >= 2 and tiling.split_bounds(0, splits, V, unit) == (MASKED_RANGE.start, MASKED_RANGE.stop)
+
+
+@pytest.mark.parametrize("side", ["both", "student", "teacher"])
+def test_skip_at_eps_zero_follows_the_spec_and_skips_tiles_masked_in_both(problem, side):
+    """eps = 0 keeps every tile with a nonzero dz, so the gradients are the spec's; the vocabulary tiles of
+    MASKED_RANGE (dz = 0 when both heads mask them) are skipped, the others kept."""
+    p = masked(problem(), side)
+    upstream = torch.ones(N, device=p["hs"].device)
+    stats = kl_forward(p["hs"], p["ws"], p["ht"], p["wt"], p["bs"], p["bt"], None, 1.0, None)
+    _, kl_stat = loss_and_kl_stat(stats, p["rw"], p["fw"], None)
+    coef_a, coef_b = grad_coefficients(upstream, p["rw"], p["fw"], None, 1.0)
+    *grads, skipped = skip_backward(
+        p["hs"], p["ws"], p["ht"], p["wt"], p["bs"], p["bt"], stats["lse_s"], stats["lse_t"], coef_a, coef_b,
+        kl_stat.contiguous(), temperature=1.0, jsd_beta=None, need_grad_h=True, need_grad_w=True,
+        need_grad_b=True, eps=0.0)
+    *_, want_grads = spec_reference(p["hs"], p["ws"], p["bs"], p["ht"], p["wt"], p["bt"], p["rw"], p["fw"],
+                                    upstream, jsd_beta=None, temperature=1.0)
+    for name, g, w in zip(("grad_h", "grad_W", "grad_b"), grads, want_grads):
+        assert_close(g, w, 2e-5, name)
+    block_v = tiling.INTERPRETER_CONFIG.block_v
+    masked_tiles = MASKED_RANGE.stop // block_v  # MASKED_RANGE starts at 0 and holds whole tiles
+    assert bool(skipped[:, :masked_tiles].all()) == (side == "both")
+    assert not skipped[:, masked_tiles:].any()
