@@ -23,11 +23,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import backward, forward, tiling
+from . import backward, forward, logit_block, skip, tiling
 
 SM90 = GPUTarget("cuda", 90, 32)
-_FP32_PARAMS = {"inv_temp", "beta", "log_beta", "log_one_minus_beta"}
-_FP32_POINTERS = {"part_ptr", "lse_s_ptr", "lse_t_ptr", "coef_a_ptr", "coef_b_ptr", "kl_ptr", "grad_h_ptr",
+_FP32_PARAMS = {"inv_temp", "beta", "log_beta", "log_one_minus_beta", "eps"}
+_FP32_POINTERS = {"zs_ptr", "zt_ptr", "part_ptr", "lse_s_ptr", "lse_t_ptr", "coef_a_ptr", "coef_b_ptr", "kl_ptr", "grad_h_ptr",
                   "grad_w_ptr", "grad_b_ptr"}
 _DIVISIBLE = ("Ds", "Dt")
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
@@ -39,13 +39,15 @@ class KernelSpec:
     fn: Any  # a triton.JITFunction
     constexprs: dict[str, Any]
     configs: tuple[tiling.TileConfig, ...]
+    gemm: bool = True  # computes logits with tl.dot (wgmma, TMA loads); False: reads stored logits (logit_block)
 
 
 def kernel_specs(dtype: str = "bf16") -> list[KernelSpec]:
     """Every kernel with the constexprs of its most demanding use (biases, targets, all gradients) and the
-    configurations its autotuner may choose."""
+    configurations its autotuner may choose (logit_block's memory-bound kernels: their one fixed tile)."""
     precision = tiling.dot_precision_name(dtype)
     flags = {"HAS_BS": True, "HAS_BT": True, "PREC_S": precision, "PREC_T": precision, "USE_TMA": True}
+    stored = {"HAS_BS": True, "HAS_BT": True}  # logit_block's kernels on its fp32 logit buffer
     return [
         KernelSpec("kl_forward", forward._kl_forward_kernel, dict(flags, HAS_TARGET=True), tiling.FORWARD_CONFIGS),
         KernelSpec("jsd", forward._jsd_kernel, flags, tiling.FORWARD_CONFIGS),
@@ -56,6 +58,16 @@ def kernel_specs(dtype: str = "bf16") -> list[KernelSpec]:
         KernelSpec("backward_atomic", backward._backward_atomic_kernel,
                    dict(flags, IS_JSD=False, NEED_GRAD_H=True, NEED_GRAD_W=True, NEED_GRAD_B=True,
                         GROUP_TOKENS=tiling.GROUP_TOKENS), tiling.BACKWARD_CONFIGS),
+        KernelSpec("backward_skip", skip._backward_skip_kernel,
+                   dict(flags, IS_JSD=False, NEED_GRAD_H=True, NEED_GRAD_W=True, NEED_GRAD_B=True,
+                        GROUP_TOKENS=tiling.GROUP_TOKENS), tiling.BACKWARD_CONFIGS),
+        KernelSpec("block_stats", logit_block._block_stats_kernel, dict(stored, HAS_TARGET=True),
+                   (logit_block.STATS_TILE,), gemm=False),
+        KernelSpec("block_jsd", logit_block._block_jsd_kernel, stored, (logit_block.STATS_TILE,), gemm=False),
+        KernelSpec("block_grad", logit_block._block_grad_kernel, dict(stored, IS_JSD=False, FP32_DZ=True),
+                   (logit_block.GRAD_TILE,), gemm=False),
+        KernelSpec("block_grad_jsd", logit_block._block_grad_kernel, dict(stored, IS_JSD=True, FP32_DZ=True),
+                   (logit_block.GRAD_TILE,), gemm=False),
     ]
 
 
@@ -66,6 +78,8 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
             types[name] = "constexpr"
         elif name == "target_ptr":
             types[name] = "*i64"
+        elif name == "skipped_ptr":
+            types[name] = "*i8"
         elif name.endswith("_ptr"):
             types[name] = "*fp32" if name in _FP32_POINTERS else f"*{dtype}"
         elif name in _FP32_PARAMS:
@@ -79,7 +93,9 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
 
 def compile_kernel(spec: KernelSpec, config: tiling.TileConfig, dtype: str = "bf16", target: GPUTarget = SM90):
     """The compiled kernel (``.asm`` holds 'ttgir' and 'ptx'; ``.metadata.shared`` the shared memory in bytes)."""
-    consts = dict(spec.constexprs, BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d)
+    consts = dict(spec.constexprs, BLOCK_N=config.block_n, BLOCK_V=config.block_v)
+    if "BLOCK_D" in spec.fn.arg_names:
+        consts["BLOCK_D"] = config.block_d
     types, attrs = _signature(spec.fn, dtype, consts)
     src = ASTSource(fn=spec.fn, signature=types, attrs=attrs,
                     constexprs={(spec.fn.arg_names.index(k),): v for k, v in consts.items()})
