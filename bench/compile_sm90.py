@@ -4,7 +4,7 @@ memory, and whether the code uses wgmma and TMA.
     python bench/compile_sm90.py [--dtype bf16|fp16|fp32] [--rejected]
 
 Each kernel is compiled ahead of time (``gopd_fast.kernels.aot``) for every configuration its autotuner may choose
-(``tiling.candidate_configs``); ``--rejected`` adds the candidates that were tried and left out
+(``tiling.candidate_configs``; logit_block's memory-bound kernels: their one fixed tile); ``--rejected`` adds the candidates that were tried and left out
 (``tiling.REJECTED_CONFIGS``), to show why. Triton's bundled ptxas reports the per-thread register count and spill
 bytes. ``tests/kernels/test_aot.py`` asserts the bf16 result (no spills, wgmma + TMA) for the autotune lists.
 """
