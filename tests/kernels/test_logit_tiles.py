@@ -6,9 +6,9 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from gopd_fast.kernels.logit_tiles import grouped_tile, logit_tile, split_bounds
 
 from gopd_fast.kernels import tiling
-from gopd_fast.kernels.logit_tiles import grouped_tile, logit_tile, split_bounds
 
 
 @triton.jit

@@ -5,9 +5,9 @@ import itertools
 
 import pytest
 import torch
+from gopd_fast.kernels.backward import one_pass_chunks, two_pass_chunks
 
 from gopd_fast.kernels import tiling
-from gopd_fast.kernels.backward import one_pass_chunks, two_pass_chunks
 
 
 @pytest.mark.parametrize("n_tokens,vocab", [(1, 1), (37, 203), (1024, 151936), (16384, 151936), (5, 64)])
