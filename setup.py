@@ -2,6 +2,9 @@
 
 The Triton kernels live in the top-level ``kernels/`` folder of the source tree and are installed as the
 subpackage ``gopd_fast.kernels`` (a top-level ``kernels`` package would collide with an existing PyPI package).
+The folder has no ``__init__.py``, so from the repository root it can never shadow an installed ``kernels``
+distribution; ``gopd_fast/kernels.py`` is the package module and points its ``__path__`` at the folder (source
+tree, editable install) or at the installed ``gopd_fast/kernels/`` (wheel).
 Metadata is in pyproject.toml; this file only declares that mapping, which pyproject cannot express for a subpackage.
 """
 from setuptools import find_packages, setup

@@ -17,10 +17,11 @@ import torch
 if not torch.cuda.is_available():  # before the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from gopd_fast.kernels import logit_block, tiling
 from gopd_fast.kernels.backward import SCHEDULES, one_pass_blocks
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 from gopd_fast.ops.problem import build_problem
+
+from gopd_fast.kernels import logit_block, tiling
 
 
 def reference(hs, ws, bs, ht, wt, bt, rw, fw, jsd_beta, temperature):

@@ -57,10 +57,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated log2 of the skip thresholds; 'none' is eps = 0 (nothing skipped)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from gopd_fast.kernels import tiling
     from gopd_fast.kernels.forward import kl_forward
     from gopd_fast.kernels.objective import grad_coefficients, loss_and_kl_stat
     from gopd_fast.kernels.skip import skip_backward
+
+    from gopd_fast.kernels import tiling
 
     if tiling.interpreting():  # the GPU tile size, so the skipped tiles are the ones a GPU would skip
         tiling.INTERPRETER_CONFIG = tiling.TileConfig(block_n=128, block_v=128, block_d=64)

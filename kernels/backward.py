@@ -7,7 +7,7 @@ Three schedules with the same math (``logit_tiles.grad_logit_tile``), chosen by 
   GEMMs consume it: grad_h[rows] += dz @ W_s[columns] into an fp32 accumulator, and grad_W[columns] += dz^T @ h_s[rows]
   in grad_W's own dtype. Memory: the accumulator and the dz block share ``tiling.backward_buffer_bytes()``
   (80 MiB unless ``GOPD_BACKWARD_BUFFER_MIB`` says otherwise). Cost: 1.5x the useful FLOPs at Ds = Dt (logits once in the forward, once here), plus the accumulators'
-  read-modify-write traffic. A 16-bit grad_W is rounded once per token block (ceil(N / rows) times, e.g. 7 at
+  read-modify-write traffic. A 16-bit grad_W is rounded once per token block (ceil(N / rows) times, e.g. 8 at
   N=16384, Ds=4096, against once in ``two_pass``).
 * ``two_pass``: deterministic, every gradient element written once from a complete reduction done by one GEMM:
   pass 1 walks token chunks, a kernel writes dz for the chunk x all V and grad_h[chunk] = dz @ W_s; pass 2 walks
@@ -16,10 +16,12 @@ Three schedules with the same math (``logit_tiles.grad_logit_tile``), chosen by 
   the logit tiles twice (2.0x the useful FLOPs).
 * ``atomic`` (Cut Cross-Entropy style): grid over (token tile x vocabulary tile). Each program recomputes its
   student and teacher logit tiles once, forms dz, and adds dz @ W_s[tile] into grad_h and dz^T @ h_s[tile] into
-  grad_W with fp32 atomics (``tl.atomic_add``), GROUP_N token tiles at a time so that shared weight tiles stay in
-  L2. Same 1.5x FLOPs as ``one_pass``, but fp32 buffers for the whole of grad_h [N, Ds] and grad_W [V, Ds]
+  grad_W with relaxed fp32 atomics (``tl.atomic_add(sem="relaxed")``), in the grouped launch order
+  (``tiling.GROUP_TOKENS`` tokens at a time) so that shared weight tiles stay in L2. Same 1.5x FLOPs as
+  ``one_pass``, but fp32 buffers for the whole of grad_h [N, Ds] and grad_W [V, Ds]
   ((N + V) x Ds x 4 bytes: 2.6 GiB, 28% of the fp32 logits at N=16384, Ds=4096, V=151936), V/BLOCK_V resp.
-  N/BLOCK_N atomic adds per element, and results that vary in the last bits from run to run.
+  N/BLOCK_N atomic adds per element, and results that vary in the last bits from run to run. It is kept as a test
+  oracle (an independent reduction order for the deterministic schedules), not as a schedule to train with.
 
 When only one side of the gradients is wanted (a frozen lm_head: grad_h only), ``one_pass`` and ``two_pass`` are
 the same single pass. Same-shape GEMMs are deterministic, so both deterministic schedules repeat bit for bit.
@@ -27,8 +29,9 @@ Which schedule is fastest on a given GPU is for bench/test_bench_fused_linear_kl
 ``triton_two_pass``, ``triton_atomic``) to say; the default follows the FLOP and memory arithmetic until then.
 
 dz is rounded to the input dtype only as an operand of the gradient matmuls (as in every bf16 backward); the
-logits and dz themselves are fp32. Tiles whose gradient is negligible are not skipped (CCE's filter): for a KL the
-teacher mass makes such tiles rarer than for cross-entropy, and skipping is not exact.
+logits and dz themselves are fp32. These schedules never skip a tile whose gradient is negligible (CCE's filter):
+skipping is not exact, so it is the opt-in ``skip`` schedule (``skip.py``, exact to bf16 tolerance, its skip
+fraction in bench/skip_fraction.py); for a KL the teacher mass makes such tiles rarer than for cross-entropy.
 """
 from __future__ import annotations
 
@@ -40,12 +43,18 @@ import triton
 import triton.language as tl
 
 from . import tiling
-from .logit_tiles import grad_logit_tile, logit_tile
+from .logit_tiles import grad_logit_tile, grouped_tile, load_rows, logit_tiles, operand_source
 from .objective import is_jsd
-from .tiling import BACKWARD_CONFIGS, annotate, autotuned, dot_precision, launch_meta, new_output
-
-# Token tiles that sweep the vocabulary together in the atomic schedule (L2 reuse of weight tiles).
-GROUP_N = 8
+from .tiling import (
+    BACKWARD_CONFIGS,
+    GROUP_TOKENS,
+    annotate,
+    autotuned,
+    dot_precision,
+    launch_meta,
+    n_bucket,
+    new_output,
+)
 
 
 @triton.jit
@@ -53,30 +62,28 @@ def _backward_atomic_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
     lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
     grad_h_ptr, grad_w_ptr, grad_b_ptr,
-    N, V, Ds, Dt, inv_temp, log_beta, log_one_minus_beta,
+    N, V, Ds, Dt, inv_temp, log_beta, log_one_minus_beta, N_BUCKET,
     stride_hs, stride_ws, stride_ht, stride_wt,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, IS_JSD: tl.constexpr,
     NEED_GRAD_H: tl.constexpr, NEED_GRAD_W: tl.constexpr, NEED_GRAD_B: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr, GROUP: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, GROUP_TOKENS: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_v = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP * num_v
-    first_n = (pid // per_group) * GROUP
-    group_size = tl.minimum(num_n - first_n, GROUP)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
-
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V),
+                                GROUP_TOKENS // BLOCK_N)  # >= 1: GROUP_TOKENS exceeds every BLOCK_N
+    r0 = pid_n * BLOCK_N
+    c0 = pid_v * BLOCK_V
+    rows = r0 + tl.arange(0, BLOCK_N)
+    cols = c0 + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
-    zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_mask, col_mask, Ds, stride_hs, stride_ws,
-                    inv_temp, HAS_BS, BLOCK_N, BLOCK_V, BLOCK_D, PREC_S)
-    zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_mask, col_mask, Dt, stride_ht, stride_wt,
-                    inv_temp, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_D, PREC_T)
+    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
+    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
+    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
+    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
+    zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
+                         stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
+                         USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
     dz = grad_logit_tile(
         zs, zt,
         tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0),
@@ -87,8 +94,9 @@ def _backward_atomic_kernel(
         log_beta, log_one_minus_beta, IS_JSD,
     )
     dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+    # Sums only: no ordering between programs is needed, so relaxed atomics (no acquire/release fences).
     if NEED_GRAD_B:
-        tl.atomic_add(grad_b_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+        tl.atomic_add(grad_b_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
 
     dz_op = dz.to(hs_ptr.dtype.element_ty)
     rows64 = rows.to(tl.int64)
@@ -98,43 +106,46 @@ def _backward_atomic_kernel(
         d = d0 + offs_d
         d_mask = d < Ds
         if NEED_GRAD_H:
-            w = tl.load(ws_ptr + cols64[:, None] * stride_ws + d[None, :],
-                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            w = load_rows(ws, c0, cols, col_mask, d0, Ds, stride_ws, BLOCK_D, USE_TMA)
             grad_h = tl.dot(dz_op, w.to(dz_op.dtype), input_precision=PREC_S)
             tl.atomic_add(grad_h_ptr + rows64[:, None] * Ds + d[None, :], grad_h,
-                          mask=row_mask[:, None] & d_mask[None, :])
+                          mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
         if NEED_GRAD_W:
-            h = tl.load(hs_ptr + rows64[:, None] * stride_hs + d[None, :],
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            h = load_rows(hs, r0, rows, row_mask, d0, Ds, stride_hs, BLOCK_D, USE_TMA)
             grad_w = tl.dot(tl.trans(dz_op), h, input_precision=PREC_S)
             tl.atomic_add(grad_w_ptr + cols64[:, None] * Ds + d[None, :], grad_w,
-                          mask=col_mask[:, None] & d_mask[None, :])
+                          mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 
 @triton.jit
 def _grad_logits_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
     lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr, dz_ptr,
-    N, V, Ds, Dt, n_lo, height, v_lo, width, inv_temp, log_beta, log_one_minus_beta,
+    N, V, Ds, Dt, n_lo, height, v_lo, width, inv_temp, log_beta, log_one_minus_beta, N_BUCKET,
     stride_hs, stride_ws, stride_ht, stride_wt,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, IS_JSD: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, GROUP_TOKENS: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dz[i, j] = dL/dz[n_lo + i, v_lo + j] for i < height, j < width, into a contiguous [height, width] buffer
-    (stored in the buffer's dtype)."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    (stored in the buffer's dtype). 1-D grid in the grouped launch order (``logit_tiles.grouped_tile``)."""
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(height, BLOCK_N), tl.cdiv(width, BLOCK_V),
+                                GROUP_TOKENS // BLOCK_N)  # >= 1: GROUP_TOKENS exceeds every BLOCK_N
     local_rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    r0 = n_lo + pid_n * BLOCK_N
+    c0 = v_lo + pid_v * BLOCK_V
     rows = n_lo + local_rows
     cols = v_lo + local
     row_mask = (local_rows < height) & (rows < N)
     col_mask = (local < width) & (cols < V)
-    zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_mask, col_mask, Ds, stride_hs, stride_ws,
-                    inv_temp, HAS_BS, BLOCK_N, BLOCK_V, BLOCK_D, PREC_S)
-    zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_mask, col_mask, Dt, stride_ht, stride_wt,
-                    inv_temp, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_D, PREC_T)
+    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
+    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
+    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
+    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
+    zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
+                         stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
+                         USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
     dz = grad_logit_tile(
         zs, zt,
         tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0),
@@ -204,7 +215,7 @@ def kl_backward(
         "HAS_BS": student_bias is not None, "HAS_BT": teacher_bias is not None, "IS_JSD": jsd,
         "PREC_S": dot_precision(student_hidden.dtype), "PREC_T": dot_precision(teacher_hidden.dtype),
     }
-    scalars = (1.0 / temperature, log_beta, log_one_minus_beta)
+    scalars = (1.0 / temperature, log_beta, log_one_minus_beta, n_bucket(n_tokens))
     if schedule == "atomic":
         grad_h, grad_w, grad_b = _backward_atomic_schedule(
             tensors, strides, flags, scalars, n_tokens, vocab, ds, dt, need_grad_h, need_grad_w, need_grad_b)
@@ -234,8 +245,8 @@ def _backward_atomic_schedule(tensors, strides, flags, scalars, n_tokens, vocab,
     with annotate("_backward_atomic_kernel"):
         _backward_atomic[grid](
             *tensors, grad_h, grad_w, grad_b, n_tokens, vocab, ds, dt, *scalars, *strides,
-            NEED_GRAD_H=need_grad_h, NEED_GRAD_W=need_grad_w, NEED_GRAD_B=need_grad_b, GROUP=GROUP_N,
-            **flags, **launch_meta(),
+            NEED_GRAD_H=need_grad_h, NEED_GRAD_W=need_grad_w, NEED_GRAD_B=need_grad_b, GROUP_TOKENS=GROUP_TOKENS,
+            **flags, **launch_meta(*tensors[:2], *tensors[3:5]),
         )
     return grad_h, grad_w, grad_b
 
@@ -284,6 +295,8 @@ def one_pass_chunks(n_tokens: int, vocab: int, ds: int, operand_bytes: int, fp32
     align_n, align_v = _alignments()
     budget = tiling.backward_buffer_bytes()
     accumulator_row_bytes = ds * (4 + partial_bytes)
+    if not tiling.interpreting() and budget // 2 >= GROUP_TOKENS * accumulator_row_bytes:
+        align_n = GROUP_TOKENS  # whole L2 groups of _grad_logits' launch order: a weight tile read once per block
     rows = _chunk(budget // 2, accumulator_row_bytes, align_n, n_tokens)
     left = max(budget - rows * accumulator_row_bytes, 0)
     columns = _chunk(left, rows * _dz_column_bytes(operand_bytes, fp32_dz), align_v, vocab)
@@ -303,13 +316,15 @@ def _backward_gemm_schedule(schedule, tensors, strides, flags, scalars, n_tokens
                             need_grad_h, need_grad_w, need_grad_b):
     """The two deterministic schedules: a kernel writes dz blocks, cuBLAS GEMMs turn them into gradients."""
 
+    meta = launch_meta(*tensors[:2], *tensors[3:5])
+
     def grad_logits(dz, n_lo, height, v_lo, width):
         def grid(cfg):
-            return (triton.cdiv(height, cfg["BLOCK_N"]), triton.cdiv(width, cfg["BLOCK_V"]))
+            return (triton.cdiv(height, cfg["BLOCK_N"]) * triton.cdiv(width, cfg["BLOCK_V"]),)
 
         with annotate("_grad_logits_kernel"):
             _grad_logits[grid](*tensors, dz, n_tokens, vocab, ds, dt, n_lo, height, v_lo, width, *scalars,
-                               *strides, **flags, **launch_meta())
+                               *strides, GROUP_TOKENS=GROUP_TOKENS, **flags, **meta)
 
     need_weight_side = need_grad_w or need_grad_b
     if schedule == "one_pass" and need_grad_h and need_weight_side:
@@ -330,7 +345,8 @@ def _one_pass(tensors, grad_logits, n_tokens, vocab, ds, need_grad_w, need_grad_
 
     grad_h[block] is summed over the vocabulary blocks in an fp32 accumulator and rounded once. grad_W[columns] and
     grad_b[columns] are summed over the token blocks in their own dtype (exact for fp32; one rounding per token block
-    for a 16-bit weight: ``one_pass_chunks`` keeps the blocks tall, e.g. 7 blocks at N=16384, Ds=4096).
+    for a 16-bit weight: ``one_pass_chunks`` keeps the blocks tall, e.g. 8 blocks of 2048 tokens, whole L2 groups,
+    at N=16384, Ds=4096).
     """
     student_hidden, student_weight = tensors[0], tensors[1]
     op_dtype, device = student_hidden.dtype, student_hidden.device

@@ -1,8 +1,11 @@
 """Forward kernels: per-token log-sum-exps, KLs, entropy, target log-probs (and JSD) without [N, V] logits.
 
-Grid: (token tiles, vocabulary splits). Each program walks its vocabulary split one BLOCK_V tile at a time,
-computes the student and teacher logit tiles with tl.dot (fp32 accumulation) and updates the online recurrences of
-docs/algorithm.md §6.2 per token ((K1)-(K4); the splits merge by (K7)):
+Grid: 1-D over (token tile, vocabulary split) in the grouped launch order (``logit_tiles.grouped_tile`` with
+``tiling.forward_group_tokens``): a group of token tiles, whose hidden-state rows stay in L2, walks every split
+before the next group, and the group's programs on one split share its weight panels. Each program walks its
+vocabulary split one BLOCK_V tile at a time, computes the student and teacher logit tiles with tl.dot (fp32
+accumulation) and updates the online recurrences of docs/algorithm.md §6.2 per token ((K1)-(K4); the splits merge
+by (K7)):
 
     m_s, l_s = sum exp(z_s - m_s),   m_t, l_t = sum exp(z_t - m_t)
     A = sum exp(z_s - m_s) (z_s - z_t),   B = sum exp(z_t - m_t) (z_t - z_s),   E = sum exp(z_s - m_s) z_s
@@ -20,9 +23,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .logit_tiles import logit_tile
+from .logit_tiles import grouped_tile, logit_tiles, operand_source, safe_max, split_bounds
 from .objective import is_jsd
-from .tiling import FORWARD_CONFIGS, annotate, autotuned, dot_precision, launch_meta, new_output, vocab_splits
+from .tiling import (
+    FORWARD_CONFIGS,
+    annotate,
+    autotuned,
+    dot_precision,
+    forward_group_tokens,
+    launch_meta,
+    n_bucket,
+    new_output,
+    vocab_splits,
+)
 
 # Rows of the partial-statistics buffer written by _kl_forward_kernel.
 M_S, L_S, M_T, L_T, A_SUM, B_SUM, E_SUM, ZS_TARGET, ZT_TARGET = range(9)
@@ -32,19 +45,22 @@ NUM_PARTIALS = 9
 @triton.jit
 def _kl_forward_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, target_ptr, part_ptr,
-    N, V, Ds, Dt, v_per_split, inv_temp,
+    N, V, Ds, Dt, num_splits, split_unit, group_tokens, inv_temp, N_BUCKET,
     stride_hs, stride_ws, stride_ht, stride_wt,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, HAS_TARGET: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n, pid_s = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits,
+                                tl.maximum(group_tokens // BLOCK_N, 1))
+    r0 = pid_n * BLOCK_N
+    rows = r0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    v_start = pid_s * v_per_split
-    v_end = tl.minimum(v_start + v_per_split, V)
+    v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
+    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
+    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
+    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
+    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
 
     m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -61,30 +77,36 @@ def _kl_forward_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_mask, col_mask, Ds, stride_hs, stride_ws,
-                        inv_temp, HAS_BS, BLOCK_N, BLOCK_V, BLOCK_D, PREC_S)
-        zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_mask, col_mask, Dt, stride_ht, stride_wt,
-                        inv_temp, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_D, PREC_T)
-        valid = col_mask[None, :]
-        # Every tile starts inside [v_start, v_end), so each row has a finite tile maximum.
-        m_s_new = tl.maximum(m_s, tl.max(tl.where(valid, zs, float("-inf")), axis=1))
-        m_t_new = tl.maximum(m_t, tl.max(tl.where(valid, zt, float("-inf")), axis=1))
-        rescale_s = tl.exp(m_s - m_s_new)
-        rescale_t = tl.exp(m_t - m_t_new)
-        e_s = tl.where(valid, tl.exp(zs - m_s_new[:, None]), 0.0)
-        e_t = tl.where(valid, tl.exp(zt - m_t_new[:, None]), 0.0)
-        diff = zs - zt
-        l_s = l_s * rescale_s + tl.sum(e_s, axis=1)
-        l_t = l_t * rescale_t + tl.sum(e_t, axis=1)
-        a_sum = a_sum * rescale_s + tl.sum(e_s * diff, axis=1)
-        b_sum = b_sum * rescale_t - tl.sum(e_t * diff, axis=1)
-        e_sum = e_sum * rescale_s + tl.sum(e_s * zs, axis=1)
-        m_s = m_s_new
-        m_t = m_t_new
+        zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, v0, rows, cols, row_mask, col_mask, Ds, Dt,
+                             stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
+                             USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
         if HAS_TARGET:
             hit = cols[None, :] == target[:, None]
             zs_target += tl.sum(tl.where(hit, zs, 0.0), axis=1)
             zt_target += tl.sum(tl.where(hit, zt, 0.0), axis=1)
+        # Columns past the split behave as masked entries (-inf logits, probability 0).
+        zs = tl.where(col_mask[None, :], zs, float("-inf"))
+        zt = tl.where(col_mask[None, :], zt, float("-inf"))
+        # Student, then teacher statistics, so only one tile of exponentials is live besides the logits.
+        # Terms of entries with probability 0 are dropped (0 * (-inf) := 0); a p > 0 entry the other model masks
+        # adds +inf to A (B), and an infinite sum stays infinite when rescaled.
+        m_new = safe_max(tl.maximum(m_s, tl.max(zs, axis=1)))
+        rescale = tl.exp(m_s - m_new)
+        e = tl.exp(zs - m_new[:, None])
+        live = e > 0.0
+        l_s = l_s * rescale + tl.sum(e, axis=1)
+        a_sum = tl.where(a_sum == float("inf"), a_sum, a_sum * rescale) \
+            + tl.sum(tl.where(live, e * (zs - zt), 0.0), axis=1)
+        e_sum = e_sum * rescale + tl.sum(tl.where(live, e * zs, 0.0), axis=1)
+        m_s = tl.maximum(m_s, tl.max(zs, axis=1))
+        m_new = safe_max(tl.maximum(m_t, tl.max(zt, axis=1)))
+        rescale = tl.exp(m_t - m_new)
+        e = tl.exp(zt - m_new[:, None])
+        live = e > 0.0
+        l_t = l_t * rescale + tl.sum(e, axis=1)
+        b_sum = tl.where(b_sum == float("inf"), b_sum, b_sum * rescale) \
+            + tl.sum(tl.where(live, e * (zt - zs), 0.0), axis=1)
+        m_t = tl.maximum(m_t, tl.max(zt, axis=1))
 
     out = part_ptr + pid_s * N + rows
     plane = num_splits * N
@@ -102,20 +124,24 @@ def _kl_forward_kernel(
 @triton.jit
 def _jsd_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, part_ptr,
-    N, V, Ds, Dt, v_per_split, inv_temp, beta, log_beta, log_one_minus_beta,
+    N, V, Ds, Dt, num_splits, split_unit, group_tokens, inv_temp, beta, log_beta, log_one_minus_beta, N_BUCKET,
     stride_hs, stride_ws, stride_ht, stride_wt,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Second pass for the generalised JSD: sums JSD_beta and KL(p_s || M) per token and vocabulary split."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Second pass for the generalised JSD: sums JSD_beta and KL(p_s || M) per token and vocabulary split
+    (same launch order as ``_kl_forward_kernel``)."""
+    pid_n, pid_s = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits,
+                                tl.maximum(group_tokens // BLOCK_N, 1))
+    r0 = pid_n * BLOCK_N
+    rows = r0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    v_start = pid_s * v_per_split
-    v_end = tl.minimum(v_start + v_per_split, V)
+    v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
+    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
+    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
+    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
+    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
     lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
     jsd = tl.zeros((BLOCK_N,), tl.float32)
@@ -123,21 +149,22 @@ def _jsd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_mask, col_mask, Ds, stride_hs, stride_ws,
-                        inv_temp, HAS_BS, BLOCK_N, BLOCK_V, BLOCK_D, PREC_S)
-        zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_mask, col_mask, Dt, stride_ht, stride_wt,
-                        inv_temp, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_D, PREC_T)
+        zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, v0, rows, cols, row_mask, col_mask, Ds, Dt,
+                             stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
+                             USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
         logp_s = zs - lse_s[:, None]
         logp_t = zt - lse_t[:, None]
         a = logp_t + log_beta
         b = logp_s + log_one_minus_beta
-        top = tl.maximum(a, b)
+        top = safe_max(tl.maximum(a, b))  # -inf only where both models mask the entry
         log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
-        s_term = tl.exp(logp_s) * (logp_s - log_m)
-        t_term = tl.exp(logp_t) * (logp_t - log_m)
-        valid = col_mask[None, :]
-        kl_s_m += tl.sum(tl.where(valid, s_term, 0.0), axis=1)
-        jsd += tl.sum(tl.where(valid, beta * t_term + (1.0 - beta) * s_term, 0.0), axis=1)
+        p_s = tl.exp(logp_s)
+        p_t = tl.exp(logp_t)
+        # M > 0 wherever p_s or p_t is, so each term is finite; 0 * log(0 / M) := 0.
+        s_term = tl.where(col_mask[None, :] & (p_s > 0.0), p_s * (logp_s - log_m), 0.0)
+        t_term = tl.where(col_mask[None, :] & (p_t > 0.0), p_t * (logp_t - log_m), 0.0)
+        kl_s_m += tl.sum(s_term, axis=1)
+        jsd += tl.sum(beta * t_term + (1.0 - beta) * s_term, axis=1)
     out = part_ptr + pid_s * N + rows
     tl.store(out, jsd, mask=row_mask)
     tl.store(out + num_splits * N, kl_s_m, mask=row_mask)
@@ -152,14 +179,15 @@ def combine_partials(part: torch.Tensor) -> dict[str, torch.Tensor]:
     m_s, l_s, m_t, l_t, a_sum, b_sum, e_sum = (part[i] for i in (M_S, L_S, M_T, L_T, A_SUM, B_SUM, E_SUM))
     top_s = m_s.amax(dim=0)
     top_t = m_t.amax(dim=0)
-    w_s = torch.exp(m_s - top_s)  # empty splits carry m = -inf -> weight 0
-    w_t = torch.exp(m_t - top_t)
+    # Empty or fully masked splits carry m = -inf -> weight 0 (a fully masked row is the caller's input error).
+    w_s = torch.exp(m_s - top_s.nan_to_num(neginf=0.0))
+    w_t = torch.exp(m_t - top_t.nan_to_num(neginf=0.0))
     l_s_total = (l_s * w_s).sum(0)
     l_t_total = (l_t * w_t).sum(0)
     lse_s = top_s + torch.log(l_s_total)
     lse_t = top_t + torch.log(l_t_total)
-    mean_diff_s = (a_sum * w_s).sum(0) / l_s_total  # E_{p_s}[z_s - z_t]
-    mean_diff_t = (b_sum * w_t).sum(0) / l_t_total  # E_{p_t}[z_t - z_s]
+    mean_diff_s = _weighted_sum(a_sum, w_s) / l_s_total  # E_{p_s}[z_s - z_t], +inf where the teacher masks mass
+    mean_diff_t = _weighted_sum(b_sum, w_t) / l_t_total  # E_{p_t}[z_t - z_s]
     return {
         "lse_s": lse_s,
         "lse_t": lse_t,
@@ -169,6 +197,12 @@ def combine_partials(part: torch.Tensor) -> dict[str, torch.Tensor]:
         "student_logprob": part[ZS_TARGET].sum(0) - lse_s,
         "teacher_logprob": part[ZT_TARGET].sum(0) - lse_t,
     }
+
+
+def _weighted_sum(partial: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum over splits of partial * weight, where an infinite partial stays infinite even if its weight underflows
+    (it came from an entry of positive probability)."""
+    return torch.where(torch.isinf(partial), partial, partial * weight).sum(0)
 
 
 def _common_args(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias):
@@ -193,24 +227,28 @@ def kl_forward(
     jsd_beta: float | None,
 ) -> dict[str, torch.Tensor]:
     """Per-token statistics [N] fp32: lse_s, lse_t, reverse_kl, forward_kl, student_entropy, student_logprob,
-    teacher_logprob (meaningful only with target_ids) and, with jsd_beta (inside (0, 1)), jsd and kl_student_mixture."""
+    teacher_logprob (meaningful only with target_ids) and, with jsd_beta (in (0, 1)), jsd and kl_student_mixture."""
     n_tokens, ds = student_hidden.shape
     vocab, dt = teacher_weight.shape[0], teacher_hidden.shape[1]
     device = student_hidden.device
-    num_splits, per_split = vocab_splits(n_tokens, vocab, device)
+    row_bytes = ds * student_hidden.element_size() + dt * teacher_hidden.element_size()
+    num_splits, split_unit = vocab_splits(n_tokens, vocab, device, row_bytes)
+    group = forward_group_tokens(row_bytes)
     tensors, flags = _common_args(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                   student_bias, teacher_bias)
     strides = (student_hidden.stride(0), student_weight.stride(0), teacher_hidden.stride(0), teacher_weight.stride(0))
-    meta = launch_meta()
+    meta = launch_meta(student_hidden, student_weight, teacher_hidden, teacher_weight)
 
     def grid(cfg):
-        return (triton.cdiv(n_tokens, cfg["BLOCK_N"]), num_splits)
+        return (num_splits * triton.cdiv(n_tokens, cfg["BLOCK_N"]),)
 
     part = new_output((NUM_PARTIALS, num_splits, n_tokens), torch.float32, device)
     target = target_ids if target_ids is not None else tensors[0].new_empty(1, dtype=torch.int64)
     with annotate("_kl_forward_kernel"):
         _kl_forward[grid](
-            *tensors, target, part, n_tokens, vocab, ds, dt, per_split, 1.0 / temperature, *strides,
+            *tensors, target, part, n_tokens, vocab, ds, dt, num_splits, split_unit, group, 1.0 / temperature,
+            n_bucket(n_tokens),
+            *strides,
             HAS_TARGET=target_ids is not None, **flags, **meta,
         )
     stats = combine_partials(part)
@@ -219,8 +257,9 @@ def kl_forward(
         jsd_part = new_output((2, num_splits, n_tokens), torch.float32, device)
         with annotate("_jsd_kernel"):
             _jsd[grid](
-                *tensors, stats["lse_s"], stats["lse_t"], jsd_part, n_tokens, vocab, ds, dt, per_split,
-                1.0 / temperature, float(jsd_beta), math.log(jsd_beta), math.log1p(-jsd_beta), *strides,
+                *tensors, stats["lse_s"], stats["lse_t"], jsd_part, n_tokens, vocab, ds, dt, num_splits, split_unit,
+                group,
+                1.0 / temperature, float(jsd_beta), math.log(jsd_beta), math.log1p(-jsd_beta), n_bucket(n_tokens), *strides,
                 **flags, **meta,
             )
         stats["jsd"] = jsd_part[0].sum(0)

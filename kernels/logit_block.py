@@ -28,7 +28,7 @@ from torch import Tensor
 from . import tiling
 from .backward import fp32_accumulating_mm, mm_accumulate
 from .forward import NUM_PARTIALS, combine_partials
-from .logit_tiles import grad_logit_tile
+from .logit_tiles import grad_logit_tile, safe_max, split_bounds
 from .objective import grad_coefficients, is_jsd, loss_and_kl_stat
 
 # Token alignment of a block on a GPU, and the fewest rows the automatic choice accepts there: every block
@@ -36,9 +36,11 @@ from .objective import grad_coefficients, is_jsd, loss_and_kl_stat
 # V=151936, Ds=4096, 512-row blocks move ~80 GB of grad_W traffic over N=16384 tokens, ~25 ms on an H100).
 ROW_ALIGN = 128
 MIN_AUTO_ROWS = 512
-# Fixed tiles of the memory-bound kernels below (no GEMM inside; (rows, columns) per program on a GPU).
-STATS_TILE = (16, 512)
-GRAD_TILE = (32, 256)
+# Fixed tiles of the memory-bound kernels below (no GEMM inside, so no BLOCK_D; rows x columns per program on a
+# GPU), the largest that compile for sm_90a without spills (tests/kernels/test_aot.py): 16 x 512 stats and
+# 32 x 256 gradient tiles spill 40-640 bytes per thread.
+STATS_TILE = tiling.TileConfig(8, 512, 0, num_warps=8)
+GRAD_TILE = tiling.TileConfig(16, 512, 0, num_warps=8)
 
 
 @triton.jit
@@ -53,19 +55,20 @@ def _load_z(z_ptr, b_ptr, rows, cols, row_mask, col_mask, V, inv_temp, HAS_B: tl
 
 @triton.jit
 def _block_stats_kernel(
-    zs_ptr, zt_ptr, bs_ptr, bt_ptr, target_ptr, part_ptr, height, V, v_per_split, inv_temp,
+    zs_ptr, zt_ptr, bs_ptr, bt_ptr, target_ptr, part_ptr, height, V, split_unit, inv_temp,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, HAS_TARGET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """The forward kernel's partials [9, splits, height] from stored logits: a max sweep, then plain sums (the
-    logits are read twice from memory instead of rescaling running sums)."""
+    logits are read twice from memory instead of rescaling running sums). -inf logits (docs/algorithm.md §6.5):
+    terms of probability-0 entries are dropped (0 * (-inf) := 0), a split masked entirely leaves (m = -inf, l = 0),
+    and an entry of p > 0 that the other model masks makes A (B) +inf, as in ``forward._kl_forward_kernel``."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     num_splits = tl.num_programs(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < height
-    v_start = pid_s * v_per_split
-    v_end = tl.minimum(v_start + v_per_split, V)
+    v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
     m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
@@ -75,6 +78,8 @@ def _block_stats_kernel(
         zt = _load_z(zt_ptr, bt_ptr, rows, cols, row_mask, col_mask, V, inv_temp, HAS_BT)
         m_s = tl.maximum(m_s, tl.max(tl.where(col_mask[None, :], zs, float("-inf")), axis=1))
         m_t = tl.maximum(m_t, tl.max(tl.where(col_mask[None, :], zt, float("-inf")), axis=1))
+    off_s = safe_max(m_s)  # exp offsets: 0 where the split is all -inf, so exp(-inf - off) = 0, never NaN
+    off_t = safe_max(m_t)
     l_s = tl.zeros((BLOCK_N,), tl.float32)
     l_t = tl.zeros((BLOCK_N,), tl.float32)
     a_sum = tl.zeros((BLOCK_N,), tl.float32)
@@ -90,14 +95,15 @@ def _block_stats_kernel(
         valid = col_mask[None, :]
         zs = _load_z(zs_ptr, bs_ptr, rows, cols, row_mask, col_mask, V, inv_temp, HAS_BS)
         zt = _load_z(zt_ptr, bt_ptr, rows, cols, row_mask, col_mask, V, inv_temp, HAS_BT)
-        e_s = tl.where(valid, tl.exp(zs - m_s[:, None]), 0.0)
-        e_t = tl.where(valid, tl.exp(zt - m_t[:, None]), 0.0)
-        diff = zs - zt
+        e_s = tl.where(valid, tl.exp(zs - off_s[:, None]), 0.0)
+        e_t = tl.where(valid, tl.exp(zt - off_t[:, None]), 0.0)
+        live_s = e_s > 0.0
+        live_t = e_t > 0.0
         l_s += tl.sum(e_s, axis=1)
         l_t += tl.sum(e_t, axis=1)
-        a_sum += tl.sum(e_s * diff, axis=1)
-        b_sum -= tl.sum(e_t * diff, axis=1)
-        e_sum += tl.sum(e_s * zs, axis=1)
+        a_sum += tl.sum(tl.where(live_s, e_s * (zs - zt), 0.0), axis=1)
+        b_sum += tl.sum(tl.where(live_t, e_t * (zt - zs), 0.0), axis=1)
+        e_sum += tl.sum(tl.where(live_s, e_s * zs, 0.0), axis=1)
         if HAS_TARGET:
             hit = cols[None, :] == target[:, None]
             zs_target += tl.sum(tl.where(hit, zs, 0.0), axis=1)
@@ -117,7 +123,7 @@ def _block_stats_kernel(
 
 @triton.jit
 def _block_jsd_kernel(
-    zs_ptr, zt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, part_ptr, height, V, v_per_split, inv_temp,
+    zs_ptr, zt_ptr, bs_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, part_ptr, height, V, split_unit, inv_temp,
     beta, log_beta, log_one_minus_beta,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -128,8 +134,7 @@ def _block_jsd_kernel(
     num_splits = tl.num_programs(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < height
-    v_start = pid_s * v_per_split
-    v_end = tl.minimum(v_start + v_per_split, V)
+    v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
     lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
     jsd = tl.zeros((BLOCK_N,), tl.float32)
@@ -141,13 +146,15 @@ def _block_jsd_kernel(
         logp_t = _load_z(zt_ptr, bt_ptr, rows, cols, row_mask, col_mask, V, inv_temp, HAS_BT) - lse_t[:, None]
         a = logp_t + log_beta
         b = logp_s + log_one_minus_beta
-        top = tl.maximum(a, b)
+        top = safe_max(tl.maximum(a, b))  # -inf only where both models mask the entry
         log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
-        s_term = tl.exp(logp_s) * (logp_s - log_m)
-        t_term = tl.exp(logp_t) * (logp_t - log_m)
-        valid = col_mask[None, :]
-        kl_s_m += tl.sum(tl.where(valid, s_term, 0.0), axis=1)
-        jsd += tl.sum(tl.where(valid, beta * t_term + (1.0 - beta) * s_term, 0.0), axis=1)
+        p_s = tl.exp(logp_s)
+        p_t = tl.exp(logp_t)
+        # M > 0 wherever p_s or p_t is, so each term is finite; 0 * log(0 / M) := 0.
+        s_term = tl.where(col_mask[None, :] & (p_s > 0.0), p_s * (logp_s - log_m), 0.0)
+        t_term = tl.where(col_mask[None, :] & (p_t > 0.0), p_t * (logp_t - log_m), 0.0)
+        kl_s_m += tl.sum(s_term, axis=1)
+        jsd += tl.sum(beta * t_term + (1.0 - beta) * s_term, axis=1)
     out = part_ptr + pid_s * height + rows
     tl.store(out, jsd, mask=row_mask)
     tl.store(out + num_splits * height, kl_s_m, mask=row_mask)
@@ -184,11 +191,12 @@ def _block_grad_kernel(
         tl.store(zs_ptr + offs, dz, mask=mask)
 
 
-def _tile(gpu_tile: tuple[int, int]) -> dict[str, int]:
+def _tile(gpu_tile: tiling.TileConfig) -> dict[str, int]:
     if tiling.interpreting():
         c = tiling.INTERPRETER_CONFIG
         return {"BLOCK_N": c.block_n, "BLOCK_V": c.block_v}
-    return {"BLOCK_N": gpu_tile[0], "BLOCK_V": gpu_tile[1], "num_warps": 8}
+    return {"BLOCK_N": gpu_tile.block_n, "BLOCK_V": gpu_tile.block_v, "num_warps": gpu_tile.num_warps,
+            "num_stages": gpu_tile.num_stages}
 
 
 def _row_align() -> int:
@@ -280,19 +288,19 @@ def logit_block_forward(
         with tiling.annotate("logit_block_gemm"):
             _logits_fp32(zs, student_hidden[block], student_weight)
             _logits_fp32(zt, teacher_hidden[block], teacher_weight)
-        num_splits, per_split = tiling.vocab_splits(height, vocab, device)
+        num_splits, split_unit = tiling.vocab_splits(height, vocab, device)
         grid = (triton.cdiv(height, stats_tile["BLOCK_N"]), num_splits)
         part = tiling.new_output((NUM_PARTIALS, num_splits, height), torch.float32, device)
         with tiling.annotate("_block_stats_kernel"):
             _block_stats_kernel[grid](zs, zt, bs, bt, target[block] if target_ids is not None else target, part,
-                                      height, vocab, per_split, inv_temp, HAS_TARGET=target_ids is not None,
+                                      height, vocab, split_unit, inv_temp, HAS_TARGET=target_ids is not None,
                                       **flags, **stats_tile)
         block_stats = combine_partials(part)
         if beta_jsd:
             jsd_part = tiling.new_output((2, num_splits, height), torch.float32, device)
             with tiling.annotate("_block_jsd_kernel"):
                 _block_jsd_kernel[grid](zs, zt, bs, bt, block_stats["lse_s"], block_stats["lse_t"], jsd_part,
-                                        height, vocab, per_split, inv_temp, float(jsd_beta), log_beta,
+                                        height, vocab, split_unit, inv_temp, float(jsd_beta), log_beta,
                                         log_one_minus_beta, **flags, **stats_tile)
             block_stats["jsd"] = jsd_part[0].sum(0)
             block_stats["kl_student_mixture"] = jsd_part[1].sum(0)

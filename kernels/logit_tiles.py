@@ -1,7 +1,11 @@
-"""Triton device functions shared by the forward and backward kernels: one [BLOCK_N, BLOCK_V] tile of logits, and
-the gradient of the loss with respect to that tile.
+"""Triton device functions shared by the forward and backward kernels: the launch order of tiled grids, operand
+loads (TMA descriptors or pointers), one [BLOCK_N, BLOCK_V] tile of student and teacher logits, and the gradient of
+the loss with respect to that tile.
 
 Only tl.exp / tl.log / tl.maximum are used (no libdevice), so the same code runs under the Triton interpreter.
+
+Masked vocabulary entries (a -inf bias) give -inf logits. Every function here treats an entry of probability 0 as
+contributing nothing (0 * log 0 = 0, 0 * (-inf) := 0) and never produces NaN from the masking itself.
 """
 from __future__ import annotations
 
@@ -10,31 +14,116 @@ import triton.language as tl
 
 
 @triton.jit
+def grouped_tile(pid, num_n, num_v, group):
+    """(token tile, vocabulary tile or split) of program ``pid``: token tiles fastest within groups of ``group``
+    token tiles, so a wave of programs shares weight tiles (read once per group) and hidden-state rows (kept in L2).
+    ``tiling.grouped_tile`` is the Python twin used by the traffic model."""
+    per_group = group * num_v
+    first_n = (pid // per_group) * group
+    size = tl.minimum(num_n - first_n, group)
+    local = pid % per_group
+    return first_n + local % size, local // size
+
+
+@triton.jit
+def split_bounds(split, num_splits, V, split_unit):
+    """[start, end) columns of vocabulary split ``split``: balanced whole units of ``split_unit`` columns.
+    ``tiling.split_bounds`` is the Python twin (``tiling.vocab_splits`` picks num_splits and the unit)."""
+    units = tl.cdiv(V, split_unit)
+    return split * units // num_splits * split_unit, tl.minimum((split + 1) * units // num_splits * split_unit, V)
+
+
+@triton.jit
+def operand_source(ptr, n_rows, n_cols, stride, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                   USE_TMA: tl.constexpr):
+    """What ``load_rows`` reads a [n_rows, n_cols] row-major operand from: a TMA tensor descriptor (sm_90+, chosen
+    by ``tiling.use_tma``) or the pointer itself. Descriptors are made once per program, outside the tile loops."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(ptr, shape=[n_rows, n_cols], strides=[stride, 1],
+                                         block_shape=[BLOCK_R, BLOCK_D])
+    else:
+        return ptr
+
+
+@triton.jit
+def load_rows(src, r0, rows, row_mask, d0, D, stride, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """The [len(rows), BLOCK_D] tile src[rows, d0:d0 + BLOCK_D], zeros outside the operand (TMA fills them, the
+    pointer path masks them). ``r0`` is rows[0]; rows past ``row_mask`` but inside the operand may hold data."""
+    if USE_TMA:
+        return src.load([r0, d0])
+    else:
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        ptrs = src + rows.to(tl.int64)[:, None] * stride + offs_d[None, :]
+        return tl.load(ptrs, mask=row_mask[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def logit_tiles(
+    hs_src, ws_src, bs_ptr, ht_src, wt_src, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
+    stride_hs, stride_ws, stride_ht, stride_wt, inv_temp,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Student and teacher logit tiles (h[rows] @ w[cols]^T + b[cols]) * inv_temp, fp32-accumulated.
+
+    One loop over the hidden slices both models have feeds both products, so the software pipeline runs without
+    a drain between the student's and the teacher's GEMM (the common case Ds == Dt has no other loop); the larger
+    model's remaining slices follow. Weight tiles are cast to the hidden-state dtype so that tl.dot runs on tensor
+    cores for bf16/fp16; the products are never rounded below fp32. Rows/columns outside the masks read zeros
+    (finite logits), so callers only mask their reductions.
+    """
+    acc_s = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    d_both = tl.minimum(Ds, Dt)
+    for d0 in range(0, d_both, BLOCK_D):
+        h_s = load_rows(hs_src, r0, rows, row_mask, d0, Ds, stride_hs, BLOCK_D, USE_TMA)
+        w_s = load_rows(ws_src, c0, cols, col_mask, d0, Ds, stride_ws, BLOCK_D, USE_TMA)
+        h_t = load_rows(ht_src, r0, rows, row_mask, d0, Dt, stride_ht, BLOCK_D, USE_TMA)
+        w_t = load_rows(wt_src, c0, cols, col_mask, d0, Dt, stride_wt, BLOCK_D, USE_TMA)
+        acc_s = tl.dot(h_s, tl.trans(w_s.to(h_s.dtype)), acc_s, input_precision=PREC_S)
+        acc_t = tl.dot(h_t, tl.trans(w_t.to(h_t.dtype)), acc_t, input_precision=PREC_T)
+    d_tail = tl.cdiv(d_both, BLOCK_D) * BLOCK_D  # slices [d_tail, D) of the larger model only
+    for d0 in range(d_tail, Ds, BLOCK_D):
+        h_s = load_rows(hs_src, r0, rows, row_mask, d0, Ds, stride_hs, BLOCK_D, USE_TMA)
+        w_s = load_rows(ws_src, c0, cols, col_mask, d0, Ds, stride_ws, BLOCK_D, USE_TMA)
+        acc_s = tl.dot(h_s, tl.trans(w_s.to(h_s.dtype)), acc_s, input_precision=PREC_S)
+    for d0 in range(d_tail, Dt, BLOCK_D):
+        h_t = load_rows(ht_src, r0, rows, row_mask, d0, Dt, stride_ht, BLOCK_D, USE_TMA)
+        w_t = load_rows(wt_src, c0, cols, col_mask, d0, Dt, stride_wt, BLOCK_D, USE_TMA)
+        acc_t = tl.dot(h_t, tl.trans(w_t.to(h_t.dtype)), acc_t, input_precision=PREC_T)
+    if HAS_BS:
+        acc_s += tl.load(bs_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BT:
+        acc_t += tl.load(bt_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc_s * inv_temp, acc_t * inv_temp
+
+
+NEG_BIG = tl.constexpr(-1e30)  # a log-probability floor far below any representable fp32 probability
+
+
+@triton.jit
 def logit_tile(
     h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """(h[rows] @ w[cols]^T + b[cols]) * inv_temp, accumulated in fp32 over BLOCK_D slices of the hidden dimension.
-
-    The weight tile is cast to the hidden-state dtype so that tl.dot runs on tensor cores for bf16/fp16; the
-    product is never rounded below fp32. Rows/columns outside the masks read zeros (finite logits), so callers only
-    mask their reductions.
-    """
-    offs_d = tl.arange(0, BLOCK_D)
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + offs_d[None, :]
-    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_w + offs_d[:, None]
+    """One model's logit tile (h[rows] @ w[cols]^T + b[cols]) * inv_temp with pointer loads, fp32-accumulated: the
+    single-model form for kernels that need one head only (the fused kernels here use ``logit_tiles``)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        d_mask = (d0 + offs_d) < D
-        h = tl.load(h_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=col_mask[None, :] & d_mask[:, None], other=0.0)
-        acc = tl.dot(h, w.to(h.dtype), acc, input_precision=DOT_PRECISION)
-        h_ptrs += BLOCK_D
-        w_ptrs += BLOCK_D
+        h = load_rows(h_ptr, 0, rows, row_mask, d0, D, stride_h, BLOCK_D, False)
+        w = load_rows(w_ptr, 0, cols, col_mask, d0, D, stride_w, BLOCK_D, False)
+        acc = tl.dot(h, tl.trans(w.to(h.dtype)), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc * inv_temp
+
+
+@triton.jit
+def safe_max(m):
+    """A running maximum usable as an exp offset: -inf (nothing seen but masked entries) becomes 0, so that
+    exp(z - m) is 0 for z = -inf and exp(m_old - m) is 0 for m_old = -inf, instead of exp(-inf + inf) = NaN."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
@@ -47,10 +136,21 @@ def grad_logit_tile(
     JSD mode: coef_a * p_s * ((log p_s - log M) - KL(p_s || M)),                  kl_stat = KL(p_s || M)
     with M = beta * p_t + (1 - beta) * p_s; coef_* already hold the per-token weight, the incoming gradient,
     (1 - beta) for JSD, and 1/temperature (the chain rule back to the unscaled logits).
+
+    -inf logits: entries with p_s = 0 get no p_s-term (0 * (-inf) := 0) and a token with coef_a = 0 none at all;
+    p_s - p_t is always finite. A token whose RKL is +inf (p_s > 0 = p_t somewhere) gets no RKL gradient: the usual
+    formula is inf - inf there, and its limit (+inf on the teacher-masked entries, -inf elsewhere) would turn
+    grad_h = dz @ W into NaN; its loss is +inf, which the caller reports. So every dz is finite.
     """
-    logp_s = zs - lse_s[:, None]
-    logp_t = zt - lse_t[:, None]
+    # Log-probabilities clamped at -1e30: a masked entry (-inf) gets p = exp(-1e30) = 0 and finite log terms, so
+    # 0 * log-term is 0 without a per-element select (which costs registers the 128 x 128 tiles do not have).
+    logp_s = tl.maximum(zs - lse_s[:, None], NEG_BIG)
+    logp_t = tl.maximum(zt - lse_t[:, None], NEG_BIG)
     p_s = tl.exp(logp_s)
+    # Only a token whose RKL is +inf has an entry with p_s > 0 = p_t (clamped log-ratio ~1e30): it gets no RKL term.
+    finite_kl = kl_stat != float("inf")
+    coef_a = tl.where(finite_kl, coef_a, 0.0)
+    kl_stat = tl.where(finite_kl, kl_stat, 0.0)
     if IS_JSD:
         a = logp_t + log_beta
         b = logp_s + log_one_minus_beta

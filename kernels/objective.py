@@ -15,8 +15,14 @@ def loss_and_kl_stat(stats: dict[str, Tensor], rw: Tensor, fw: Tensor,
                      jsd_beta: float | None) -> tuple[Tensor, Tensor]:
     """(per-token loss, the KL that dz subtracts: RKL, or KL(p_s || M) for the JSD), all fp32 [N]."""
     if is_jsd(jsd_beta):
-        return rw * stats["jsd"], stats["kl_student_mixture"]
-    return rw * stats["reverse_kl"] + fw * stats["forward_kl"], stats["reverse_kl"]
+        return _weighted(rw, stats["jsd"]), stats["kl_student_mixture"]
+    return _weighted(rw, stats["reverse_kl"]) + _weighted(fw, stats["forward_kl"]), stats["reverse_kl"]
+
+
+def _weighted(weight: Tensor, kl: Tensor) -> Tensor:
+    """weight * kl per token, where a zero weight drops the term even if that KL is +inf (a -inf bias masks an entry
+    one model gives mass): 0 * inf would be NaN."""
+    return torch.where(weight == 0, 0.0, weight * kl)
 
 
 def grad_coefficients(grad_loss: Tensor, rw: Tensor, fw: Tensor, jsd_beta: float | None,

@@ -4,9 +4,10 @@ is negligible, as Cut Cross-Entropy's gradient filter does, for both KL directio
 Each program recomputes its student and teacher logit tiles, forms dz (``logit_tiles.grad_logit_tile``) and
 tests it against the bound
 
-    |dz[i, j]| <= eps * (|coef_a[i]| + |coef_b[i]|)    for every element of the tile,
+    |dz[i, j]| <= eps * (|coef_a[i]| + |coef_b[i]|) * sqrt(min(KL[i], 1))    for every element of the tile,
 
-where coef_a, coef_b are the token's coefficients (weights x incoming gradient / temperature). The bound is dz
+where coef_a, coef_b are the token's coefficients (weights x incoming gradient / temperature) and KL the token's
+RKL (KL(p_s || M) for the JSD; an infinite one from a -inf bias counts as 1). The bound is dz
 itself, so it holds for every objective: a bound from the probabilities alone would not, since the reverse KL's
 p_s * (log p_s - log p_t) grows without limit as p_t -> 0 even when p_s < 2^-12. Passing tiles skip the two
 products dz @ W_s and dz^T @ h_s (four fifths of the tile's FLOPs at Ds = Dt; the logits must be recomputed to
@@ -14,7 +15,11 @@ know). The bias gradient's column sums are cheap and always kept. Every skipped 
 its token's coefficient: less than half a bf16 ulp of a dz of that size, which bf16 operands lose in rounding
 anyway.
 
-Accumulation as in the ``atomic`` schedule (fp32 atomics into fp32 gradients, results vary in the last bits);
+Masked entries (a -inf bias, docs/algorithm.md §6.5) get ``grad_logit_tile``'s finite dz, 0 where both models
+mask the entry, so a tile masked in both heads is skipped at every eps >= 0.
+
+Launch order, logit tiles and operand loads (TMA descriptors on sm_90) as in the ``atomic`` schedule; accumulation
+too (fp32 atomics into fp32 gradients, results vary in the last bits);
 ``skip_backward`` also returns the per-tile skip flags, from which bench scripts report the skip fraction.
 """
 from __future__ import annotations
@@ -27,8 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tiling
-from .backward import GROUP_N
-from .logit_tiles import grad_logit_tile, logit_tile
+from .logit_tiles import grad_logit_tile, grouped_tile, load_rows, logit_tiles, operand_source
 from .objective import is_jsd
 
 SKIP_EPS = 2.0**-12
@@ -39,30 +43,30 @@ def _backward_skip_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
     lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
     grad_h_ptr, grad_w_ptr, grad_b_ptr, skipped_ptr,
-    N, V, Ds, Dt, inv_temp, log_beta, log_one_minus_beta, eps,
+    N, V, Ds, Dt, inv_temp, log_beta, log_one_minus_beta, eps, N_BUCKET,
     stride_hs, stride_ws, stride_ht, stride_wt,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, IS_JSD: tl.constexpr,
     NEED_GRAD_H: tl.constexpr, NEED_GRAD_W: tl.constexpr, NEED_GRAD_B: tl.constexpr,
-    PREC_S: tl.constexpr, PREC_T: tl.constexpr, GROUP: tl.constexpr,
+    PREC_S: tl.constexpr, PREC_T: tl.constexpr, GROUP_TOKENS: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
+    # The atomic schedule's program: grouped launch order, both logit tiles from one K loop, TMA or pointer loads.
     num_v = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP * num_v
-    first_n = (pid // per_group) * GROUP
-    group_size = tl.minimum(num_n - first_n, GROUP)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
-
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_v,
+                                GROUP_TOKENS // BLOCK_N)  # >= 1: GROUP_TOKENS exceeds every BLOCK_N
+    r0 = pid_n * BLOCK_N
+    c0 = pid_v * BLOCK_V
+    rows = r0 + tl.arange(0, BLOCK_N)
+    cols = c0 + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
-    zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_mask, col_mask, Ds, stride_hs, stride_ws,
-                    inv_temp, HAS_BS, BLOCK_N, BLOCK_V, BLOCK_D, PREC_S)
-    zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_mask, col_mask, Dt, stride_ht, stride_wt,
-                    inv_temp, HAS_BT, BLOCK_N, BLOCK_V, BLOCK_D, PREC_T)
+    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
+    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
+    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
+    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
+    zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
+                         stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
+                         USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
     coef_a = tl.load(coef_a_ptr + rows, mask=row_mask, other=0.0)
     coef_b = tl.load(coef_b_ptr + rows, mask=row_mask, other=0.0)
     kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
@@ -88,14 +92,12 @@ def _backward_skip_kernel(
             d = d0 + offs_d
             d_mask = d < Ds
             if NEED_GRAD_H:
-                w = tl.load(ws_ptr + cols64[:, None] * stride_ws + d[None, :],
-                            mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                w = load_rows(ws, c0, cols, col_mask, d0, Ds, stride_ws, BLOCK_D, USE_TMA)
                 grad_h = tl.dot(dz_op, w.to(dz_op.dtype), input_precision=PREC_S)
                 tl.atomic_add(grad_h_ptr + rows64[:, None] * Ds + d[None, :], grad_h,
                               mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
             if NEED_GRAD_W:
-                h = tl.load(hs_ptr + rows64[:, None] * stride_hs + d[None, :],
-                            mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                h = load_rows(hs, r0, rows, row_mask, d0, Ds, stride_hs, BLOCK_D, USE_TMA)
                 grad_w = tl.dot(tl.trans(dz_op), h, input_precision=PREC_S)
                 tl.atomic_add(grad_w_ptr + cols64[:, None] * Ds + d[None, :], grad_w,
                               mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
@@ -139,11 +141,13 @@ def skip_backward(
             lse_s, lse_t, coef_a, coef_b, kl_stat, grad_h, grad_w, grad_b, skipped,
             n_tokens, vocab, ds, dt, 1.0 / temperature,
             math.log(jsd_beta) if jsd else 0.0, math.log1p(-jsd_beta) if jsd else 0.0, float(eps),
+            tiling.n_bucket(n_tokens),
             student_hidden.stride(0), student_weight.stride(0), teacher_hidden.stride(0), teacher_weight.stride(0),
             HAS_BS=student_bias is not None, HAS_BT=teacher_bias is not None, IS_JSD=jsd,
             NEED_GRAD_H=need_grad_h, NEED_GRAD_W=need_grad_w, NEED_GRAD_B=need_grad_b,
             PREC_S=tiling.dot_precision(student_hidden.dtype), PREC_T=tiling.dot_precision(teacher_hidden.dtype),
-            GROUP=GROUP_N, **tiling.launch_meta(),
+            GROUP_TOKENS=tiling.GROUP_TOKENS,
+            **tiling.launch_meta(student_hidden, student_weight, teacher_hidden, teacher_weight),
         )
     ran = getattr(_backward_skip, "best_config", None)
     block_n, block_v = ((ran.kwargs["BLOCK_N"], ran.kwargs["BLOCK_V"]) if ran is not None

@@ -11,10 +11,12 @@ this module is the small in-process loop for data that is already on disk or in 
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -78,12 +80,21 @@ def train_sft(
     train_roles: tuple[int, ...] = (Role.STUDENT, Role.TEACHER),
     log: Callable[[dict], None] | None = None,
     log_every: int = 20,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
 ) -> list[float]:
     """Train ``model`` in place on ``episodes``; returns the loss of every step.
 
     Batches are drawn without replacement (reshuffled each pass) from length-sorted buckets so padding stays
     small. Raises ValueError when no episode has a generated token (nothing to learn from).
+
+    ``checkpoint``: a file that holds the model, optimizer, step, batch order and RNG states, written atomically
+    every ``checkpoint_every`` steps (> 0). When the file exists, training resumes from it and continues the same
+    batch sequence, so an interrupted run ends with the same weights as an uninterrupted one.
     """
+    if checkpoint_every < 0 or (checkpoint_every > 0 and checkpoint is None):
+        raise ValueError(f"checkpoint_every must be >= 0 and needs a checkpoint path, got {checkpoint_every!r} "
+                         f"with checkpoint={checkpoint!r}")
     usable = [e for e in episodes if any(r in train_roles for r in e.roles)]
     if not usable:
         raise ValueError(f"train_sft: no episode has a token with a role in {train_roles}")
@@ -94,8 +105,18 @@ def train_sft(
     model.train()
     order: list[int] = []
     losses: list[float] = []
+    start = 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        start, order, losses = state["step"], state["order"], state["losses"]
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if log is not None:
+            log({"sft_resumed_at": start, "checkpoint": str(checkpoint)})
     t0 = time.perf_counter()
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         if len(order) < cfg.batch_size:
             perm = list(range(len(usable)))
             rng.shuffle(perm)
@@ -119,5 +140,17 @@ def train_sft(
         if log is not None and (step % log_every == 0 or step == cfg.steps - 1):
             log({"sft_step": step, "loss": losses[-1], "lr": _lr_at(step, cfg),
                  "elapsed_s": round(time.perf_counter() - t0, 2)})
+        if checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
+            _save_checkpoint(Path(checkpoint), model, opt, step + 1, order, losses, rng)
     model.eval()
     return losses
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, order: list[int],
+                     losses: list[float], rng: random.Random) -> None:
+    """Write-then-rename, so a crash mid-save leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step, "order": list(order),
+                "losses": list(losses), "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)

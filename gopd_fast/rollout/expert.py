@@ -3,18 +3,19 @@
 One owner for how an oracle run is rendered: the trainer's ``rollout.engine = "expert"`` source
 (``gopd_fast.train_setup.ExpertSource``) and the demo's SFT data (``gopd_fast.demo``) both call
 ``oracle_episodes``; the tokenizer text of the tiny models (``train_setup.ensure_tiny_models``, the demo's
-teacher) comes from ``oracle_text``.
+teacher) comes from ``oracle_text``; ``random_episodes`` (the demo study's chance-level student base data) is
+rendered by the same ``_play``.
 """
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gopd_fast.envs.base import TextEnv
 from gopd_fast.rollout.episode import Episode, Role
 from gopd_fast.rollout.history import ChatFormat, History
 
-__all__ = ["ACTION_FORMAT", "oracle_episodes", "oracle_text"]
+__all__ = ["ACTION_FORMAT", "oracle_episodes", "oracle_text", "random_episodes"]
 
 # How an action is written as an assistant turn: the ReAct "Action:" line that the rollout's default
 # ActionParser (gopd_fast.rollout.guidance.DEFAULT_ACTION_PATTERN) reads back.
@@ -54,39 +55,77 @@ def oracle_episodes(
     (default: the tokenizer's eos).
     """
     _check_oracle(env, noise)
+    rng = random.Random(seed)
+
+    def choose(expert: str | None, admissible: Sequence[str]) -> tuple[str, int] | None:
+        if expert is None:
+            return None
+        if noise > 0 and admissible and rng.random() < noise:
+            others = [a for a in admissible if a != expert and a not in ("look", "inventory")]
+            if others:
+                return rng.choice(others), Role.STUDENT
+        return expert, Role.TEACHER
+
+    return [_play(env, task_id, chat, choose, action_format, eos_token_id, {"source": "oracle", "noise": noise},
+                  uses_expert=True) for task_id in tasks]
+
+
+def random_episodes(
+    env: TextEnv,
+    tasks: Sequence[str],
+    chat: ChatFormat,
+    *,
+    seed: int = 0,
+    action_format: str = ACTION_FORMAT,
+    eos_token_id: int | None = None,
+) -> list[Episode]:
+    """Episodes of a uniformly random admissible action every turn (until the env's turn limit or success).
+
+    Data that teaches the action format and the env's text but no policy better than chance: a student base
+    SFT-ed on it has learned nothing from a source better than any teacher. Turns are ``Role.STUDENT``.
+    """
+    rng = random.Random(seed)
+
+    def choose(expert: str | None, admissible: Sequence[str]) -> tuple[str, int] | None:
+        if not admissible:
+            raise ValueError(f"environment {env.name!r} gave no admissible actions: random_episodes needs them")
+        return rng.choice(list(admissible)), Role.STUDENT
+
+    return [_play(env, task_id, chat, choose, action_format, eos_token_id, {"source": "random"},
+                  uses_expert=False) for task_id in tasks]
+
+
+def _play(env: TextEnv, task_id: str, chat: ChatFormat,
+          choose: Callable[[str | None, Sequence[str]], tuple[str, int] | None], action_format: str,
+          eos_token_id: int | None, info: dict, *, uses_expert: bool) -> Episode:
+    """One episode in which ``choose(expert_action, admissible)`` picks each turn's (action, role); None ends it.
+    ``uses_expert=False`` skips the oracle query (passes None). The one renderer of scripted episodes: each turn
+    is ``action_format`` + eos, appended token-exactly with the rollout's ``History``."""
     tok = chat.tokenizer
     eos = [int(tok.eos_token_id if eos_token_id is None else eos_token_id)]
-    rng = random.Random(seed)
-    out: list[Episode] = []
-    for task_id in tasks:
-        first = env.reset(task_id)
-        history = History(chat.initial_prompt(first.prompt))
-        actions: list[str] = []
-        admissible = first.admissible_actions
-        score, success = 0.0, False
-        while True:
-            expert = env.expert_action()
-            if expert is None:
-                break
-            action, role = expert, Role.TEACHER
-            if noise > 0 and admissible and rng.random() < noise:
-                others = [a for a in admissible if a != expert and a not in ("look", "inventory")]
-                if others:
-                    action, role = rng.choice(others), Role.STUDENT
-            response = list(tok(action_format.format(action=action), add_special_tokens=False)["input_ids"]) + eos
-            history.add_response(response, [0.0] * len(response), role)
-            actions.append(action)
-            step = env.step(action)
-            score, success, admissible = step.score, step.success, step.admissible_actions
-            if step.done:
-                break
-            history.add_observation(chat.piece_after(response, step.observation))
-        out.append(Episode(
-            task_id=task_id, token_ids=history.token_ids, roles=history.roles, logprobs=history.logprobs,
-            turn_spans=history.turn_spans, turn_roles=history.turn_roles, actions=actions, score=score,
-            success=success, rounds=len(actions), beta=1.0, info={"source": "oracle", "noise": noise},
-        ))
-    return out
+    first = env.reset(task_id)
+    history = History(chat.initial_prompt(first.prompt))
+    actions: list[str] = []
+    admissible = first.admissible_actions
+    score, success = 0.0, False
+    while True:
+        picked = choose(env.expert_action() if uses_expert else None, admissible)
+        if picked is None:
+            break
+        action, role = picked
+        response = list(tok(action_format.format(action=action), add_special_tokens=False)["input_ids"]) + eos
+        history.add_response(response, [0.0] * len(response), role)
+        actions.append(action)
+        step = env.step(action)
+        score, success, admissible = step.score, step.success, step.admissible_actions
+        if step.done:
+            break
+        history.add_observation(chat.piece_after(response, step.observation))
+    return Episode(
+        task_id=task_id, token_ids=history.token_ids, roles=history.roles, logprobs=history.logprobs,
+        turn_spans=history.turn_spans, turn_roles=history.turn_roles, actions=actions, score=score,
+        success=success, rounds=len(actions), beta=1.0, info=dict(info),
+    )
 
 
 def oracle_text(env: TextEnv, tasks: Sequence[str], *, noise: float = 0.0, seed: int = 0,

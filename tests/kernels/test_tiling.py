@@ -1,18 +1,26 @@
 """kernels/tiling.py: vocabulary splits and deterministic chunks cover the vocabulary exactly."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
-from gopd_fast.kernels import tiling
 from gopd_fast.kernels.backward import one_pass_chunks, two_pass_chunks
+
+from gopd_fast.kernels import tiling
 
 
 @pytest.mark.parametrize("n_tokens,vocab", [(1, 1), (37, 203), (1024, 151936), (16384, 151936), (5, 64)])
 def test_vocab_splits_cover_vocab_without_empty_splits(n_tokens, vocab):
-    splits, per_split = tiling.vocab_splits(n_tokens, vocab, torch.device("cpu"))
+    splits, unit = tiling.vocab_splits(n_tokens, vocab, torch.device("cpu"))
     align = tiling.INTERPRETER_CONFIG.block_v if tiling.interpreting() else tiling.SPLIT_ALIGN
-    assert splits >= 1 and per_split % align == 0
-    assert (splits - 1) * per_split < vocab <= splits * per_split
+    assert splits >= 1 and unit % align == 0
+    bounds = [tiling.split_bounds(s, splits, vocab, unit) for s in range(splits)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == vocab
+    assert all(lo < hi and lo % unit == 0 for lo, hi in bounds)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    lengths = [hi - lo for lo, hi in bounds[:-1]]
+    assert not lengths or max(lengths) - min(lengths) <= unit  # balanced
 
 
 def test_two_pass_chunks_respect_budget(monkeypatch):
@@ -63,3 +71,42 @@ def test_buffer_budget_env_var(monkeypatch):
         monkeypatch.setenv("GOPD_BACKWARD_BUFFER_MIB", bad)
         with pytest.raises(ValueError, match="GOPD_BACKWARD_BUFFER_MIB must be a positive number of MiB"):
             tiling.backward_buffer_bytes()
+
+
+def test_n_bucket_is_the_next_power_of_two():
+    assert [tiling.n_bucket(n) for n in (0, 1, 2, 3, 1000, 1024, 1025, 16384)] == [1, 1, 2, 4, 1024, 1024, 2048,
+                                                                                     16384]
+    assert "N_BUCKET" in tiling.AUTOTUNE_KEY
+
+
+def test_gpu_forward_groups_keep_their_hidden_rows_in_l2(monkeypatch):
+    """At S* on a 132-SM GPU: short vocabulary splits (programs stay in step), and a group of token tiles whose
+    hidden-state rows (both models) fit in FORWARD_L2_SHARE of the L2 while it walks every split."""
+    monkeypatch.setattr(tiling, "interpreting", lambda: False)
+    monkeypatch.setattr(tiling, "multiprocessor_count", lambda device: 132)
+    row_bytes = (4096 + 4096) * 2
+    splits, unit = tiling.vocab_splits(16384, 151936, torch.device("cpu"), row_bytes)
+    lo, hi = tiling.split_bounds(0, splits, 151936, unit)
+    assert hi - lo <= tiling.FORWARD_SPLIT_COLUMNS and unit == tiling.SPLIT_ALIGN
+    tokens = tiling.forward_group_tokens(row_bytes)
+    group_tiles = tokens // min(c.block_n for c in tiling.FORWARD_CONFIGS)
+    assert splits % -(-132 // group_tiles) == 0  # a group's programs fill whole waves
+    assert tokens * row_bytes <= tiling.L2_BYTES * tiling.FORWARD_L2_SHARE
+    assert tokens >= 16 * max(c.block_n for c in tiling.FORWARD_CONFIGS)  # weight panels shared by >= 16 tiles
+    assert tiling.vocab_splits(1024, 151936, torch.device("cpu"))[0] * (1024 // 64) >= 132  # small N fills the GPU
+
+
+def test_operand_loads_use_pointers_off_hopper():
+    """The TMA switch is off under the interpreter and for CPU tensors (one place decides: tiling.use_tma)."""
+    t = torch.zeros(16, 16)
+    assert tiling.use_tma(t, t) is False
+    assert tiling.launch_meta(t)["USE_TMA"] is False
+
+
+def test_jsd_launches_never_get_kl_only_tiles():
+    kl = tiling.candidate_configs(tiling.BACKWARD_CONFIGS, is_jsd=False)
+    jsd = tiling.candidate_configs(tiling.BACKWARD_CONFIGS, is_jsd=True)
+    assert kl == tiling.BACKWARD_CONFIGS and set(jsd) == set(kl) - set(tiling.KL_ONLY_CONFIGS)
+    triton_configs = [c.as_triton() for c in tiling.BACKWARD_CONFIGS]
+    assert len(tiling.prune_for_jsd(triton_configs, {}, IS_JSD=True)) == len(jsd)
+    assert tiling.prune_for_jsd(triton_configs, {}, IS_JSD=False) == triton_configs

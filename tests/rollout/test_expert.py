@@ -6,7 +6,7 @@ import pytest
 from gopd_fast import envs
 from gopd_fast.models import train_tokenizer
 from gopd_fast.rollout.episode import Role
-from gopd_fast.rollout.expert import ACTION_FORMAT, oracle_episodes, oracle_text
+from gopd_fast.rollout.expert import ACTION_FORMAT, oracle_episodes, oracle_text, random_episodes
 from gopd_fast.rollout.history import ChatFormat
 
 
@@ -89,3 +89,19 @@ def test_the_trainer_expert_source_renders_with_it(setup):
     tasks = env.tasks("train")[:2]
     got = ExpertSource(env, tok).collect(tasks, beta=0.0, temperature=1.0, seed=0)
     assert [e.token_ids for e in got] == [e.token_ids for e in oracle_episodes(env, tasks, chat)]
+
+
+def test_random_episodes_take_admissible_actions_as_student_turns(setup):
+    env, _, chat = setup
+    eps = random_episodes(env, env.tasks("train")[:6], chat, seed=2)
+    again = random_episodes(env, env.tasks("train")[:6], chat, seed=2)
+    assert [e.actions for e in eps] == [e.actions for e in again]           # seeded
+    assert any(e.actions != o.actions for e, o in zip(eps, oracle_episodes(env, env.tasks("train")[:6], chat)))
+    for ep in eps:
+        assert all(r == Role.STUDENT for r in ep.turn_roles)
+        env.reset(ep.task_id)
+        admissible = env.reset(ep.task_id).admissible_actions
+        for action in ep.actions:                                           # each action was admissible
+            assert action in admissible
+            admissible = env.step(action).admissible_actions
+        assert ep.rounds == 15 or ep.success
