@@ -19,9 +19,9 @@ if not torch.cuda.is_available():  # before the first triton import
 
 from gopd_fast.kernels.backward import SCHEDULES, one_pass_blocks
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
-from gopd_fast.ops.problem import build_problem
 
 from gopd_fast.kernels import logit_block, tiling
+from gopd_fast.ops.problem import build_problem
 
 
 def reference(hs, ws, bs, ht, wt, bt, rw, fw, jsd_beta, temperature):

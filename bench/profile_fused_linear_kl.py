@@ -102,10 +102,10 @@ def format_rows(rows: list[dict]) -> str:
 
 def profile(shape: Shape, schedule: str, dtype: torch.dtype, jsd_beta: float | None, steps: int,
             device: torch.device) -> list[dict]:
+    from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
     from gopd_fast.ops.problem import build_problem
 
     g = torch.Generator().manual_seed(0)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from gopd_fast.kernels import tiling
 from gopd_fast.kernels.backward import SCHEDULES, one_pass_chunks, two_pass_chunks
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
+
+from gopd_fast.kernels import tiling
 from gopd_fast.ops.problem import build_problem
 
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}

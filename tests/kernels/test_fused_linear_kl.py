@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gopd_fast.kernels import backward, forward, tiling
 from gopd_fast.kernels.backward import SCHEDULES
 from gopd_fast.kernels.fused_linear_kl import (
     check_triton_runnable,
@@ -11,9 +10,10 @@ from gopd_fast.kernels.fused_linear_kl import (
     schedule_default,
 )
 from gopd_fast.kernels.schedule import CHOICES
-from gopd_fast.ops.problem import build_problem
 
 import gopd_fast
+from gopd_fast.kernels import backward, forward, tiling
+from gopd_fast.ops.problem import build_problem
 
 
 def call(p, schedule=None, **overrides):

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from gopd_fast.kernels import tiling
 from gopd_fast.kernels.backward import SCHEDULES, mm_accumulate
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
+
+from gopd_fast.kernels import tiling
 from gopd_fast.ops.problem import build_problem
 
 pytestmark = [

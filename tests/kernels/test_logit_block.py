@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from gopd_fast.kernels import backward, forward, logit_block, tiling
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 from gopd_fast.kernels.schedule import CHOICES, choose_schedule
+
+from gopd_fast.kernels import backward, forward, logit_block, tiling
 from gopd_fast.ops.problem import build_problem
 
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}

@@ -20,10 +20,10 @@ from gopd_fast.kernels.forward import kl_forward
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 from gopd_fast.kernels.objective import grad_coefficients, loss_and_kl_stat
 from gopd_fast.kernels.schedule import LOGIT_BLOCK, SKIP
-from gopd_fast.ops.problem import build_problem
 from gopd_fast.kernels.skip import skip_backward
 
 from gopd_fast.kernels import tiling
+from gopd_fast.ops.problem import build_problem
 
 INF = math.inf
 N, V = 37, 203

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from gopd_fast.kernels import tiling
 from gopd_fast.kernels.forward import kl_forward
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 from gopd_fast.kernels.objective import grad_coefficients, loss_and_kl_stat
 from gopd_fast.kernels.skip import skip_backward
+
+from gopd_fast.kernels import tiling
 from gopd_fast.ops.problem import build_problem
 
 OBJECTIVES = {"reverse": (None, 1.0, 0.0), "forward": (None, 0.0, 1.0), "jsd": (0.5, 1.0, 0.0)}
