@@ -14,9 +14,16 @@ Phases (each timed against the plan in the config, both printed):
                  student would flatter guidance)
   reference      teacher and zero-shot (untrained base) evaluations
   distill        for every seed and method: ``gopd_fast.train.run`` from the same base (the trainer's typed
-                 ``Config``: configs/demo-trainer.toml with this config's values), then a held-out evaluation
+                 ``Config``: configs/demo-trainer.toml with this config's values), then a held-out evaluation.
+                 Live: every ``distill.eval_every`` steps the held-out curve point is printed
+                 (``[demo] curve METHOD seed S step K/N: Score M [LOW, HIGH] (E episodes)``) and RUN/curves.png
+                 is redrawn (``gopd_fast.demo.progress``)
   diagnostics    the failure-mode diagnostic (``gopd_fast.demo.diagnostics``) on student-only vs teacher-only rollouts
-  report         table, plots (``gopd_fast.demo.plots``), results.json / results.md in the run folder
+  report         table, plots (``gopd_fast.demo.plots``), results.json / results.md in the run folder, and a
+                 pointer to the study (docs/results.md) for the full table
+
+Progress bars (tqdm: phase, method and seed, step k/n or episodes, elapsed / planned seconds of the phase and of the
+run) go to stderr; the ``[demo] ...`` lines go to stdout, whole, so ``> log`` keeps them parseable.
 """
 from __future__ import annotations
 
