@@ -140,6 +140,7 @@ def plot_live_curves(
     ax.set_ylim(-2, 102)
     ax.set_ylabel("held-out Score (student only, T=0.4)")
     ax.set_title("Learning curves so far (95% CI per point)")
+    ax.xaxis.get_major_locator().set_params(integer=True)   # steps are whole numbers
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
