@@ -110,6 +110,45 @@ def plot_learning_curves(
     return out
 
 
+def plot_live_curves(
+    points: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
+    out: str | Path,
+    *,
+    reference: Mapping[str, float] | None = None,
+) -> Path:
+    """The learning curves while the demo trains: one line per (method, seed), each point with its own 95% CI.
+
+    ``points``: method -> {"seed<k>": [(step, score, low, high), ...]}. Seeds may have different lengths (a run
+    still in progress); methods without points yet are skipped. ``reference``: horizontal lines.
+    """
+    out = _check_out(out)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    styles = ("-", "--", ":", "-.")
+    for method, by_seed in points.items():
+        for i, (seed, rows) in enumerate(sorted(by_seed.items())):
+            if not rows:
+                continue
+            steps = [float(r[0]) for r in rows]
+            score = [float(r[1]) for r in rows]
+            err = [[max(0.0, s - float(r[2])) for s, r in zip(score, rows)],
+                   [max(0.0, float(r[3]) - s) for s, r in zip(score, rows)]]
+            ax.errorbar(steps, score, yerr=err, marker="o", ms=3, lw=1.8, capsize=2, ls=styles[i % len(styles)],
+                        color=_color(method), label=f"{method} {seed}")
+    for name, value in (reference or {}).items():
+        ax.axhline(value, ls="--", lw=1.2, color=_color(name), label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylim(-2, 102)
+    ax.set_ylabel("held-out Score (student only, T=0.4)")
+    ax.set_title("Learning curves so far (95% CI per point)")
+    ax.xaxis.get_major_locator().set_params(integer=True)   # steps are whole numbers
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_score_vs_turn_limit(
     by_method: Mapping[str, Mapping[int, float]], out: str | Path
 ) -> Path:

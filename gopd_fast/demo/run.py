@@ -14,9 +14,16 @@ Phases (each timed against the plan in the config, both printed):
                  student would flatter guidance)
   reference      teacher and zero-shot (untrained base) evaluations
   distill        for every seed and method: ``gopd_fast.train.run`` from the same base (the trainer's typed
-                 ``Config``: configs/demo-trainer.toml with this config's values), then a held-out evaluation
+                 ``Config``: configs/demo-trainer.toml with this config's values), then a held-out evaluation.
+                 Live: every ``distill.eval_every`` steps the held-out curve point is printed
+                 (``[demo] curve METHOD seed S step K/N: Score M [LOW, HIGH] (E episodes)``) and RUN/curves.png
+                 is redrawn (``gopd_fast.demo.progress``)
   diagnostics    the failure-mode diagnostic (``gopd_fast.demo.diagnostics``) on student-only vs teacher-only rollouts
-  report         table, plots (``gopd_fast.demo.plots``), results.json / results.md in the run folder
+  report         table, plots (``gopd_fast.demo.plots``), results.json / results.md in the run folder, and a
+                 pointer to the study (docs/results.md) for the full table
+
+Progress bars (tqdm: phase, method and seed, step k/n or episodes, elapsed / planned seconds of the phase and of the
+run) go to stderr; the ``[demo] ...`` lines go to stdout, whole, so ``> log`` keeps them parseable.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +50,37 @@ from gopd_fast.demo.config import (
     load_demo_config,
     trainer_config,
 )
+from gopd_fast.demo.progress import Bar, LiveCurves, MetricsTail, say
 from gopd_fast.typed_config import ConfigError
+
+# The demo is a few seeds and a short budget; the full table (more seeds, steps and held-out tasks) is the study's.
+STUDY_POINTER = ("full results: docs/results.md (the study section: every method, >= 3 seeds, paired CIs), "
+                 "rerun with `python -m gopd_fast.demo.study`")
 
 # ---------------------------------------------------------------------------------------------------------
 # Time plan
 # ---------------------------------------------------------------------------------------------------------
 
 class PhaseClock:
-    """Planned vs actual seconds per phase, printed as the run goes."""
+    """Planned vs actual seconds per phase, printed as the run goes, and the progress bars that show them."""
 
     def __init__(self, plan: dict[str, float], budget_s: float) -> None:
         self.plan, self.budget_s = dict(plan), budget_s
         self.actual: dict[str, float] = {}
         self.t0 = time.perf_counter()
+        self.current: _Phase | None = None
+
+    def status(self) -> str:
+        """Elapsed / planned seconds of the current phase and of the whole run (a progress bar's postfix)."""
+        run = f"run {self.elapsed():.0f}/{sum(self.plan.values()):.0f} s"
+        if self.current is None:
+            return run
+        name = self.current.name
+        return (f"{name} {time.perf_counter() - self.current.t:.0f}/{self.plan.get(name, float('nan')):.0f} s, "
+                f"{run}")
+
+    def bar(self, total: int, desc: str, unit: str) -> Bar:
+        return Bar(total, desc, unit, self.status)
 
     def print_plan(self) -> None:
         total = sum(self.plan.values())
@@ -82,14 +107,16 @@ class _Phase:
 
     def __enter__(self) -> _Phase:  # noqa: PYI034
         self.t = time.perf_counter()
-        print(f"[demo] {time.strftime('%H:%M:%S')} phase {self.name} (planned "
-              f"{self.clock.plan.get(self.name, float('nan')):.0f} s)", flush=True)
+        self.clock.current = self
+        say(f"[demo] {time.strftime('%H:%M:%S')} phase {self.name} (planned "
+            f"{self.clock.plan.get(self.name, float('nan')):.0f} s)")
         return self
 
     def __exit__(self, *exc: object) -> None:
         dt = time.perf_counter() - self.t
         self.clock.actual[self.name] = self.clock.actual.get(self.name, 0.0) + dt
-        print(f"[demo] phase {self.name} took {dt:.1f} s (elapsed {self.clock.elapsed():.0f} s)", flush=True)
+        self.clock.current = None
+        say(f"[demo] phase {self.name} took {dt:.1f} s (elapsed {self.clock.elapsed():.0f} s)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -332,11 +359,17 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 def distill(cfg: DemoConfig, method: str, seed: int, student_dir: Path, teacher_dir: Path,
-            out_dir: Path) -> dict[str, Any]:
+            out_dir: Path, on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """One trainer run; ``on_record`` gets each train / eval record of its metrics.jsonl while it trains (from a
+    background thread that follows the file)."""
     from gopd_fast.train import run
 
     t0 = time.perf_counter()
-    result = run(trainer_config(cfg, method, seed, student_dir, teacher_dir, out_dir))
+    tcfg = trainer_config(cfg, method, seed, student_dir, teacher_dir, out_dir)
+    metrics = Path(tcfg.run.output_dir) / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)   # the tail must not replay an earlier run's records (resume is off)
+    with MetricsTail(metrics, on_record) if on_record is not None else contextlib.nullcontext():
+        result = run(tcfg)
     if result.export_dir is None or not (Path(result.export_dir) / "config.json").is_file():
         raise RuntimeError(f"{method} seed {seed}: the trainer exported no student to {result.export_dir}")
     curve = [(int(e["step"]), float(e["eval/score"])) for e in result.evals]
@@ -401,25 +434,44 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
     envs = DemoEnvs(cfg)  # one set of evaluation envs for the whole run
     try:
         with clock.phase("reference"):
-            references = {"teacher": teacher_dir, "zero-shot": base_dir}
-            for name, model_dir in references.items():
-                if name == "teacher" or name in cfg.methods:
-                    records[name] = {s: evaluate(cfg, model_dir, seed=s, tasks=eval_tasks, envs=envs)
-                                     for s in cfg.seeds}
+            references = {name: d for name, d in (("teacher", teacher_dir), ("zero-shot", base_dir))
+                          if name == "teacher" or name in cfg.methods}
+            with clock.bar(len(references) * len(cfg.seeds) * len(eval_tasks), "reference eval", "episodes") as bar:
+                for name, model_dir in references.items():
+                    records[name] = {}
+                    for s in cfg.seeds:
+                        records[name][s] = evaluate(cfg, model_dir, seed=s, tasks=eval_tasks, envs=envs)
+                        bar.advance(len(records[name][s]))
             for name in records:
-                print(f"[demo]   {name}: Score {summarize(records[name])['score']['mean']:.1f}", flush=True)
+                say(f"[demo]   {name}: Score {summarize(records[name])['score']['mean']:.1f}")
 
         trained = [m for m in cfg.methods if m != "zero-shot"]
+        live = LiveCurves(run_dir / "curves.png", cfg.distill.total_steps,
+                          reference={m: summarize(records[m])["score"]["mean"] for m in records})
+        say(f"[demo] live learning curves (redrawn at every held-out point): {live.out}")
         with clock.phase("distill"):
-            for seed in cfg.seeds:
-                for method in trained:
-                    out = run_dir / "train" / f"{method}-seed{seed}"
-                    info = distill(cfg, method, seed, base_dir, teacher_dir, out)
+            jobs = [(seed, method) for seed in cfg.seeds for method in trained]
+            for i, (seed, method) in enumerate(jobs, 1):
+                out = run_dir / "train" / f"{method}-seed{seed}"
+                start = _curve_start(records.get("zero-shot", {}).get(seed, []), cfg.distill.curve_eval_episodes)
+                if start is not None:   # step 0 of every curve: the untrained base on the curve's tasks
+                    live.add(method, seed, 0, *start, echo=False)
+                with clock.bar(cfg.distill.total_steps, f"distill {i}/{len(jobs)} {method} seed {seed}",
+                               "steps") as bar:
+                    def on_record(rec: dict[str, Any], bar: Bar = bar, method: str = method, seed: int = seed):
+                        if rec.get("kind") == "train":
+                            bar.advance()
+                        elif rec.get("kind") == "eval":
+                            live.add_record(method, seed, rec)
+
+                    info = distill(cfg, method, seed, base_dir, teacher_dir, out, on_record=on_record)
+                with clock.bar(len(eval_tasks), f"eval {method} seed {seed}", "episodes") as bar:
                     info["eval"] = evaluate(cfg, info["export_dir"], seed=seed, tasks=eval_tasks, envs=envs)
-                    runs.setdefault(method, {})[seed] = info
-                    records.setdefault(method, {})[seed] = info["eval"]
-                    print(f"[demo]   {method} seed {seed}: {info['seconds']:.0f} s train, held-out Score "
-                          f"{summarize({seed: info['eval']})['score']['mean']:.1f}", flush=True)
+                    bar.advance(len(info["eval"]))
+                runs.setdefault(method, {})[seed] = info
+                records.setdefault(method, {})[seed] = info["eval"]
+                say(f"[demo]   {method} seed {seed}: {info['seconds']:.0f} s train, held-out Score "
+                    f"{summarize({seed: info['eval']})['score']['mean']:.1f}")
 
         with clock.phase("diagnostics"):
             failure = run_diagnostics(cfg, base_dir, teacher_dir, tokenizer, envs=envs)
@@ -457,7 +509,7 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
                        failure_mode={k2: v for k2, v in failure.items() if k2 != "states"},
                        runs={m: {s: {k2: v for k2, v in i.items() if k2 != "eval"} for s, i in d.items()}
                              for m, d in runs.items()},
-                       plots=[str(p) for p in pngs])
+                       plots=[str(p) for p in pngs], live_curves=str(live.out))
         with open(run_dir / "episodes.jsonl", "w") as f:
             for m, by_seed in records.items():
                 for seed, recs in by_seed.items():
@@ -470,6 +522,8 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
         f"# Demo results ({cfg.env}, seeds {list(cfg.seeds)}, {len(eval_tasks)} held-out tasks per seed)\n\n"
         f"{table}\n\nMean [95% CI] over all held-out episodes pooled across seeds: Student-t for Score and Rounds, "
         f"Wilson for the Success Rate. 'Score per seed' lists each seed's mean Score.\n\n"
+        f"Learning curves during training: curves.png (live) and learning_curves.png. The demo is a short run; "
+        f"{STUDY_POINTER}.\n\n"
         f"Wall time: {results['wall_seconds']} s\n")
     print("\n" + table + "\n", flush=True)
     print("[demo] time: phase | planned s | actual s")
@@ -478,7 +532,20 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
               f"{row['actual_s']:>9}")
     print(f"[demo] total wall {results['wall_seconds']} s (target {cfg.budget_s:.0f} s); "
           f"artefacts in {run_dir}", flush=True)
+    print(f"[demo] {STUDY_POINTER}", flush=True)
     return results
+
+
+def _curve_start(zero_shot: Sequence[dict[str, Any]], k: int) -> tuple[float, float, float, int] | None:
+    """Score with its 95% CI of the untrained base on the first ``k`` held-out tasks (the tasks of every
+    learning-curve point): the curves' step 0."""
+    from gopd_fast.envs.evaluate import t_interval
+
+    scores = [float(r["score"]) for r in zero_shot[:k]]
+    if not scores:
+        return None
+    iv = t_interval(scores)
+    return iv.mean, iv.low, iv.high, len(scores)
 
 
 def run_diagnostics(cfg: DemoConfig, student_dir: Path, teacher_dir: Path, tokenizer: Any,

@@ -21,6 +21,20 @@ def test_each_figure_writes_a_png(tmp_path):
         assert p.read_bytes()[:8] == PNG
 
 
+def test_live_curves_take_ragged_seeds_and_redraw_in_place(tmp_path):
+    """Seeds still training have fewer points; a method without points yet is skipped; each call rewrites the file."""
+    out = tmp_path / "curves.png"
+    points = {"opd": {"seed0": [(0, 10.0, 5.0, 15.0), (5, 20.0, 12.0, 28.0)], "seed1": [(0, 12.0, 6.0, 18.0)]},
+              "guided-opd": {"seed0": []}}
+    assert plots.plot_live_curves(points, out, reference={"teacher": 60.0}) == out
+    first = out.read_bytes()
+    points["guided-opd"]["seed0"].append((5, 30.0, 25.0, 35.0))
+    plots.plot_live_curves(points, out)
+    assert out.read_bytes()[:8] == PNG and out.read_bytes() != first
+    with pytest.raises(ValueError, match="png"):
+        plots.plot_live_curves(points, tmp_path / "curves.jpg")
+
+
 def test_redraw_from_run_folder(tmp_path):
     row = {"turn": 0, "states": 2, "teacher_maxprob": 0.9, "teacher_entropy": 0.3, "kl_student_teacher": 0.1,
            "teacher_p_oracle_action": 0.8, "off_path_fraction": 0.0}

@@ -5,24 +5,99 @@ plumbing and the invariants, not the paper's claim (that is docs/results.md, fro
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
 
+from gopd_fast.demo import plots
 from gopd_fast.demo import run as demo
 from gopd_fast.train_setup import make_env
 
+CURVE_LINE = re.compile(r"\[demo\] curve (\S+) seed (\d+) step (\d+)/(\d+): Score (\S+) \[(\S+), (\S+)\] "
+                        r"\((\d+) episodes\)")
+
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run_logged(tmp_path_factory):
+    """The quick demo with stdout and stderr captured, and every redraw of the live curves recorded (whether the
+    report phase had started, whether the PNG was on disk right after)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = tmp_path_factory.mktemp("demo-quick")
-    results = demo.main(["--quick", "--out", str(out)])
+    stdout, stderr = io.StringIO(), io.StringIO()
+    redraws: list[dict[str, bool]] = []
+    real = plots.plot_live_curves
+
+    def spy(points, path, **kwargs):
+        written = real(points, path, **kwargs)
+        redraws.append({"before_report": "phase report" not in stdout.getvalue(), "on_disk": written.is_file()})
+        return written
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        mp.setattr(plots, "plot_live_curves", spy)
+        results = demo.main(["--quick", "--out", str(out)])
+    return out, results, stdout.getvalue(), stderr.getvalue(), redraws
+
+
+@pytest.fixture(scope="module")
+def quick_run(quick_run_logged):
+    out, results, *_ = quick_run_logged
     return out, results
+
+
+def test_live_curve_lines_match_the_trainer_evals(quick_run_logged):
+    """Every held-out curve point of every (method, seed) is printed as one parseable line while it trains, with the
+    numbers the trainer's eval records (the final curves) hold."""
+    _, results, stdout, _, _ = quick_run_logged
+    cfg = demo.load_demo_config(demo.REPO_DIR / "configs" / "demo-quick.toml")
+    n, every = cfg.distill.total_steps, cfg.distill.eval_every
+    eval_steps = sorted({*range(every, n + 1, every), n}) if every else [n]
+    lines = [m for m in map(CURVE_LINE.fullmatch, stdout.splitlines()) if m]
+    trained = [m for m in cfg.methods if m != "zero-shot"]
+    assert {(m[1], int(m[2])) for m in lines} == {(m, s) for m in trained for s in cfg.seeds}
+    for method in trained:
+        for seed in cfg.seeds:
+            mine = [m for m in lines if m[1] == method and int(m[2]) == seed]
+            assert [int(m[3]) for m in mine] == eval_steps and all(int(m[4]) == n for m in mine)
+            final = results["curves"][method][f"seed{seed}"][1:]   # the trainer's eval/score at each eval step
+            assert [float(m[5]) for m in mine] == pytest.approx(final, abs=0.051)
+            for m in mine:
+                score, low, high = float(m[5]), float(m[6]), float(m[7])
+                assert low <= score <= high and 0.0 <= score <= 100.0
+                assert int(m[8]) == cfg.distill.curve_eval_episodes
+
+
+def test_live_curves_are_drawn_during_the_run(quick_run_logged):
+    out, _, stdout, _, redraws = quick_run_logged
+    n_points = sum(1 for line in stdout.splitlines() if CURVE_LINE.fullmatch(line))
+    # one redraw per printed point plus the silent step-0 point of each run, all before the report phase
+    assert len(redraws) >= n_points > 0
+    assert all(r["before_report"] and r["on_disk"] for r in redraws)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "curves.png" in stdout and "docs/results.md" in stdout   # where to look now, and for the full table
+
+
+def test_progress_bars_go_to_stderr(quick_run_logged):
+    _, _, stdout, stderr, _ = quick_run_logged
+    cfg = demo.load_demo_config(demo.REPO_DIR / "configs" / "demo-quick.toml")
+    n = cfg.distill.total_steps
+    plan = sum(cfg.plan_s.values())
+    # the bars: phase, method, seed, step k/n, episodes, and elapsed / planned seconds of the phase and of the run
+    assert "distill 1/" in stderr and f"{n}/{n} steps" in stderr
+    assert re.search(rf"distill \d+/{cfg.plan_s['distill']:.0f} s, run \d+/{plan:.0f} s", stderr)
+    assert re.search(rf"eval \S+ seed \d+: {cfg.eval.tasks}/{cfg.eval.tasks} episodes", stderr)
+    assert "reference eval" in stderr
+    # stdout keeps whole lines: no carriage returns, no bar glyphs, every phase line intact
+    assert "\r" not in stdout and "\u2588" not in stdout and "steps |" not in stdout
+    for phase in ("teacher", "student-base", "reference", "distill", "diagnostics", "report"):
+        assert re.search(rf"^\[demo\] \d\d:\d\d:\d\d phase {phase} \(planned \d+ s\)$", stdout, re.MULTILINE), phase
+        assert re.search(rf"^\[demo\] phase {phase} took [\d.]+ s \(elapsed \d+ s\)$", stdout, re.MULTILINE), phase
 
 
 def test_artefacts_exist(quick_run):
