@@ -1,4 +1,5 @@
-"""Shared fixtures: a seeded generator and an independent float64 reference of the distillation loss."""
+"""Shared fixtures: a seeded generator, an independent float64 reference of the distillation loss, and a household
+env with a tokenizer trained on its oracle text."""
 from __future__ import annotations
 
 import pytest
@@ -58,3 +59,39 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _oracle_replay(env, tasks) -> list[str]:
+    """The observations and action lines of noise-free oracle runs over ``tasks``, replayed step by step: written
+    independently of gopd_fast.rollout.expert.oracle_text (the reference it is checked against)."""
+    from gopd_fast.rollout.expert import ACTION_FORMAT
+
+    texts: list[str] = []
+    for t in tasks:
+        texts.append(env.reset(t).observation)
+        done = False
+        while not done:
+            a = env.expert_action()
+            s = env.step(a)
+            texts += [ACTION_FORMAT.format(action=a), s.observation]
+            done = s.done
+    return texts
+
+
+@pytest.fixture
+def oracle_replay():
+    return _oracle_replay
+
+
+@pytest.fixture(scope="module")
+def household_chat():
+    """(env, tokenizer, ChatFormat): household env (seed 3, 15 turns) and a 400-token tokenizer trained on the
+    oracle text of its first 20 train tasks. Module scope: each test module gets a fresh env."""
+    from gopd_fast import envs
+    from gopd_fast.models import train_tokenizer
+    from gopd_fast.rollout.history import ChatFormat
+
+    env = envs.make("household", seed=3, max_turns=15)
+    tok = train_tokenizer(_oracle_replay(env, env.tasks("train")[:20]), vocab_size=400)
+    return env, tok, ChatFormat(tok)
+

@@ -4,32 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gopd_fast import envs
 from gopd_fast.demo.sft import SFTConfig, collate, train_sft
-from gopd_fast.models import build_model, config_for_tokenizer, train_tokenizer
+from gopd_fast.models import build_model, config_for_tokenizer
 from gopd_fast.rollout.episode import Role
-from gopd_fast.rollout.expert import ACTION_FORMAT, oracle_episodes
-from gopd_fast.rollout.history import ChatFormat
+from gopd_fast.rollout.expert import oracle_episodes
 
 
-@pytest.fixture(scope="module")
-def setup():
-    env = envs.make("household", seed=3, max_turns=15)
-    corpus = []
-    for t in env.tasks("train")[:20]:
-        corpus.append(env.reset(t).observation)
-        done = False
-        while not done:
-            a = env.expert_action()
-            s = env.step(a)
-            corpus += [ACTION_FORMAT.format(action=a), s.observation]
-            done = s.done
-    tok = train_tokenizer(corpus, vocab_size=400)
-    return env, tok, ChatFormat(tok)
-
-
-def test_collate_masks_roles_and_padding(setup):
-    env, tok, chat = setup
+def test_collate_masks_roles_and_padding(household_chat):
+    env, tok, chat = household_chat
     eps = oracle_episodes(env, env.tasks("train")[:3], chat, noise=0.3, seed=2)
     _, mask, labels = collate(eps, tok.pad_token_id, train_roles=(Role.TEACHER,))
     for row, ep in enumerate(eps):
@@ -39,8 +21,8 @@ def test_collate_masks_roles_and_padding(setup):
         assert labels[row, :n].tolist() == expect and (labels[row, n:] == -100).all()
 
 
-def test_train_sft_lowers_the_loss(setup):
-    env, tok, chat = setup
+def test_train_sft_lowers_the_loss(household_chat):
+    env, tok, chat = household_chat
     eps = oracle_episodes(env, env.tasks("train")[:16], chat)
     model = build_model(config_for_tokenizer("student-tiny", tok), seed=0)
     losses = train_sft(model, eps, SFTConfig(steps=12, batch_size=8, lr=3e-3, warmup_steps=2), pad_id=tok.pad_token_id)
@@ -50,10 +32,10 @@ def test_train_sft_lowers_the_loss(setup):
         SFTConfig(steps=0)
 
 
-def test_train_sft_resumes_from_its_checkpoint_to_the_same_weights(setup, tmp_path, monkeypatch):
+def test_train_sft_resumes_from_its_checkpoint_to_the_same_weights(household_chat, tmp_path, monkeypatch):
     import gopd_fast.demo.sft as sft_mod
 
-    env, tok, chat = setup
+    env, tok, chat = household_chat
     eps = oracle_episodes(env, env.tasks("train")[:8], chat)
     cfg = SFTConfig(steps=5, batch_size=3, lr=1e-2, warmup_steps=1, seed=0)
     pad = int(tok.pad_token_id)

@@ -3,31 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from gopd_fast import envs
-from gopd_fast.models import train_tokenizer
 from gopd_fast.rollout.episode import Role
 from gopd_fast.rollout.expert import ACTION_FORMAT, oracle_episodes, oracle_text, random_episodes
-from gopd_fast.rollout.history import ChatFormat
 
 
-@pytest.fixture(scope="module")
-def setup():
-    env = envs.make("household", seed=3, max_turns=15)
-    corpus = []
-    for t in env.tasks("train")[:20]:
-        corpus.append(env.reset(t).observation)
-        done = False
-        while not done:
-            a = env.expert_action()
-            s = env.step(a)
-            corpus += [ACTION_FORMAT.format(action=a), s.observation]
-            done = s.done
-    tok = train_tokenizer(corpus, vocab_size=400)
-    return env, tok, ChatFormat(tok)
-
-
-def test_oracle_episodes_are_token_exact_expert_turns(setup):
-    env, tok, chat = setup
+def test_oracle_episodes_are_token_exact_expert_turns(household_chat):
+    env, tok, chat = household_chat
     eps = oracle_episodes(env, env.tasks("train")[:5], chat)
     for ep in eps:
         assert ep.success and ep.score == 100.0
@@ -51,8 +32,8 @@ def test_oracle_episodes_are_token_exact_expert_turns(setup):
                                                                "assistant\n<think>\n\n</think>\n\nAction")
 
 
-def test_noise_turns_are_student_role_and_recovered(setup):
-    env, _, chat = setup
+def test_noise_turns_are_student_role_and_recovered(household_chat):
+    env, _, chat = household_chat
     eps = oracle_episodes(env, env.tasks("train")[:30], chat, noise=0.3, seed=1)
     noisy = [ep for ep in eps if Role.STUDENT in ep.turn_roles]
     assert noisy, "noise=0.3 over 30 episodes must inject some non-expert turns"
@@ -61,19 +42,11 @@ def test_noise_turns_are_student_role_and_recovered(setup):
         oracle_episodes(env, env.tasks("train")[:1], chat, noise=1.0)
 
 
-def test_oracle_text_is_the_oracle_runs_observations_and_actions(setup):
-    env, _, _ = setup
+def test_oracle_text_is_the_oracle_runs_observations_and_actions(household_chat, oracle_replay):
+    env, _, _ = household_chat
     tasks = env.tasks("train")[:3]
     text = oracle_text(env, tasks)
-    want: list[str] = []
-    for t in tasks:   # an independent replay of the oracle
-        want.append(env.reset(t).observation)
-        done = False
-        while not done:
-            a = env.expert_action()
-            s = env.step(a)
-            want += [ACTION_FORMAT.format(action=a), s.observation]
-            done = s.done
+    want = oracle_replay(env, tasks)   # an independent replay of the oracle
     assert text == want
     noisy = oracle_text(env, tasks, noise=0.5, seed=1)
     assert noisy != text and noisy == oracle_text(env, tasks, noise=0.5, seed=1)   # seeded, and it deviates
@@ -81,18 +54,18 @@ def test_oracle_text_is_the_oracle_runs_observations_and_actions(setup):
         oracle_text(env, tasks, noise=-0.1)
 
 
-def test_the_trainer_expert_source_renders_with_it(setup):
+def test_the_trainer_expert_source_renders_with_it(household_chat):
     """ExpertSource (rollout.engine = "expert") serves exactly the episodes oracle_episodes renders."""
     from gopd_fast.train_setup import ExpertSource
 
-    env, tok, chat = setup
+    env, tok, chat = household_chat
     tasks = env.tasks("train")[:2]
     got = ExpertSource(env, tok).collect(tasks, beta=0.0, temperature=1.0, seed=0)
     assert [e.token_ids for e in got] == [e.token_ids for e in oracle_episodes(env, tasks, chat)]
 
 
-def test_random_episodes_take_admissible_actions_as_student_turns(setup):
-    env, _, chat = setup
+def test_random_episodes_take_admissible_actions_as_student_turns(household_chat):
+    env, _, chat = household_chat
     eps = random_episodes(env, env.tasks("train")[:6], chat, seed=2)
     again = random_episodes(env, env.tasks("train")[:6], chat, seed=2)
     assert [e.actions for e in eps] == [e.actions for e in again]           # seeded
