@@ -25,6 +25,7 @@ METHOD_COLORS = {
     "guided-opd": "#2ca02c",
     "constant-0.5": "#ff7f0e",
 }
+_HELD_OUT_SCORE = "held-out Score (student only, T=0.4)"   # the learning curves' y axis
 
 
 def _color(method: str) -> str:
@@ -58,6 +59,30 @@ def _mean_and_band(rows: Sequence[Sequence[float]]) -> tuple[list[float], list[f
     return means, lo, hi
 
 
+def _reference_lines(ax, reference: Mapping[str, float] | None) -> None:
+    """One dashed horizontal line per named reference Score (teacher, zero-shot, ...)."""
+    for name, value in (reference or {}).items():
+        ax.axhline(value, ls="--", lw=1.2, color=_color(name), label=name)
+
+
+def _score_axes(ax, *, xlabel: str, ylabel: str, title: str, legend_fontsize: int = 8) -> None:
+    """Labels, the Score range 0..100 with a margin, grid and legend: the frame of every Score figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylim(-2, 102)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_fontsize, loc="best")
+
+
+def _save(fig, out: Path, *, dpi: int) -> Path:
+    """Lay out, write and close the figure (closed: the demo draws many and pyplot keeps open ones alive)."""
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
 def plot_beta_schedules(schedules: Mapping[str, Sequence[float]], out: str | Path) -> Path:
     """``schedules``: method -> beta at each training step (0, 1, ..., steps-1)."""
     out = _check_out(out)
@@ -70,10 +95,7 @@ def plot_beta_schedules(schedules: Mapping[str, Sequence[float]], out: str | Pat
     ax.set_title("Guidance schedules")
     ax.grid(alpha=0.3)
     ax.legend(loc="center right")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=120)
 
 
 def plot_learning_curves(
@@ -96,18 +118,10 @@ def plot_learning_curves(
         mean, lo, hi = _mean_and_band(series)
         ax.plot(steps, mean, marker="o", ms=3, lw=2, color=_color(method), label=f"{method} (n={len(series)})")
         ax.fill_between(steps, lo, hi, color=_color(method), alpha=0.15)
-    for name, value in (reference or {}).items():
-        ax.axhline(value, ls="--", lw=1.2, color=_color(name), label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylim(-2, 102)
-    ax.set_ylabel("held-out Score (student only, T=0.4)")
-    ax.set_title("Learning curves (mean +- 1 s.e. over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    _reference_lines(ax, reference)
+    _score_axes(ax, xlabel="training step", ylabel=_HELD_OUT_SCORE,
+                title="Learning curves (mean +- 1 s.e. over seeds)")
+    return _save(fig, out, dpi=120)
 
 
 def plot_live_curves(
@@ -134,19 +148,11 @@ def plot_live_curves(
                    [max(0.0, float(r[3]) - s) for s, r in zip(score, rows)]]
             ax.errorbar(steps, score, yerr=err, marker="o", ms=3, lw=1.8, capsize=2, ls=styles[i % len(styles)],
                         color=_color(method), label=f"{method} {seed}")
-    for name, value in (reference or {}).items():
-        ax.axhline(value, ls="--", lw=1.2, color=_color(name), label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylim(-2, 102)
-    ax.set_ylabel("held-out Score (student only, T=0.4)")
-    ax.set_title("Learning curves so far (95% CI per point)")
+    _reference_lines(ax, reference)
     ax.xaxis.get_major_locator().set_params(integer=True)   # steps are whole numbers
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    _score_axes(ax, xlabel="training step", ylabel=_HELD_OUT_SCORE,
+                title="Learning curves so far (95% CI per point)", legend_fontsize=7)
+    return _save(fig, out, dpi=110)
 
 
 def plot_score_vs_turn_limit(
@@ -160,16 +166,8 @@ def plot_score_vs_turn_limit(
         ax.plot(limits, [points[k] if k in points else points[str(k)] for k in limits],  # type: ignore[index]
                 lw=2, color=_color(method), label=method,
                 ls="--" if method in ("teacher", "zero-shot") else "-")
-    ax.set_xlabel("turn limit")
-    ax.set_ylim(-2, 102)
-    ax.set_ylabel("mean held-out Score")
-    ax.set_title("Score vs turn limit")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    _score_axes(ax, xlabel="turn limit", ylabel="mean held-out Score", title="Score vs turn limit")
+    return _save(fig, out, dpi=120)
 
 
 def plot_failure_mode(diag: Mapping[str, object], out: str | Path) -> Path:
@@ -223,10 +221,7 @@ def plot_failure_mode(diag: Mapping[str, object], out: str | Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right" if ax is axes[2] else "best")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=110)
 
 
 def redraw(run_dir: str | Path) -> list[Path]:
