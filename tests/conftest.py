@@ -1,5 +1,5 @@
 """Shared fixtures: a seeded generator, an independent float64 reference of the distillation loss, and a household
-env with a tokenizer trained on its oracle text."""
+env with a tokenizer trained on its oracle text, and the trainer's tiny student and teacher on disk."""
 from __future__ import annotations
 
 import pytest
@@ -95,3 +95,16 @@ def household_chat():
     tok = train_tokenizer(_oracle_replay(env, env.tasks("train")[:20]), vocab_size=400)
     return env, tok, ChatFormat(tok)
 
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> list[str]:
+    """Config overrides that point model.student / model.teacher at freshly built tiny models (CPU)."""
+    from gopd_fast.config import load_config
+    from gopd_fast.distributed import DistInfo
+    from gopd_fast.train import ensure_tiny_models
+
+    root = tmp_path_factory.mktemp("models")
+    overrides = [f"model.student={root}/student", f"model.teacher={root}/teacher"]
+    ensure_tiny_models(load_config(None, overrides), DistInfo(rank=0, world_size=1, local_rank=0,
+                                                              device=torch.device("cpu")))
+    return overrides

@@ -22,29 +22,20 @@ from gopd_fast.distributed import DistInfo
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from gopd_fast.train import ensure_tiny_models
-
-    root = tmp_path_factory.mktemp("models")
-    overrides = [f"model.student={root}/student", f"model.teacher={root}/teacher"]
-    ensure_tiny_models(load_config(None, overrides), CPU)
-    return overrides
-
-
 def _records(out: Path, kind: str = "train") -> list[dict]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def _expert_overrides(models, out):
-    return models + [f"run.output_dir={out}", "rollout.engine=expert", "run.total_steps=3", "run.save_every=2",
-                     "rollout.episodes_per_step=4", "env.max_turns=6", "packing.max_tokens_per_row=512",
-                     "optim.lr=1e-3", "run.progress_bar=false", "run.tensorboard=false", "run.export_hf=false"]
+def _expert_overrides(tiny_models, out):
+    return tiny_models + [f"run.output_dir={out}", "rollout.engine=expert", "run.total_steps=3",
+                          "run.save_every=2", "rollout.episodes_per_step=4", "env.max_turns=6",
+                          "packing.max_tokens_per_row=512", "optim.lr=1e-3", "run.progress_bar=false",
+                          "run.tensorboard=false", "run.export_hf=false"]
 
 
 @pytest.fixture(scope="module")
-def expert_runs(models, tmp_path_factory):
+def expert_runs(tiny_models, tmp_path_factory):
     """The same deterministic 3-step run with 2 processes (torchrun, FSDP2, gloo) and with 1 process."""
     from gopd_fast.train import run
 
@@ -53,11 +44,11 @@ def expert_runs(models, tmp_path_factory):
     # The two-process run also takes the micro-batch path (one packed row per forward/backward, ranks padded to
     # the same count) and activation checkpointing: neither may change the result.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "gopd_fast.train", *_expert_overrides(models, root / "dp2"),
+           "-m", "gopd_fast.train", *_expert_overrides(tiny_models, root / "dp2"),
            "packing.rows_per_micro_batch=1", "model.activation_checkpointing=true"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    single = run(load_config(None, _expert_overrides(models, root / "dp1")))
+    single = run(load_config(None, _expert_overrides(tiny_models, root / "dp1")))
     return root, _records(root / "dp2"), single
 
 
@@ -76,7 +67,7 @@ def test_two_processes_equal_one_process(expert_runs):
     assert dp1[0]["loss"] > dp1[-1]["loss"]
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(expert_runs, models, tmp_path):
+def test_kill_and_resume_reproduces_the_uninterrupted_run(expert_runs, tiny_models, tmp_path):
     """SIGKILL a training process once its first checkpoint exists (possibly mid-step or mid-save), restart it
     with the same command: it resumes from the newest complete checkpoint and its next losses equal the
     uninterrupted run's."""
@@ -87,7 +78,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(expert_runs, models, t
 
     _, _, single = expert_runs
     out = tmp_path / "killed"
-    overrides = [*_expert_overrides(models, out)[:-1], "run.save_every=1", "run.export_hf=false"]
+    overrides = [*_expert_overrides(tiny_models, out)[:-1], "run.save_every=1", "run.export_hf=false"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen([sys.executable, "-m", "gopd_fast.train", *overrides], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -116,8 +107,8 @@ def _flip_a_bit_in_a_shard(ckpt: Path) -> None:
     shard.write_bytes(bytes(data))
 
 
-def test_kill_then_a_damaged_newest_checkpoint_resumes_from_the_previous_one(expert_runs, models, tmp_path,
-                                                                               caplog):
+def test_kill_then_a_damaged_newest_checkpoint_resumes_from_the_previous_one(expert_runs, tiny_models,
+                                                                               tmp_path, caplog):
     """SIGKILL a run once it has two checkpoints, flip one bit in the newest one's largest shard: the restart
     reports that checkpoint (path and problem), resumes from the one before, reproduces the uninterrupted run's
     losses, and metrics.jsonl ends with every step exactly once."""
@@ -129,7 +120,7 @@ def test_kill_then_a_damaged_newest_checkpoint_resumes_from_the_previous_one(exp
 
     _, _, single = expert_runs
     out = tmp_path / "damaged"
-    overrides = [*_expert_overrides(models, out), "run.save_every=1"]
+    overrides = [*_expert_overrides(tiny_models, out), "run.save_every=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen([sys.executable, "-m", "gopd_fast.train", *overrides], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -160,7 +151,7 @@ def test_kill_then_a_damaged_newest_checkpoint_resumes_from_the_previous_one(exp
     assert all(mgr.verify(p) == [] for p in mgr.step_dirs())     # the damaged one was replaced
 
 
-def test_no_usable_checkpoint_stops_the_run_unless_told_to_start_fresh(expert_runs, models, tmp_path,
+def test_no_usable_checkpoint_stops_the_run_unless_told_to_start_fresh(expert_runs, tiny_models, tmp_path,
                                                                         monkeypatch, capsys):
     """Every checkpoint damaged (a flipped bit, a missing RNG file): the console script names them and exits 2
     without training; run.resume=false starts at step 1, and its metrics.jsonl and checkpoints replace the old."""
@@ -176,7 +167,7 @@ def test_no_usable_checkpoint_stops_the_run_unless_told_to_start_fresh(expert_ru
     (out / "checkpoints" / "step-00000002" / "rng-rank0.pt").unlink()
     before = (out / "metrics.jsonl").read_bytes()
 
-    monkeypatch.setattr("sys.argv", ["gopd-fast", *_expert_overrides(models, out)])
+    monkeypatch.setattr("sys.argv", ["gopd-fast", *_expert_overrides(tiny_models, out)])
     with pytest.raises(SystemExit) as e:
         train.cli()
     assert e.value.code == 2
@@ -185,7 +176,7 @@ def test_no_usable_checkpoint_stops_the_run_unless_told_to_start_fresh(expert_ru
     assert str(out / "checkpoints" / "step-00000002" / "rng-rank0.pt") in err and "run.resume=false" in err
     assert (out / "metrics.jsonl").read_bytes() == before       # nothing was trained or rewritten
 
-    fresh = train.run(load_config(None, [*_expert_overrides(models, out), "run.resume=false"]))
+    fresh = train.run(load_config(None, [*_expert_overrides(tiny_models, out), "run.resume=false"]))
     assert fresh.resumed_from is None and [r["step"] for r in fresh.history] == [1, 2, 3]
     assert [r["loss"] for r in fresh.history] == pytest.approx([r["loss"] for r in single.history], rel=1e-6)
     assert [r["step"] for r in _records(out)] == [1, 2, 3]
@@ -194,7 +185,7 @@ def test_no_usable_checkpoint_stops_the_run_unless_told_to_start_fresh(expert_ru
     assert all(mgr.verify(p) == [] for p in mgr.step_dirs())
 
 
-def test_resume_on_a_different_number_of_processes(expert_runs, models, tmp_path):
+def test_resume_on_a_different_number_of_processes(expert_runs, tiny_models, tmp_path):
     """The two-process run's step-2 checkpoint (FSDP2 shards) resumed by one process (DCP reshards on load)."""
     import shutil
 
@@ -203,31 +194,31 @@ def test_resume_on_a_different_number_of_processes(expert_runs, models, tmp_path
     root, dp2, _ = expert_runs
     out = tmp_path / "resharded"
     shutil.copytree(root / "dp2" / "checkpoints" / "step-00000002", out / "checkpoints" / "step-00000002")
-    resumed = run(load_config(None, _expert_overrides(models, out)))
+    resumed = run(load_config(None, _expert_overrides(tiny_models, out)))
     assert [r["step"] for r in resumed.history] == [3]
     assert resumed.history[0]["loss"] == pytest.approx(dp2[2]["loss"], rel=1e-5)
     assert resumed.history[0]["grad_norm"] == pytest.approx(dp2[2]["grad_norm"], rel=1e-4)
 
 
-def _engine_run(models, out, *extra):
+def _engine_run(tiny_models, out, *extra):
     from gopd_fast.train import run
 
-    overrides = models + [f"run.output_dir={out}", "run.total_steps=2", "rollout.episodes_per_step=2",
-                          "env.max_turns=2", "rollout.max_new_tokens=8", "env.eval_episodes=2",
-                          "run.progress_bar=false", *extra]
+    overrides = tiny_models + [f"run.output_dir={out}", "run.total_steps=2", "rollout.episodes_per_step=2",
+                               "env.max_turns=2", "rollout.max_new_tokens=8", "env.eval_episodes=2",
+                               "run.progress_bar=false", *extra]
     return run(load_config(None, overrides))
 
 
-def test_guided_opd_two_processes_end_to_end_with_eval_logging_and_export(models, tmp_path):
+def test_guided_opd_two_processes_end_to_end_with_eval_logging_and_export(tiny_models, tmp_path):
     """Guided-OPD under torchrun: per-rank rollout engines, weight sync after each FSDP2 update (every rank
     needs the full weights), evaluation gathered over ranks, checkpoint and export."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "gopd"
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    overrides = models + [f"run.output_dir={out}", "run.total_steps=2", "rollout.episodes_per_step=4",
-                          "env.max_turns=2", "rollout.max_new_tokens=8", "env.eval_episodes=3",
-                          "run.eval_every=1", "run.progress_bar=false"]
+    overrides = tiny_models + [f"run.output_dir={out}", "run.total_steps=2", "rollout.episodes_per_step=4",
+                               "env.max_turns=2", "rollout.max_new_tokens=8", "env.eval_episodes=3",
+                               "run.eval_every=1", "run.progress_bar=false"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "gopd_fast.train", *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -250,12 +241,13 @@ def test_guided_opd_two_processes_end_to_end_with_eval_logging_and_export(models
     assert AutoModelForCausalLM.from_pretrained(out / "student-hf").config.vocab_size > 0
 
 
-def test_vanilla_opd_and_sft_baselines(models, tmp_path):
-    _engine_run(models, tmp_path / "opd", "run.algorithm=opd", "run.eval_at_end=false", "run.export_hf=false")
+def test_vanilla_opd_and_sft_baselines(tiny_models, tmp_path):
+    _engine_run(tiny_models, tmp_path / "opd", "run.algorithm=opd", "run.eval_at_end=false",
+                "run.export_hf=false")
     opd = _records(tmp_path / "opd")
     assert all(r["beta"] == 0.0 and r["teacher_turn_fraction"] == 0.0 for r in opd)
     assert all(r["loss_teacher"] is None and r["loss_student"] > 0 for r in opd)
-    _engine_run(models, tmp_path / "sft", "run.algorithm=sft", "objective.teacher_tokens=cross_entropy",
+    _engine_run(tiny_models, tmp_path / "sft", "run.algorithm=sft", "objective.teacher_tokens=cross_entropy",
                 "run.eval_at_end=false", "run.export_hf=false")
     sft = _records(tmp_path / "sft")
     assert all(r["beta"] == 1.0 and r["teacher_turn_fraction"] == 1.0 for r in sft)
@@ -264,11 +256,11 @@ def test_vanilla_opd_and_sft_baselines(models, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trainer_and_batch(models):
+def trainer_and_batch(tiny_models):
     from gopd_fast.rollout.history import ChatFormat
     from gopd_fast.train import Trainer, expert_episode, load_models, make_env
 
-    cfg = load_config(None, models + ["optim.lr=3e-3", "env.max_turns=4"])
+    cfg = load_config(None, tiny_models + ["optim.lr=3e-3", "env.max_turns=4"])
     student, teacher, tok = load_models(cfg, CPU)
     env = make_env(cfg)
     episodes = [expert_episode(env, t, ChatFormat(tok), tok.eos_token_id) for t in env.tasks("train")[:2]]

@@ -8,33 +8,17 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
-import torch
-
 from gopd_fast.config import load_config
-from gopd_fast.distributed import DistInfo
 from gopd_fast.envs.pool import EnvPool
 
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from gopd_fast.train import ensure_tiny_models
-
-    root = tmp_path_factory.mktemp("models")
-    overrides = [f"model.student={root}/student", f"model.teacher={root}/teacher"]
-    ensure_tiny_models(load_config(None, overrides), CPU)
-    return overrides
-
-
-def _pool_run(models, out: Path):
+def _pool_run(tiny_models, out: Path):
     from gopd_fast.train import run
 
-    overrides = models + [f"run.output_dir={out}", "run.total_steps=2", "rollout.episodes_per_step=4",
-                          "env.max_turns=3", "rollout.max_new_tokens=8", "env.eval_episodes=2",
-                          "run.progress_bar=false", "run.tensorboard=false", "run.export_hf=false",
-                          "env.pool=true", "env.pool_workers=2", "env.step_timeout_s=60"]
+    overrides = tiny_models + [f"run.output_dir={out}", "run.total_steps=2", "rollout.episodes_per_step=4",
+                               "env.max_turns=3", "rollout.max_new_tokens=8", "env.eval_episodes=2",
+                               "run.progress_bar=false", "run.tensorboard=false", "run.export_hf=false",
+                               "env.pool=true", "env.pool_workers=2", "env.step_timeout_s=60"]
     return run(load_config(None, overrides))
 
 
@@ -43,8 +27,8 @@ def _train_records(out: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
-def test_worker_killed_mid_step_loses_no_episode(models, tmp_path, monkeypatch):
-    clean = _pool_run(models, tmp_path / "clean")
+def test_worker_killed_mid_step_loses_no_episode(tiny_models, tmp_path, monkeypatch):
+    clean = _pool_run(tiny_models, tmp_path / "clean")
 
     submitted = {"steps": 0, "killed": None}
     original_step = EnvPool.step
@@ -59,7 +43,7 @@ def test_worker_killed_mid_step_loses_no_episode(models, tmp_path, monkeypatch):
         return future
 
     monkeypatch.setattr(EnvPool, "step", step_then_kill)
-    faulty = _pool_run(models, tmp_path / "faulty")
+    faulty = _pool_run(tiny_models, tmp_path / "faulty")
     assert submitted["killed"] is not None
 
     clean_rec, faulty_rec = _train_records(tmp_path / "clean"), _train_records(tmp_path / "faulty")
