@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .logit_tiles import grouped_tile, logit_tiles, operand_source, safe_max, split_bounds
 from .objective import is_jsd
+from .tile_sums import jsd_tile_sums, store_partials, target_logit_sums
 from .tiling import (
     FORWARD_CONFIGS,
     annotate,
@@ -81,9 +82,9 @@ def _kl_forward_kernel(
                              stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
                              USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
         if HAS_TARGET:
-            hit = cols[None, :] == target[:, None]
-            zs_target += tl.sum(tl.where(hit, zs, 0.0), axis=1)
-            zt_target += tl.sum(tl.where(hit, zt, 0.0), axis=1)
+            hit_s, hit_t = target_logit_sums(zs, zt, cols, target)
+            zs_target += hit_s
+            zt_target += hit_t
         # Columns past the split behave as masked entries (-inf logits, probability 0).
         zs = tl.where(col_mask[None, :], zs, float("-inf"))
         zt = tl.where(col_mask[None, :], zt, float("-inf"))
@@ -108,17 +109,8 @@ def _kl_forward_kernel(
             + tl.sum(tl.where(live, e * (zt - zs), 0.0), axis=1)
         m_t = tl.maximum(m_t, tl.max(zt, axis=1))
 
-    out = part_ptr + pid_s * N + rows
-    plane = num_splits * N
-    tl.store(out + 0 * plane, m_s, mask=row_mask)
-    tl.store(out + 1 * plane, l_s, mask=row_mask)
-    tl.store(out + 2 * plane, m_t, mask=row_mask)
-    tl.store(out + 3 * plane, l_t, mask=row_mask)
-    tl.store(out + 4 * plane, a_sum, mask=row_mask)
-    tl.store(out + 5 * plane, b_sum, mask=row_mask)
-    tl.store(out + 6 * plane, e_sum, mask=row_mask)
-    tl.store(out + 7 * plane, zs_target, mask=row_mask)
-    tl.store(out + 8 * plane, zt_target, mask=row_mask)
+    store_partials(part_ptr, pid_s, num_splits, N, rows, row_mask,
+                   m_s, l_s, m_t, l_t, a_sum, b_sum, e_sum, zs_target, zt_target)
 
 
 @triton.jit
@@ -152,19 +144,10 @@ def _jsd_kernel(
         zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, v0, rows, cols, row_mask, col_mask, Ds, Dt,
                              stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
                              USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
-        logp_s = zs - lse_s[:, None]
-        logp_t = zt - lse_t[:, None]
-        a = logp_t + log_beta
-        b = logp_s + log_one_minus_beta
-        top = safe_max(tl.maximum(a, b))  # -inf only where both models mask the entry
-        log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
-        p_s = tl.exp(logp_s)
-        p_t = tl.exp(logp_t)
-        # M > 0 wherever p_s or p_t is, so each term is finite; 0 * log(0 / M) := 0.
-        s_term = tl.where(col_mask[None, :] & (p_s > 0.0), p_s * (logp_s - log_m), 0.0)
-        t_term = tl.where(col_mask[None, :] & (p_t > 0.0), p_t * (logp_t - log_m), 0.0)
-        kl_s_m += tl.sum(s_term, axis=1)
-        jsd += tl.sum(beta * t_term + (1.0 - beta) * s_term, axis=1)
+        kl_part, jsd_part = jsd_tile_sums(zs - lse_s[:, None], zt - lse_t[:, None], col_mask, beta, log_beta,
+                                          log_one_minus_beta)
+        kl_s_m += kl_part
+        jsd += jsd_part
     out = part_ptr + pid_s * N + rows
     tl.store(out, jsd, mask=row_mask)
     tl.store(out + num_splits * N, kl_s_m, mask=row_mask)
