@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .logit_tiles import grouped_tile, logit_tiles, operand_source, safe_max, split_bounds
+from .logit_tiles import grouped_tile, logit_tiles, operand_source, split_bounds
 from .objective import is_jsd
-from .tile_sums import jsd_tile_sums, store_partials, target_logit_sums
+from .tile_sums import jsd_tile_sums, online_softmax_step, store_partials, target_logit_sums
 from .tiling import (
     FORWARD_CONFIGS,
     annotate,
@@ -89,25 +89,9 @@ def _kl_forward_kernel(
         zs = tl.where(col_mask[None, :], zs, float("-inf"))
         zt = tl.where(col_mask[None, :], zt, float("-inf"))
         # Student, then teacher statistics, so only one tile of exponentials is live besides the logits.
-        # Terms of entries with probability 0 are dropped (0 * (-inf) := 0); a p > 0 entry the other model masks
-        # adds +inf to A (B), and an infinite sum stays infinite when rescaled.
-        m_new = safe_max(tl.maximum(m_s, tl.max(zs, axis=1)))
-        rescale = tl.exp(m_s - m_new)
-        e = tl.exp(zs - m_new[:, None])
-        live = e > 0.0
-        l_s = l_s * rescale + tl.sum(e, axis=1)
-        a_sum = tl.where(a_sum == float("inf"), a_sum, a_sum * rescale) \
-            + tl.sum(tl.where(live, e * (zs - zt), 0.0), axis=1)
+        m_s, l_s, a_sum, e, live, rescale = online_softmax_step(m_s, l_s, a_sum, zs, zt)
         e_sum = e_sum * rescale + tl.sum(tl.where(live, e * zs, 0.0), axis=1)
-        m_s = tl.maximum(m_s, tl.max(zs, axis=1))
-        m_new = safe_max(tl.maximum(m_t, tl.max(zt, axis=1)))
-        rescale = tl.exp(m_t - m_new)
-        e = tl.exp(zt - m_new[:, None])
-        live = e > 0.0
-        l_t = l_t * rescale + tl.sum(e, axis=1)
-        b_sum = tl.where(b_sum == float("inf"), b_sum, b_sum * rescale) \
-            + tl.sum(tl.where(live, e * (zt - zs), 0.0), axis=1)
-        m_t = tl.maximum(m_t, tl.max(zt, axis=1))
+        m_t, l_t, b_sum, _, _, _ = online_softmax_step(m_t, l_t, b_sum, zt, zs)
 
     store_partials(part_ptr, pid_s, num_splits, N, rows, row_mask,
                    m_s, l_s, m_t, l_t, a_sum, b_sum, e_sum, zs_target, zt_target)

@@ -18,6 +18,22 @@ def target_logit_sums(zs, zt, cols, target):
 
 
 @triton.jit
+def online_softmax_step(m, l, cross, z, z_other):
+    """One tile of a model's online recurrence: running max ``m``, sum ``l`` = sum exp(z - m) and
+    ``cross`` = sum exp(z - m) (z - z_other), rescaled by exp(m_old - m_new) when the maximum grows. Returns
+    (m, l, cross, e, live, rescale); the student's entropy sum reuses e, live and rescale. Columns outside the
+    split must hold -inf. A p > 0 entry that the other model masks adds +inf to ``cross``, which stays infinite."""
+    m_new = safe_max(tl.maximum(m, tl.max(z, axis=1)))
+    rescale = tl.exp(m - m_new)
+    e = tl.exp(z - m_new[:, None])
+    live = e > 0.0
+    l = l * rescale + tl.sum(e, axis=1)
+    cross = tl.where(cross == float("inf"), cross, cross * rescale) \
+        + tl.sum(tl.where(live, e * (z - z_other), 0.0), axis=1)
+    return tl.maximum(m, tl.max(z, axis=1)), l, cross, e, live, rescale
+
+
+@triton.jit
 def jsd_tile_sums(logp_s, logp_t, col_mask, beta, log_beta, log_one_minus_beta):
     """(KL(p_s || M), JSD_beta) terms of one tile of log-probabilities summed per token, with
     M = beta * p_t + (1 - beta) * p_s. M > 0 wherever p_s or p_t is, so each term is finite; 0 * log(0 / M) := 0."""
