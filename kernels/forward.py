@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logit_tiles import grouped_tile, logit_tiles, operand_source, split_bounds
+from .logit_tiles import grouped_tile, logit_tiles, operand_sources, split_bounds
 from .objective import is_jsd
 from .tile_sums import jsd_tile_sums, online_softmax_step, store_partials, target_logit_sums
 from .tiling import (
@@ -58,10 +58,8 @@ def _kl_forward_kernel(
     rows = r0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
-    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
-    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
-    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
-    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
+    hs, ws, ht, wt = operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht,
+                                     stride_wt, BLOCK_N, BLOCK_V, BLOCK_D, USE_TMA)
 
     m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -114,10 +112,8 @@ def _jsd_kernel(
     rows = r0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
-    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
-    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
-    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
-    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
+    hs, ws, ht, wt = operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht,
+                                     stride_wt, BLOCK_N, BLOCK_V, BLOCK_D, USE_TMA)
     lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
     jsd = tl.zeros((BLOCK_N,), tl.float32)

@@ -28,7 +28,7 @@ from torch import Tensor
 from . import tiling
 from .backward import fp32_accumulating_mm, mm_accumulate
 from .forward import NUM_PARTIALS, combine_partials
-from .logit_tiles import grad_logit_tile, safe_max, split_bounds
+from .logit_tiles import safe_max, split_bounds, token_grad_tile
 from .objective import grad_coefficients, is_jsd, loss_and_kl_stat
 from .tile_sums import jsd_tile_sums, store_partials, target_logit_sums
 
@@ -159,15 +159,8 @@ def _block_grad_kernel(
     col_mask = cols < V
     zs = _load_z(zs_ptr, bs_ptr, rows, cols, row_mask, col_mask, V, inv_temp, HAS_BS)
     zt = _load_z(zt_ptr, bt_ptr, rows, cols, row_mask, col_mask, V, inv_temp, HAS_BT)
-    dz = grad_logit_tile(
-        zs, zt,
-        tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(coef_a_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(coef_b_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(kl_ptr + rows, mask=row_mask, other=0.0),
-        log_beta, log_one_minus_beta, IS_JSD,
-    )
+    dz = token_grad_tile(zs, zt, rows, row_mask, lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
+                         log_beta, log_one_minus_beta, IS_JSD)
     offs = rows.to(tl.int64)[:, None] * V + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)

@@ -58,6 +58,18 @@ def load_rows(src, r0, rows, row_mask, d0, D, stride, BLOCK_D: tl.constexpr, USE
 
 
 @triton.jit
+def operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """``operand_source`` of the four operands (student hidden [N, Ds] and weight [V, Ds], teacher hidden [N, Dt]
+    and weight [V, Dt]) in the order ``logit_tiles`` takes them."""
+    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
+    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
+    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
+    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
+    return hs, ws, ht, wt
+
+
+@triton.jit
 def logit_tiles(
     hs_src, ws_src, bs_ptr, ht_src, wt_src, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
     stride_hs, stride_ws, stride_ht, stride_wt, inv_temp,

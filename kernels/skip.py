@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tiling
-from .logit_tiles import grad_logit_tile, grouped_tile, load_rows, logit_tiles, operand_source
+from .logit_tiles import grad_logit_tile, grouped_tile, load_rows, logit_tiles, operand_sources
 from .objective import is_jsd
 
 SKIP_EPS = 2.0**-12
@@ -60,10 +60,8 @@ def _backward_skip_kernel(
     cols = c0 + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
-    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
-    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
-    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
-    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
+    hs, ws, ht, wt = operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht,
+                                     stride_wt, BLOCK_N, BLOCK_V, BLOCK_D, USE_TMA)
     zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
                          stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
                          USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
