@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from . import tiling
-from .logit_tiles import grad_logit_tile, grouped_tile, load_rows, logit_tiles, operand_sources
+from .logit_tiles import grouped_tile, load_rows, logit_tiles, operand_sources, token_grad_tile
 from .objective import is_jsd
 from .tiling import (
     BACKWARD_CONFIGS,
@@ -82,15 +82,8 @@ def _backward_atomic_kernel(
     zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
                          stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
                          USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
-    dz = grad_logit_tile(
-        zs, zt,
-        tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(coef_a_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(coef_b_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(kl_ptr + rows, mask=row_mask, other=0.0),
-        log_beta, log_one_minus_beta, IS_JSD,
-    )
+    dz = token_grad_tile(zs, zt, rows, row_mask, lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
+                         log_beta, log_one_minus_beta, IS_JSD)
     dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
     # Sums only: no ordering between programs is needed, so relaxed atomics (no acquire/release fences).
     if NEED_GRAD_B:
@@ -142,15 +135,8 @@ def _grad_logits_kernel(
     zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
                          stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
                          USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
-    dz = grad_logit_tile(
-        zs, zt,
-        tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(coef_a_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(coef_b_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(kl_ptr + rows, mask=row_mask, other=0.0),
-        log_beta, log_one_minus_beta, IS_JSD,
-    )
+    dz = token_grad_tile(zs, zt, rows, row_mask, lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
+                         log_beta, log_one_minus_beta, IS_JSD)
     tl.store(dz_ptr + local_rows.to(tl.int64)[:, None] * width + local[None, :], dz,
              mask=row_mask[:, None] & col_mask[None, :])
 

@@ -173,3 +173,18 @@ def grad_logit_tile(
         p_t = tl.exp(logp_t)
         dz = coef_a[:, None] * p_s * ((logp_s - logp_t) - kl_stat[:, None]) + coef_b[:, None] * (p_s - p_t)
     return dz
+
+@triton.jit
+def token_grad_tile(zs, zt, rows, row_mask, lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
+                    log_beta, log_one_minus_beta, IS_JSD: tl.constexpr):
+    """``grad_logit_tile`` with the per-token vectors loaded from their [N] fp32 buffers at ``rows``."""
+    return grad_logit_tile(
+        zs, zt,
+        tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(coef_a_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(coef_b_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(kl_ptr + rows, mask=row_mask, other=0.0),
+        log_beta, log_one_minus_beta, IS_JSD,
+    )
+
