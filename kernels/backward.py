@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from . import tiling
-from .logit_tiles import grouped_tile, load_rows, logit_tiles, operand_sources, token_grad_tile
+from .logit_tiles import atomic_grad_products, grouped_tile, logit_tiles, operand_sources, token_grad_tile
 from .objective import is_jsd
 from .tiling import (
     BACKWARD_CONFIGS,
@@ -85,27 +85,12 @@ def _backward_atomic_kernel(
     dz = token_grad_tile(zs, zt, rows, row_mask, lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
                          log_beta, log_one_minus_beta, IS_JSD)
     dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
-    # Sums only: no ordering between programs is needed, so relaxed atomics (no acquire/release fences).
     if NEED_GRAD_B:
         tl.atomic_add(grad_b_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
 
-    dz_op = dz.to(hs_ptr.dtype.element_ty)
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    for d0 in range(0, Ds, BLOCK_D):
-        d = d0 + offs_d
-        d_mask = d < Ds
-        if NEED_GRAD_H:
-            w = load_rows(ws, c0, cols, col_mask, d0, Ds, stride_ws, BLOCK_D, USE_TMA)
-            grad_h = tl.dot(dz_op, w.to(dz_op.dtype), input_precision=PREC_S)
-            tl.atomic_add(grad_h_ptr + rows64[:, None] * Ds + d[None, :], grad_h,
-                          mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
-        if NEED_GRAD_W:
-            h = load_rows(hs, r0, rows, row_mask, d0, Ds, stride_hs, BLOCK_D, USE_TMA)
-            grad_w = tl.dot(tl.trans(dz_op), h, input_precision=PREC_S)
-            tl.atomic_add(grad_w_ptr + cols64[:, None] * Ds + d[None, :], grad_w,
-                          mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
+    atomic_grad_products(dz.to(hs_ptr.dtype.element_ty), hs, ws, grad_h_ptr, grad_w_ptr, r0, c0, rows, cols,
+                         row_mask, col_mask, Ds, stride_hs, stride_ws, NEED_GRAD_H, NEED_GRAD_W, PREC_S,
+                         USE_TMA, BLOCK_D)
 
 
 @triton.jit

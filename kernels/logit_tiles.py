@@ -174,6 +174,7 @@ def grad_logit_tile(
         dz = coef_a[:, None] * p_s * ((logp_s - logp_t) - kl_stat[:, None]) + coef_b[:, None] * (p_s - p_t)
     return dz
 
+
 @triton.jit
 def token_grad_tile(zs, zt, rows, row_mask, lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
                     log_beta, log_one_minus_beta, IS_JSD: tl.constexpr):
@@ -188,3 +189,28 @@ def token_grad_tile(zs, zt, rows, row_mask, lse_s_ptr, lse_t_ptr, coef_a_ptr, co
         log_beta, log_one_minus_beta, IS_JSD,
     )
 
+
+@triton.jit
+def atomic_grad_products(
+    dz_op, hs, ws, grad_h_ptr, grad_w_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, stride_hs, stride_ws,
+    NEED_GRAD_H: tl.constexpr, NEED_GRAD_W: tl.constexpr, PREC_S: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """grad_h[rows] += dz @ W_s[cols] and grad_W[cols] += dz^T @ h_s[rows] for one tile's operand-dtype dz, one
+    BLOCK_D slice at a time, with relaxed fp32 atomics: sums only, so no ordering between programs is needed."""
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, Ds, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < Ds
+        if NEED_GRAD_H:
+            w = load_rows(ws, c0, cols, col_mask, d0, Ds, stride_ws, BLOCK_D, USE_TMA)
+            grad_h = tl.dot(dz_op, w.to(dz_op.dtype), input_precision=PREC_S)
+            tl.atomic_add(grad_h_ptr + rows64[:, None] * Ds + d[None, :], grad_h,
+                          mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
+        if NEED_GRAD_W:
+            h = load_rows(hs, r0, rows, row_mask, d0, Ds, stride_hs, BLOCK_D, USE_TMA)
+            grad_w = tl.dot(tl.trans(dz_op), h, input_precision=PREC_S)
+            tl.atomic_add(grad_w_ptr + cols64[:, None] * Ds + d[None, :], grad_w,
+                          mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")

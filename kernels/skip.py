@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tiling
-from .logit_tiles import grad_logit_tile, grouped_tile, load_rows, logit_tiles, operand_sources
+from .logit_tiles import atomic_grad_products, grad_logit_tile, grouped_tile, logit_tiles, operand_sources
 from .objective import is_jsd
 
 SKIP_EPS = 2.0**-12
@@ -82,23 +82,9 @@ def _backward_skip_kernel(
     keep = tl.max(tl.max(excess, axis=1), axis=0) > 0.0
     tl.store(skipped_ptr + pid_n * num_v + pid_v, (1 - keep.to(tl.int32)).to(tl.int8))
     if keep:
-        dz_op = dz.to(hs_ptr.dtype.element_ty)
-        rows64 = rows.to(tl.int64)
-        cols64 = cols.to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        for d0 in range(0, Ds, BLOCK_D):
-            d = d0 + offs_d
-            d_mask = d < Ds
-            if NEED_GRAD_H:
-                w = load_rows(ws, c0, cols, col_mask, d0, Ds, stride_ws, BLOCK_D, USE_TMA)
-                grad_h = tl.dot(dz_op, w.to(dz_op.dtype), input_precision=PREC_S)
-                tl.atomic_add(grad_h_ptr + rows64[:, None] * Ds + d[None, :], grad_h,
-                              mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
-            if NEED_GRAD_W:
-                h = load_rows(hs, r0, rows, row_mask, d0, Ds, stride_hs, BLOCK_D, USE_TMA)
-                grad_w = tl.dot(tl.trans(dz_op), h, input_precision=PREC_S)
-                tl.atomic_add(grad_w_ptr + cols64[:, None] * Ds + d[None, :], grad_w,
-                              mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
+        atomic_grad_products(dz.to(hs_ptr.dtype.element_ty), hs, ws, grad_h_ptr, grad_w_ptr, r0, c0, rows, cols,
+                             row_mask, col_mask, Ds, stride_hs, stride_ws, NEED_GRAD_H, NEED_GRAD_W, PREC_S,
+                             USE_TMA, BLOCK_D)
 
 
 _backward_skip = tiling.autotuned(_backward_skip_kernel, tiling.BACKWARD_CONFIGS,
