@@ -43,7 +43,14 @@ import triton
 import triton.language as tl
 
 from . import tiling
-from .logit_tiles import atomic_grad_products, grouped_tile, logit_tiles, operand_sources, token_grad_tile
+from .logit_tiles import (
+    atomic_grad_products,
+    grouped_tile,
+    grouped_tile_coords,
+    logit_tiles,
+    operand_sources,
+    token_grad_tile,
+)
 from .objective import is_jsd
 from .tiling import (
     BACKWARD_CONFIGS,
@@ -69,14 +76,7 @@ def _backward_atomic_kernel(
     PREC_S: tl.constexpr, PREC_T: tl.constexpr, GROUP_TOKENS: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V),
-                                GROUP_TOKENS // BLOCK_N)  # >= 1: GROUP_TOKENS exceeds every BLOCK_N
-    r0 = pid_n * BLOCK_N
-    c0 = pid_v * BLOCK_V
-    rows = r0 + tl.arange(0, BLOCK_N)
-    cols = c0 + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
+    _, _, r0, c0, rows, cols, row_mask, col_mask = grouped_tile_coords(N, V, GROUP_TOKENS, BLOCK_N, BLOCK_V)
     hs, ws, ht, wt = operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht,
                                      stride_wt, BLOCK_N, BLOCK_V, BLOCK_D, USE_TMA)
     zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,

@@ -26,6 +26,18 @@ def grouped_tile(pid, num_n, num_v, group):
 
 
 @triton.jit
+def grouped_tile_coords(N, V, GROUP_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(pid_n, pid_v, r0, c0, rows, cols, row_mask, col_mask) of this program's [BLOCK_N, BLOCK_V] tile of an
+    [N, V] logit grid launched 1-D in the grouped order (``GROUP_TOKENS`` exceeds every BLOCK_N, so groups >= 1)."""
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_TOKENS // BLOCK_N)
+    r0 = pid_n * BLOCK_N
+    c0 = pid_v * BLOCK_V
+    rows = r0 + tl.arange(0, BLOCK_N)
+    cols = c0 + tl.arange(0, BLOCK_V)
+    return pid_n, pid_v, r0, c0, rows, cols, rows < N, cols < V
+
+
+@triton.jit
 def split_bounds(split, num_splits, V, split_unit):
     """[start, end) columns of vocabulary split ``split``: balanced whole units of ``split_unit`` columns.
     ``tiling.split_bounds`` is the Python twin (``tiling.vocab_splits`` picks num_splits and the unit)."""

@@ -32,7 +32,13 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tiling
-from .logit_tiles import atomic_grad_products, grad_logit_tile, grouped_tile, logit_tiles, operand_sources
+from .logit_tiles import (
+    atomic_grad_products,
+    grad_logit_tile,
+    grouped_tile_coords,
+    logit_tiles,
+    operand_sources,
+)
 from .objective import is_jsd
 
 SKIP_EPS = 2.0**-12
@@ -51,15 +57,7 @@ def _backward_skip_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # The atomic schedule's program: grouped launch order, both logit tiles from one K loop, TMA or pointer loads.
-    num_v = tl.cdiv(V, BLOCK_V)
-    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_v,
-                                GROUP_TOKENS // BLOCK_N)  # >= 1: GROUP_TOKENS exceeds every BLOCK_N
-    r0 = pid_n * BLOCK_N
-    c0 = pid_v * BLOCK_V
-    rows = r0 + tl.arange(0, BLOCK_N)
-    cols = c0 + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
+    pid_n, pid_v, r0, c0, rows, cols, row_mask, col_mask = grouped_tile_coords(N, V, GROUP_TOKENS, BLOCK_N, BLOCK_V)
     hs, ws, ht, wt = operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht,
                                      stride_wt, BLOCK_N, BLOCK_V, BLOCK_D, USE_TMA)
     zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
@@ -80,7 +78,7 @@ def _backward_skip_kernel(
     scale = (tl.abs(coef_a) + tl.abs(coef_b)) * tl.sqrt(tl.minimum(tl.maximum(kl, 0.0), 1.0))
     excess = tl.abs(dz) - eps * scale[:, None]
     keep = tl.max(tl.max(excess, axis=1), axis=0) > 0.0
-    tl.store(skipped_ptr + pid_n * num_v + pid_v, (1 - keep.to(tl.int32)).to(tl.int8))
+    tl.store(skipped_ptr + pid_n * tl.cdiv(V, BLOCK_V) + pid_v, (1 - keep.to(tl.int32)).to(tl.int8))
     if keep:
         atomic_grad_products(dz.to(hs_ptr.dtype.element_ty), hs, ws, grad_h_ptr, grad_w_ptr, r0, c0, rows, cols,
                              row_mask, col_mask, Ds, stride_hs, stride_ws, NEED_GRAD_H, NEED_GRAD_W, PREC_S,
