@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .logit_tiles import grouped_tile, logit_tiles, operand_sources, split_bounds
 from .objective import is_jsd
-from .tile_sums import jsd_tile_sums, online_softmax_step, store_partials, target_logit_sums
+from .tile_sums import jsd_tile_sums, online_softmax_step, store_partials, target_logit_sums, zero_sums
 from .tiling import (
     FORWARD_CONFIGS,
     annotate,
@@ -63,13 +63,7 @@ def _kl_forward_kernel(
 
     m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    l_s = tl.zeros((BLOCK_N,), tl.float32)
-    l_t = tl.zeros((BLOCK_N,), tl.float32)
-    a_sum = tl.zeros((BLOCK_N,), tl.float32)
-    b_sum = tl.zeros((BLOCK_N,), tl.float32)
-    e_sum = tl.zeros((BLOCK_N,), tl.float32)
-    zs_target = tl.zeros((BLOCK_N,), tl.float32)
-    zt_target = tl.zeros((BLOCK_N,), tl.float32)
+    l_s, l_t, a_sum, b_sum, e_sum, zs_target, zt_target = zero_sums(BLOCK_N)
     if HAS_TARGET:
         target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
 

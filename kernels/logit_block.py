@@ -28,9 +28,9 @@ from torch import Tensor
 from . import tiling
 from .backward import fp32_accumulating_mm, mm_accumulate
 from .forward import NUM_PARTIALS, combine_partials
-from .logit_tiles import safe_max, split_bounds, token_grad_tile
+from .logit_tiles import safe_max, token_grad_tile
 from .objective import grad_coefficients, is_jsd, loss_and_kl_stat
-from .tile_sums import jsd_tile_sums, store_partials, target_logit_sums
+from .tile_sums import jsd_tile_sums, split_program, store_partials, target_logit_sums, zero_sums
 
 # Token alignment of a block on a GPU, and the fewest rows the automatic choice accepts there: every block
 # reads and writes all of a 16-bit grad_W (V x Ds), so short blocks turn the schedule memory-bound (at
@@ -64,12 +64,7 @@ def _block_stats_kernel(
     logits are read twice from memory instead of rescaling running sums). -inf logits (docs/algorithm.md §6.5):
     terms of probability-0 entries are dropped (0 * (-inf) := 0), a split masked entirely leaves (m = -inf, l = 0),
     and an entry of p > 0 that the other model masks makes A (B) +inf, as in ``forward._kl_forward_kernel``."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < height
-    v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
+    pid_s, num_splits, rows, row_mask, v_start, v_end = split_program(height, V, split_unit, BLOCK_N)
     m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
@@ -81,13 +76,7 @@ def _block_stats_kernel(
         m_t = tl.maximum(m_t, tl.max(tl.where(col_mask[None, :], zt, float("-inf")), axis=1))
     off_s = safe_max(m_s)  # exp offsets: 0 where the split is all -inf, so exp(-inf - off) = 0, never NaN
     off_t = safe_max(m_t)
-    l_s = tl.zeros((BLOCK_N,), tl.float32)
-    l_t = tl.zeros((BLOCK_N,), tl.float32)
-    a_sum = tl.zeros((BLOCK_N,), tl.float32)
-    b_sum = tl.zeros((BLOCK_N,), tl.float32)
-    e_sum = tl.zeros((BLOCK_N,), tl.float32)
-    zs_target = tl.zeros((BLOCK_N,), tl.float32)
-    zt_target = tl.zeros((BLOCK_N,), tl.float32)
+    l_s, l_t, a_sum, b_sum, e_sum, zs_target, zt_target = zero_sums(BLOCK_N)
     if HAS_TARGET:
         target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
     for v0 in range(v_start, v_end, BLOCK_V):
@@ -121,12 +110,7 @@ def _block_jsd_kernel(
 ):
     """JSD_beta and KL(p_s || M) partial sums [2, splits, height] from stored logits (``forward._jsd_kernel``'s
     terms, read from the buffer instead of recomputed)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < height
-    v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
+    pid_s, num_splits, rows, row_mask, v_start, v_end = split_program(height, V, split_unit, BLOCK_N)
     lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
     jsd = tl.zeros((BLOCK_N,), tl.float32)

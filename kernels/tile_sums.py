@@ -7,7 +7,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .logit_tiles import safe_max
+from .logit_tiles import safe_max, split_bounds
+
+
+@triton.jit
+def split_program(height, V, split_unit, BLOCK_N: tl.constexpr):
+    """(split, num_splits, rows, row_mask, v_start, v_end) of a program on a 2-D grid (token tile, vocabulary split)
+    over a [height, V] block of stored logits."""
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    v_start, v_end = split_bounds(split, num_splits, V, split_unit)
+    return split, num_splits, rows, rows < height, v_start, v_end
+
+
+@triton.jit
+def zero_sums(BLOCK_N: tl.constexpr):
+    """Zeroed per-token accumulators (l_s, l_t, a_sum, b_sum, e_sum, zs_target, zt_target), [BLOCK_N] fp32 each."""
+    return (tl.zeros((BLOCK_N,), tl.float32), tl.zeros((BLOCK_N,), tl.float32), tl.zeros((BLOCK_N,), tl.float32),
+            tl.zeros((BLOCK_N,), tl.float32), tl.zeros((BLOCK_N,), tl.float32), tl.zeros((BLOCK_N,), tl.float32),
+            tl.zeros((BLOCK_N,), tl.float32))
 
 
 @triton.jit
