@@ -47,8 +47,7 @@ from .logit_tiles import (
     atomic_grad_products,
     grouped_tile,
     grouped_tile_coords,
-    logit_tiles,
-    operand_sources,
+    tile_logits,
     token_grad_tile,
 )
 from .objective import is_jsd
@@ -77,11 +76,9 @@ def _backward_atomic_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     _, _, r0, c0, rows, cols, row_mask, col_mask = grouped_tile_coords(N, V, GROUP_TOKENS, BLOCK_N, BLOCK_V)
-    hs, ws, ht, wt = operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht,
-                                     stride_wt, BLOCK_N, BLOCK_V, BLOCK_D, USE_TMA)
-    zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
-                         stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
-                         USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
+    hs, ws, zs, zt = tile_logits(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, r0, c0, rows, cols, row_mask, col_mask,
+                                 N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT,
+                                 PREC_S, PREC_T, USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
     dz = token_grad_tile(zs, zt, rows, row_mask, lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
                          log_beta, log_one_minus_beta, IS_JSD)
     dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
@@ -115,11 +112,9 @@ def _grad_logits_kernel(
     cols = v_lo + local
     row_mask = (local_rows < height) & (rows < N)
     col_mask = (local < width) & (cols < V)
-    hs, ws, ht, wt = operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht,
-                                     stride_wt, BLOCK_N, BLOCK_V, BLOCK_D, USE_TMA)
-    zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
-                         stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
-                         USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
+    _, _, zs, zt = tile_logits(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, r0, c0, rows, cols, row_mask, col_mask,
+                                 N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT,
+                                 PREC_S, PREC_T, USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
     dz = token_grad_tile(zs, zt, rows, row_mask, lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
                          log_beta, log_one_minus_beta, IS_JSD)
     tl.store(dz_ptr + local_rows.to(tl.int64)[:, None] * width + local[None, :], dz,

@@ -122,6 +122,24 @@ def logit_tiles(
     return acc_s * inv_temp, acc_t * inv_temp
 
 
+@triton.jit
+def tile_logits(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, N, V, Ds, Dt,
+    stride_hs, stride_ws, stride_ht, stride_wt, inv_temp,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """(hs, ws, zs, zt) of a program that computes one logit tile: the student's operand sources (for the gradient
+    products that follow) and ``logit_tiles`` of the tile at (r0, c0). Kernels that walk many tiles make the
+    sources once with ``operand_sources`` instead."""
+    hs, ws, ht, wt = operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht,
+                                     stride_wt, BLOCK_N, BLOCK_V, BLOCK_D, USE_TMA)
+    zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
+                         stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
+                         USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
+    return hs, ws, zs, zt
+
+
 NEG_BIG = tl.constexpr(-1e30)  # a log-probability floor far below any representable fp32 probability
 
 

@@ -36,8 +36,7 @@ from .logit_tiles import (
     atomic_grad_products,
     grad_logit_tile,
     grouped_tile_coords,
-    logit_tiles,
-    operand_sources,
+    tile_logits,
 )
 from .objective import is_jsd
 
@@ -58,11 +57,9 @@ def _backward_skip_kernel(
 ):
     # The atomic schedule's program: grouped launch order, both logit tiles from one K loop, TMA or pointer loads.
     pid_n, pid_v, r0, c0, rows, cols, row_mask, col_mask = grouped_tile_coords(N, V, GROUP_TOKENS, BLOCK_N, BLOCK_V)
-    hs, ws, ht, wt = operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht,
-                                     stride_wt, BLOCK_N, BLOCK_V, BLOCK_D, USE_TMA)
-    zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
-                         stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
-                         USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
+    hs, ws, zs, zt = tile_logits(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, r0, c0, rows, cols, row_mask, col_mask,
+                                 N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT,
+                                 PREC_S, PREC_T, USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
     coef_a = tl.load(coef_a_ptr + rows, mask=row_mask, other=0.0)
     coef_b = tl.load(coef_b_ptr + rows, mask=row_mask, other=0.0)
     kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
