@@ -43,7 +43,13 @@ import triton
 import triton.language as tl
 
 from . import tiling
-from .logit_tiles import grad_logit_tile, grouped_tile, load_rows, logit_tiles, operand_source
+from .logit_tiles import (
+    atomic_grad_products,
+    grouped_tile,
+    grouped_tile_coords,
+    tile_logits,
+    token_grad_tile,
+)
 from .objective import is_jsd
 from .tiling import (
     BACKWARD_CONFIGS,
@@ -69,52 +75,19 @@ def _backward_atomic_kernel(
     PREC_S: tl.constexpr, PREC_T: tl.constexpr, GROUP_TOKENS: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V),
-                                GROUP_TOKENS // BLOCK_N)  # >= 1: GROUP_TOKENS exceeds every BLOCK_N
-    r0 = pid_n * BLOCK_N
-    c0 = pid_v * BLOCK_V
-    rows = r0 + tl.arange(0, BLOCK_N)
-    cols = c0 + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
-    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
-    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
-    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
-    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
-    zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
-                         stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
-                         USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
-    dz = grad_logit_tile(
-        zs, zt,
-        tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(coef_a_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(coef_b_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(kl_ptr + rows, mask=row_mask, other=0.0),
-        log_beta, log_one_minus_beta, IS_JSD,
-    )
+    _, _, r0, c0, rows, cols, row_mask, col_mask = grouped_tile_coords(N, V, GROUP_TOKENS, BLOCK_N, BLOCK_V)
+    hs, ws, zs, zt = tile_logits(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, r0, c0, rows, cols, row_mask, col_mask,
+                                 N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT,
+                                 PREC_S, PREC_T, USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
+    dz = token_grad_tile(zs, zt, rows, row_mask, lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
+                         log_beta, log_one_minus_beta, IS_JSD)
     dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
-    # Sums only: no ordering between programs is needed, so relaxed atomics (no acquire/release fences).
     if NEED_GRAD_B:
         tl.atomic_add(grad_b_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
 
-    dz_op = dz.to(hs_ptr.dtype.element_ty)
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    for d0 in range(0, Ds, BLOCK_D):
-        d = d0 + offs_d
-        d_mask = d < Ds
-        if NEED_GRAD_H:
-            w = load_rows(ws, c0, cols, col_mask, d0, Ds, stride_ws, BLOCK_D, USE_TMA)
-            grad_h = tl.dot(dz_op, w.to(dz_op.dtype), input_precision=PREC_S)
-            tl.atomic_add(grad_h_ptr + rows64[:, None] * Ds + d[None, :], grad_h,
-                          mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
-        if NEED_GRAD_W:
-            h = load_rows(hs, r0, rows, row_mask, d0, Ds, stride_hs, BLOCK_D, USE_TMA)
-            grad_w = tl.dot(tl.trans(dz_op), h, input_precision=PREC_S)
-            tl.atomic_add(grad_w_ptr + cols64[:, None] * Ds + d[None, :], grad_w,
-                          mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
+    atomic_grad_products(dz.to(hs_ptr.dtype.element_ty), hs, ws, grad_h_ptr, grad_w_ptr, r0, c0, rows, cols,
+                         row_mask, col_mask, Ds, stride_hs, stride_ws, NEED_GRAD_H, NEED_GRAD_W, PREC_S,
+                         USE_TMA, BLOCK_D)
 
 
 @triton.jit
@@ -139,22 +112,11 @@ def _grad_logits_kernel(
     cols = v_lo + local
     row_mask = (local_rows < height) & (rows < N)
     col_mask = (local < width) & (cols < V)
-    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
-    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
-    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
-    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
-    zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
-                         stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
-                         USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
-    dz = grad_logit_tile(
-        zs, zt,
-        tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(coef_a_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(coef_b_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(kl_ptr + rows, mask=row_mask, other=0.0),
-        log_beta, log_one_minus_beta, IS_JSD,
-    )
+    _, _, zs, zt = tile_logits(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, r0, c0, rows, cols, row_mask, col_mask,
+                                 N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT,
+                                 PREC_S, PREC_T, USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
+    dz = token_grad_tile(zs, zt, rows, row_mask, lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
+                         log_beta, log_one_minus_beta, IS_JSD)
     tl.store(dz_ptr + local_rows.to(tl.int64)[:, None] * width + local[None, :], dz,
              mask=row_mask[:, None] & col_mask[None, :])
 

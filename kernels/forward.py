@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .logit_tiles import grouped_tile, logit_tiles, operand_source, safe_max, split_bounds
+from .logit_tiles import grouped_tile, logit_tiles, operand_sources, split_bounds
 from .objective import is_jsd
+from .tile_sums import jsd_tile_sums, online_softmax_step, store_partials, target_logit_sums, zero_sums
 from .tiling import (
     FORWARD_CONFIGS,
     annotate,
@@ -57,20 +58,12 @@ def _kl_forward_kernel(
     rows = r0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
-    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
-    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
-    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
-    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
+    hs, ws, ht, wt = operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht,
+                                     stride_wt, BLOCK_N, BLOCK_V, BLOCK_D, USE_TMA)
 
     m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    l_s = tl.zeros((BLOCK_N,), tl.float32)
-    l_t = tl.zeros((BLOCK_N,), tl.float32)
-    a_sum = tl.zeros((BLOCK_N,), tl.float32)
-    b_sum = tl.zeros((BLOCK_N,), tl.float32)
-    e_sum = tl.zeros((BLOCK_N,), tl.float32)
-    zs_target = tl.zeros((BLOCK_N,), tl.float32)
-    zt_target = tl.zeros((BLOCK_N,), tl.float32)
+    l_s, l_t, a_sum, b_sum, e_sum, zs_target, zt_target = zero_sums(BLOCK_N)
     if HAS_TARGET:
         target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
 
@@ -81,44 +74,19 @@ def _kl_forward_kernel(
                              stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
                              USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
         if HAS_TARGET:
-            hit = cols[None, :] == target[:, None]
-            zs_target += tl.sum(tl.where(hit, zs, 0.0), axis=1)
-            zt_target += tl.sum(tl.where(hit, zt, 0.0), axis=1)
+            hit_s, hit_t = target_logit_sums(zs, zt, cols, target)
+            zs_target += hit_s
+            zt_target += hit_t
         # Columns past the split behave as masked entries (-inf logits, probability 0).
         zs = tl.where(col_mask[None, :], zs, float("-inf"))
         zt = tl.where(col_mask[None, :], zt, float("-inf"))
         # Student, then teacher statistics, so only one tile of exponentials is live besides the logits.
-        # Terms of entries with probability 0 are dropped (0 * (-inf) := 0); a p > 0 entry the other model masks
-        # adds +inf to A (B), and an infinite sum stays infinite when rescaled.
-        m_new = safe_max(tl.maximum(m_s, tl.max(zs, axis=1)))
-        rescale = tl.exp(m_s - m_new)
-        e = tl.exp(zs - m_new[:, None])
-        live = e > 0.0
-        l_s = l_s * rescale + tl.sum(e, axis=1)
-        a_sum = tl.where(a_sum == float("inf"), a_sum, a_sum * rescale) \
-            + tl.sum(tl.where(live, e * (zs - zt), 0.0), axis=1)
+        m_s, l_s, a_sum, e, live, rescale = online_softmax_step(m_s, l_s, a_sum, zs, zt)
         e_sum = e_sum * rescale + tl.sum(tl.where(live, e * zs, 0.0), axis=1)
-        m_s = tl.maximum(m_s, tl.max(zs, axis=1))
-        m_new = safe_max(tl.maximum(m_t, tl.max(zt, axis=1)))
-        rescale = tl.exp(m_t - m_new)
-        e = tl.exp(zt - m_new[:, None])
-        live = e > 0.0
-        l_t = l_t * rescale + tl.sum(e, axis=1)
-        b_sum = tl.where(b_sum == float("inf"), b_sum, b_sum * rescale) \
-            + tl.sum(tl.where(live, e * (zt - zs), 0.0), axis=1)
-        m_t = tl.maximum(m_t, tl.max(zt, axis=1))
+        m_t, l_t, b_sum, _, _, _ = online_softmax_step(m_t, l_t, b_sum, zt, zs)
 
-    out = part_ptr + pid_s * N + rows
-    plane = num_splits * N
-    tl.store(out + 0 * plane, m_s, mask=row_mask)
-    tl.store(out + 1 * plane, l_s, mask=row_mask)
-    tl.store(out + 2 * plane, m_t, mask=row_mask)
-    tl.store(out + 3 * plane, l_t, mask=row_mask)
-    tl.store(out + 4 * plane, a_sum, mask=row_mask)
-    tl.store(out + 5 * plane, b_sum, mask=row_mask)
-    tl.store(out + 6 * plane, e_sum, mask=row_mask)
-    tl.store(out + 7 * plane, zs_target, mask=row_mask)
-    tl.store(out + 8 * plane, zt_target, mask=row_mask)
+    store_partials(part_ptr, pid_s, num_splits, N, rows, row_mask,
+                   m_s, l_s, m_t, l_t, a_sum, b_sum, e_sum, zs_target, zt_target)
 
 
 @triton.jit
@@ -138,10 +106,8 @@ def _jsd_kernel(
     rows = r0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
-    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
-    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
-    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
-    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
+    hs, ws, ht, wt = operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht,
+                                     stride_wt, BLOCK_N, BLOCK_V, BLOCK_D, USE_TMA)
     lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
     jsd = tl.zeros((BLOCK_N,), tl.float32)
@@ -152,19 +118,10 @@ def _jsd_kernel(
         zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, v0, rows, cols, row_mask, col_mask, Ds, Dt,
                              stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
                              USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
-        logp_s = zs - lse_s[:, None]
-        logp_t = zt - lse_t[:, None]
-        a = logp_t + log_beta
-        b = logp_s + log_one_minus_beta
-        top = safe_max(tl.maximum(a, b))  # -inf only where both models mask the entry
-        log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
-        p_s = tl.exp(logp_s)
-        p_t = tl.exp(logp_t)
-        # M > 0 wherever p_s or p_t is, so each term is finite; 0 * log(0 / M) := 0.
-        s_term = tl.where(col_mask[None, :] & (p_s > 0.0), p_s * (logp_s - log_m), 0.0)
-        t_term = tl.where(col_mask[None, :] & (p_t > 0.0), p_t * (logp_t - log_m), 0.0)
-        kl_s_m += tl.sum(s_term, axis=1)
-        jsd += tl.sum(beta * t_term + (1.0 - beta) * s_term, axis=1)
+        kl_part, jsd_part = jsd_tile_sums(zs - lse_s[:, None], zt - lse_t[:, None], col_mask, beta, log_beta,
+                                          log_one_minus_beta)
+        kl_s_m += kl_part
+        jsd += jsd_part
     out = part_ptr + pid_s * N + rows
     tl.store(out, jsd, mask=row_mask)
     tl.store(out + num_splits * N, kl_s_m, mask=row_mask)

@@ -28,8 +28,9 @@ from torch import Tensor
 from . import tiling
 from .backward import fp32_accumulating_mm, mm_accumulate
 from .forward import NUM_PARTIALS, combine_partials
-from .logit_tiles import grad_logit_tile, safe_max, split_bounds
+from .logit_tiles import safe_max, token_grad_tile
 from .objective import grad_coefficients, is_jsd, loss_and_kl_stat
+from .tile_sums import jsd_tile_sums, split_program, store_partials, target_logit_sums, zero_sums
 
 # Token alignment of a block on a GPU, and the fewest rows the automatic choice accepts there: every block
 # reads and writes all of a 16-bit grad_W (V x Ds), so short blocks turn the schedule memory-bound (at
@@ -63,12 +64,7 @@ def _block_stats_kernel(
     logits are read twice from memory instead of rescaling running sums). -inf logits (docs/algorithm.md §6.5):
     terms of probability-0 entries are dropped (0 * (-inf) := 0), a split masked entirely leaves (m = -inf, l = 0),
     and an entry of p > 0 that the other model masks makes A (B) +inf, as in ``forward._kl_forward_kernel``."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < height
-    v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
+    pid_s, num_splits, rows, row_mask, v_start, v_end = split_program(height, V, split_unit, BLOCK_N)
     m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
@@ -80,13 +76,7 @@ def _block_stats_kernel(
         m_t = tl.maximum(m_t, tl.max(tl.where(col_mask[None, :], zt, float("-inf")), axis=1))
     off_s = safe_max(m_s)  # exp offsets: 0 where the split is all -inf, so exp(-inf - off) = 0, never NaN
     off_t = safe_max(m_t)
-    l_s = tl.zeros((BLOCK_N,), tl.float32)
-    l_t = tl.zeros((BLOCK_N,), tl.float32)
-    a_sum = tl.zeros((BLOCK_N,), tl.float32)
-    b_sum = tl.zeros((BLOCK_N,), tl.float32)
-    e_sum = tl.zeros((BLOCK_N,), tl.float32)
-    zs_target = tl.zeros((BLOCK_N,), tl.float32)
-    zt_target = tl.zeros((BLOCK_N,), tl.float32)
+    l_s, l_t, a_sum, b_sum, e_sum, zs_target, zt_target = zero_sums(BLOCK_N)
     if HAS_TARGET:
         target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
     for v0 in range(v_start, v_end, BLOCK_V):
@@ -105,20 +95,11 @@ def _block_stats_kernel(
         b_sum += tl.sum(tl.where(live_t, e_t * (zt - zs), 0.0), axis=1)
         e_sum += tl.sum(tl.where(live_s, e_s * zs, 0.0), axis=1)
         if HAS_TARGET:
-            hit = cols[None, :] == target[:, None]
-            zs_target += tl.sum(tl.where(hit, zs, 0.0), axis=1)
-            zt_target += tl.sum(tl.where(hit, zt, 0.0), axis=1)
-    out = part_ptr + pid_s * height + rows
-    plane = num_splits * height
-    tl.store(out + 0 * plane, m_s, mask=row_mask)  # same row order as forward.M_S ... ZT_TARGET
-    tl.store(out + 1 * plane, l_s, mask=row_mask)
-    tl.store(out + 2 * plane, m_t, mask=row_mask)
-    tl.store(out + 3 * plane, l_t, mask=row_mask)
-    tl.store(out + 4 * plane, a_sum, mask=row_mask)
-    tl.store(out + 5 * plane, b_sum, mask=row_mask)
-    tl.store(out + 6 * plane, e_sum, mask=row_mask)
-    tl.store(out + 7 * plane, zs_target, mask=row_mask)
-    tl.store(out + 8 * plane, zt_target, mask=row_mask)
+            hit_s, hit_t = target_logit_sums(zs, zt, cols, target)
+            zs_target += hit_s
+            zt_target += hit_t
+    store_partials(part_ptr, pid_s, num_splits, height, rows, row_mask,
+                   m_s, l_s, m_t, l_t, a_sum, b_sum, e_sum, zs_target, zt_target)
 
 
 @triton.jit
@@ -129,12 +110,7 @@ def _block_jsd_kernel(
 ):
     """JSD_beta and KL(p_s || M) partial sums [2, splits, height] from stored logits (``forward._jsd_kernel``'s
     terms, read from the buffer instead of recomputed)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < height
-    v_start, v_end = split_bounds(pid_s, num_splits, V, split_unit)
+    pid_s, num_splits, rows, row_mask, v_start, v_end = split_program(height, V, split_unit, BLOCK_N)
     lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
     jsd = tl.zeros((BLOCK_N,), tl.float32)
@@ -144,17 +120,9 @@ def _block_jsd_kernel(
         col_mask = cols < v_end
         logp_s = _load_z(zs_ptr, bs_ptr, rows, cols, row_mask, col_mask, V, inv_temp, HAS_BS) - lse_s[:, None]
         logp_t = _load_z(zt_ptr, bt_ptr, rows, cols, row_mask, col_mask, V, inv_temp, HAS_BT) - lse_t[:, None]
-        a = logp_t + log_beta
-        b = logp_s + log_one_minus_beta
-        top = safe_max(tl.maximum(a, b))  # -inf only where both models mask the entry
-        log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
-        p_s = tl.exp(logp_s)
-        p_t = tl.exp(logp_t)
-        # M > 0 wherever p_s or p_t is, so each term is finite; 0 * log(0 / M) := 0.
-        s_term = tl.where(col_mask[None, :] & (p_s > 0.0), p_s * (logp_s - log_m), 0.0)
-        t_term = tl.where(col_mask[None, :] & (p_t > 0.0), p_t * (logp_t - log_m), 0.0)
-        kl_s_m += tl.sum(s_term, axis=1)
-        jsd += tl.sum(beta * t_term + (1.0 - beta) * s_term, axis=1)
+        kl_part, jsd_part = jsd_tile_sums(logp_s, logp_t, col_mask, beta, log_beta, log_one_minus_beta)
+        kl_s_m += kl_part
+        jsd += jsd_part
     out = part_ptr + pid_s * height + rows
     tl.store(out, jsd, mask=row_mask)
     tl.store(out + num_splits * height, kl_s_m, mask=row_mask)
@@ -175,15 +143,8 @@ def _block_grad_kernel(
     col_mask = cols < V
     zs = _load_z(zs_ptr, bs_ptr, rows, cols, row_mask, col_mask, V, inv_temp, HAS_BS)
     zt = _load_z(zt_ptr, bt_ptr, rows, cols, row_mask, col_mask, V, inv_temp, HAS_BT)
-    dz = grad_logit_tile(
-        zs, zt,
-        tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(coef_a_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(coef_b_ptr + rows, mask=row_mask, other=0.0),
-        tl.load(kl_ptr + rows, mask=row_mask, other=0.0),
-        log_beta, log_one_minus_beta, IS_JSD,
-    )
+    dz = token_grad_tile(zs, zt, rows, row_mask, lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
+                         log_beta, log_one_minus_beta, IS_JSD)
     offs = rows.to(tl.int64)[:, None] * V + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)

@@ -26,6 +26,18 @@ def grouped_tile(pid, num_n, num_v, group):
 
 
 @triton.jit
+def grouped_tile_coords(N, V, GROUP_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(pid_n, pid_v, r0, c0, rows, cols, row_mask, col_mask) of this program's [BLOCK_N, BLOCK_V] tile of an
+    [N, V] logit grid launched 1-D in the grouped order (``GROUP_TOKENS`` exceeds every BLOCK_N, so groups >= 1)."""
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_TOKENS // BLOCK_N)
+    r0 = pid_n * BLOCK_N
+    c0 = pid_v * BLOCK_V
+    rows = r0 + tl.arange(0, BLOCK_N)
+    cols = c0 + tl.arange(0, BLOCK_V)
+    return pid_n, pid_v, r0, c0, rows, cols, rows < N, cols < V
+
+
+@triton.jit
 def split_bounds(split, num_splits, V, split_unit):
     """[start, end) columns of vocabulary split ``split``: balanced whole units of ``split_unit`` columns.
     ``tiling.split_bounds`` is the Python twin (``tiling.vocab_splits`` picks num_splits and the unit)."""
@@ -55,6 +67,18 @@ def load_rows(src, r0, rows, row_mask, d0, D, stride, BLOCK_D: tl.constexpr, USE
         offs_d = d0 + tl.arange(0, BLOCK_D)
         ptrs = src + rows.to(tl.int64)[:, None] * stride + offs_d[None, :]
         return tl.load(ptrs, mask=row_mask[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """``operand_source`` of the four operands (student hidden [N, Ds] and weight [V, Ds], teacher hidden [N, Dt]
+    and weight [V, Dt]) in the order ``logit_tiles`` takes them."""
+    hs = operand_source(hs_ptr, N, Ds, stride_hs, BLOCK_N, BLOCK_D, USE_TMA)
+    ws = operand_source(ws_ptr, V, Ds, stride_ws, BLOCK_V, BLOCK_D, USE_TMA)
+    ht = operand_source(ht_ptr, N, Dt, stride_ht, BLOCK_N, BLOCK_D, USE_TMA)
+    wt = operand_source(wt_ptr, V, Dt, stride_wt, BLOCK_V, BLOCK_D, USE_TMA)
+    return hs, ws, ht, wt
 
 
 @triton.jit
@@ -96,6 +120,24 @@ def logit_tiles(
     if HAS_BT:
         acc_t += tl.load(bt_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc_s * inv_temp, acc_t * inv_temp
+
+
+@triton.jit
+def tile_logits(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, N, V, Ds, Dt,
+    stride_hs, stride_ws, stride_ht, stride_wt, inv_temp,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """(hs, ws, zs, zt) of a program that computes one logit tile: the student's operand sources (for the gradient
+    products that follow) and ``logit_tiles`` of the tile at (r0, c0). Kernels that walk many tiles make the
+    sources once with ``operand_sources`` instead."""
+    hs, ws, ht, wt = operand_sources(hs_ptr, ws_ptr, ht_ptr, wt_ptr, N, V, Ds, Dt, stride_hs, stride_ws, stride_ht,
+                                     stride_wt, BLOCK_N, BLOCK_V, BLOCK_D, USE_TMA)
+    zs, zt = logit_tiles(hs, ws, bs_ptr, ht, wt, bt_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, Dt,
+                         stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, HAS_BS, HAS_BT, PREC_S, PREC_T,
+                         USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
+    return hs, ws, zs, zt
 
 
 NEG_BIG = tl.constexpr(-1e30)  # a log-probability floor far below any representable fp32 probability
@@ -161,3 +203,44 @@ def grad_logit_tile(
         p_t = tl.exp(logp_t)
         dz = coef_a[:, None] * p_s * ((logp_s - logp_t) - kl_stat[:, None]) + coef_b[:, None] * (p_s - p_t)
     return dz
+
+
+@triton.jit
+def token_grad_tile(zs, zt, rows, row_mask, lse_s_ptr, lse_t_ptr, coef_a_ptr, coef_b_ptr, kl_ptr,
+                    log_beta, log_one_minus_beta, IS_JSD: tl.constexpr):
+    """``grad_logit_tile`` with the per-token vectors loaded from their [N] fp32 buffers at ``rows``."""
+    return grad_logit_tile(
+        zs, zt,
+        tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(coef_a_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(coef_b_ptr + rows, mask=row_mask, other=0.0),
+        tl.load(kl_ptr + rows, mask=row_mask, other=0.0),
+        log_beta, log_one_minus_beta, IS_JSD,
+    )
+
+
+@triton.jit
+def atomic_grad_products(
+    dz_op, hs, ws, grad_h_ptr, grad_w_ptr, r0, c0, rows, cols, row_mask, col_mask, Ds, stride_hs, stride_ws,
+    NEED_GRAD_H: tl.constexpr, NEED_GRAD_W: tl.constexpr, PREC_S: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """grad_h[rows] += dz @ W_s[cols] and grad_W[cols] += dz^T @ h_s[rows] for one tile's operand-dtype dz, one
+    BLOCK_D slice at a time, with relaxed fp32 atomics: sums only, so no ordering between programs is needed."""
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, Ds, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < Ds
+        if NEED_GRAD_H:
+            w = load_rows(ws, c0, cols, col_mask, d0, Ds, stride_ws, BLOCK_D, USE_TMA)
+            grad_h = tl.dot(dz_op, w.to(dz_op.dtype), input_precision=PREC_S)
+            tl.atomic_add(grad_h_ptr + rows64[:, None] * Ds + d[None, :], grad_h,
+                          mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
+        if NEED_GRAD_W:
+            h = load_rows(hs, r0, rows, row_mask, d0, Ds, stride_hs, BLOCK_D, USE_TMA)
+            grad_w = tl.dot(tl.trans(dz_op), h, input_precision=PREC_S)
+            tl.atomic_add(grad_w_ptr + cols64[:, None] * Ds + d[None, :], grad_w,
+                          mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
