@@ -203,15 +203,19 @@ class _Rollout:
         self.counters.env_wait_seconds += time.perf_counter() - t0
         return started, retry
 
+    def _discard_attempt(self, st: _Live) -> None:
+        """Throw away this attempt's history (its turns count as wasted); the episode restarts from its reset."""
+        if st.history is not None:
+            self.counters.wasted_turns += len(st.history.turn_spans)
+        st.history = None
+
     def _fail(self, st: _Live) -> bool:
         """Record an env failure; restart the slot. True if the episode should be retried, False if dropped."""
         st.env_failures += 1 + st.replayed
         st.replayed = 0
         st.restarts += 1
         self.counters.env_failures += 1
-        if st.history is not None:
-            self.counters.wasted_turns += len(st.history.turn_spans)
-        st.history = None
+        self._discard_attempt(st)
         self.slots.restart(st.slot)
         if st.restarts > self.opt.max_env_restarts:
             self.counters.dropped += 1
@@ -223,9 +227,7 @@ class _Rollout:
         """The episode's turn got no generation: start it over from its task's reset (the env is reset there)."""
         st.generation_restarts += 1
         self.counters.generation_failures += 1
-        if st.history is not None:
-            self.counters.wasted_turns += len(st.history.turn_spans)
-        st.history = None
+        self._discard_attempt(st)
         if st.generation_restarts > self.opt.max_generation_retries:
             raise RuntimeError(f"episode {st.index} (task {st.task_id!r}) failed to generate "
                                f"{st.generation_restarts} times: {error}") from error
