@@ -17,18 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from gopd_fast import envs as gym
 from gopd_fast.config import load_config
-from gopd_fast.distributed import DistInfo
 from gopd_fast.rollout.engines.base import Generation, GenerationEngine, SamplingConfig
 from gopd_fast.rollout.engines.remote import GenerationFailed, RemoteEngine, RemoteOptions, ServerUnreachable
 from gopd_fast.rollout.episode import Role
 from gopd_fast.rollout.history import ChatFormat
 from gopd_fast.rollout.rollout import RolloutOptions, run_rollout
-
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def _free_port() -> int:
@@ -80,14 +76,9 @@ class VLLMServer:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """The trainer's tiny student and teacher (one tokenizer trained on the household env's text)."""
-    from gopd_fast.train import ensure_tiny_models
-
-    root = tmp_path_factory.mktemp("models")
-    overrides = [f"model.student={root}/student", f"model.teacher={root}/teacher"]
-    ensure_tiny_models(load_config(None, overrides), CPU)
-    return root, overrides
+def models(tiny_models):
+    """(folder, overrides) of the trainer's tiny student and teacher (tests/conftest.py: tiny_models)."""
+    return Path(tiny_models[0].split("=", 1)[1]).parent, tiny_models
 
 
 @pytest.fixture(scope="module")
