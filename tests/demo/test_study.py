@@ -93,11 +93,39 @@ def test_config_errors_name_the_key(tmp_path):
                             ("task_range = [0, 4]", "task_range = [0, 4, 8]", "sizes.tiny.task_range"),
                             ("total_steps = 1", "total_steps = \"1\"", "select_lr.total_steps"),
                             ('asset = "household-full-teacher"', 'asset = "x"\nnoise = 1.0', "teacher.noise"),
-                            ("[sizes.tiny]", "[sizes.tiny]\nwidth = 3", "sizes.tiny.width")):
+                            ("[sizes.tiny]", "[sizes.tiny]\nwidth = 3", "sizes.tiny.width"),
+                            ("[sizes.tiny]", "[sizes.tiny]\nsource = \"oracle\"", "sizes.tiny.source"),
+                            ("[sizes.tiny]", "[sizes.tiny]\ntemperature = 0.0", "sizes.tiny.temperature")):
         bad = tmp_path / "bad.toml"
         bad.write_text(good.read_text().replace(old, new, 1))
         with pytest.raises(ConfigError, match=match):
             load_study_config(bad)
+
+
+def test_a_teacher_base_learns_from_the_teachers_own_episodes(tmp_path):
+    """source = "teacher": the base's SFT data is the study teacher's sampled episodes of the base's task range (so the
+    base is never taught by a source better than the teacher); source = "random": random admissible actions."""
+    import dataclasses
+
+    from gopd_fast.demo.config import ASSETS_DIR
+    from gopd_fast.demo.run import _tokenizer, rollout
+    from gopd_fast.demo.study.teacher import base_episodes
+
+    cfg = load_study_config(_write_config(tmp_path))
+    spec = dataclasses.replace(cfg.sizes["tiny"], source="teacher", temperature=0.7, task_range=(1, 4))
+    cfg = dataclasses.replace(cfg, sizes={"tiny": spec})
+    teacher = ASSETS_DIR / cfg.teacher.asset
+    tok = _tokenizer(teacher)
+    episodes = base_episodes(cfg, "tiny", tok)
+    direct = rollout(cfg.demo_config("tiny"), teacher, [e.task_id for e in episodes], seed=spec.seed,
+                     temperature=0.7)
+    assert [e.task_id for e in episodes] == ["household/train/1", "household/train/2", "household/train/3"]
+    assert [e.token_ids for e in episodes] == [e.token_ids for e in direct]   # the teacher wrote every turn
+    random_cfg = dataclasses.replace(cfg, sizes={"tiny": dataclasses.replace(spec, source="random")})
+    assert [e.token_ids for e in base_episodes(random_cfg, "tiny", tok)] != [e.token_ids for e in episodes]
+    bad = dataclasses.replace(cfg, sizes={"tiny": dataclasses.replace(spec, task_range=(4990, 5010))})
+    with pytest.raises(ValueError, match="sizes.tiny.task_range"):
+        base_episodes(bad, "tiny", tok)
 
 
 def test_an_ablation_is_guided_opd_with_its_objective(tmp_path):

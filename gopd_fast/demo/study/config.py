@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gopd_fast.config import Config
 from gopd_fast.demo.config import (
@@ -66,14 +66,19 @@ class StudyTeacherSpec(Section, section="teacher"):
 
 @dataclass(frozen=True)
 class BaseSpec(Section, section="sizes.<name>"):
-    """A student base: a fresh Qwen3 SFT-ed on episodes of random admissible actions (it learns the action format
-    and the env's text, no policy better than chance)."""
+    """A student base: a fresh Qwen3 SFT-ed on episodes of its train tasks (``task_range``), written by ``source``:
+    ``random`` (uniformly random admissible actions: the action format and the env's text, no policy) or
+    ``teacher`` (the study's teacher sampled at ``temperature``: a partial copy of the teacher, never a source better
+    than the teacher). ``min_lr_ratio``: the SFT's cosine floor (1.0: a constant rate after the warm-up)."""
     size: str = spec("teacher-tiny", nonempty=True)
     num_hidden_layers: int = spec(2, ge=0, le=1000)
+    source: Literal["random", "teacher"] = "random"
+    temperature: float = spec(1.0, gt=0, le=10)
     task_range: tuple[int, int] = spec((0, 256), ge=0)
     steps: int = spec(60, ge=1, le=10 ** 9)
     batch_size: int = spec(16, ge=1, le=10 ** 6)
     lr: float = spec(3e-3, gt=0, le=10)
+    min_lr_ratio: float = spec(0.1, ge=0, le=1)
     seed: int = spec(1, **SEED_RANGE)
 
     def __post_init__(self) -> None:

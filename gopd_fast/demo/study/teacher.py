@@ -65,26 +65,48 @@ def build_teacher(cfg: StudyConfig, work_dir: Path, log=print) -> dict[str, Any]
 
 
 def build_student_base(cfg: StudyConfig, size: str, tokenizer: Any, out_dir: Path, log=print) -> dict[str, Any]:
-    """A fresh Qwen3 of ``sizes.<size>`` SFT-ed on random-action episodes of its train tasks (knows the format and
-    the env's text, learns no policy from a source better than the teacher)."""
+    """A fresh Qwen3 of ``sizes.<size>`` SFT-ed on episodes of its train tasks written by ``source``: random
+    admissible actions (the format and the env's text) or the study's teacher (a partial copy of the teacher).
+    Neither is a source better than the teacher the student is then distilled from."""
     from gopd_fast.demo.sft import SFTConfig, train_sft
     from gopd_fast.models import save_model
-    from gopd_fast.rollout.expert import random_episodes
 
     b = cfg.sizes[size]
     t0 = time.perf_counter()
-    env = make_env(cfg.env_config(size))
-    try:
-        episodes = random_episodes(env, env.tasks("train")[b.task_range[0]:b.task_range[1]],
-                                   chat_format(tokenizer), seed=b.seed)
-    finally:
-        env.close()
+    episodes = base_episodes(cfg, size, tokenizer)
     model = _new_model(b.size, b.num_hidden_layers, tokenizer, b.seed)
-    losses = train_sft(model, episodes, SFTConfig(steps=b.steps, batch_size=b.batch_size, lr=b.lr, seed=b.seed),
+    losses = train_sft(model, episodes, SFTConfig(steps=b.steps, batch_size=b.batch_size, lr=b.lr, seed=b.seed,
+                                                  min_lr_ratio=b.min_lr_ratio),
                        pad_id=int(tokenizer.pad_token_id), log=lambda d: log(f"[study] base {size} {json.dumps(d)}"),
                        log_every=20)
     save_model(model, tokenizer, out_dir)
-    info = {"size": size, "spec": dataclasses.asdict(b), "episodes": len(episodes), "final_loss": losses[-1],
-            "params": sum(p.numel() for p in model.parameters()), "seconds": round(time.perf_counter() - t0, 1)}
+    info = {"size": size, "spec": dataclasses.asdict(b), "episodes": len(episodes),
+            "episode_score": sum(e.score for e in episodes) / len(episodes), "final_loss": losses[-1],
+            "params": sum(p.numel() for p in model.parameters()), "seconds": round(time.perf_counter() - t0, 1),
+            "load_avg_after": _load_avg(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     (out_dir / "student_base.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def base_episodes(cfg: StudyConfig, size: str, tokenizer: Any) -> list:
+    """The SFT data of the ``size`` base: one episode per train task of ``task_range``, written by its ``source``."""
+    from gopd_fast.demo.run import DemoEnvs, rollout
+    from gopd_fast.rollout.expert import random_episodes
+
+    b = cfg.sizes[size]
+    env = make_env(cfg.env_config(size))
+    try:
+        tasks = env.tasks("train")[b.task_range[0]:b.task_range[1]]
+        if len(tasks) < b.task_range[1] - b.task_range[0]:
+            raise ValueError(f"sizes.{size}.task_range {b.task_range} exceeds the train split "
+                             f"({len(env.tasks('train'))} tasks): raise env_options.num_train")
+        if b.source == "random":
+            return random_episodes(env, tasks, chat_format(tokenizer), seed=b.seed)
+    finally:
+        env.close()
+    envs = DemoEnvs(cfg.demo_config(size))
+    try:   # the teacher alone (student engine slot), sampled at the base's temperature
+        return rollout(cfg.demo_config(size), ASSETS_DIR / cfg.teacher.asset, tasks, seed=b.seed,
+                       temperature=b.temperature, envs=envs)
+    finally:
+        envs.close()
