@@ -247,9 +247,18 @@ def vocab_splits(n_tokens: int, vocab: int, device: torch.device, row_bytes: int
 
 
 def split_bounds(split: int, num_splits: int, vocab: int, unit: int) -> tuple[int, int]:
-    """[start, end) columns of a forward vocabulary split (the kernels compute the same)."""
+    """[start, end) columns of a forward vocabulary split (``logit_tiles.split_bounds`` computes the same).
+
+    The splits are whole units, balanced to within one, and the longer ones come first: a group's programs walk
+    the splits in order, so its first waves hold the long splits and the rest stay in step. With the long splits
+    spread out (or last), the programs of a wave finish a unit apart, each wave adds to the drift, and by the end
+    of a group some slots already run the next group: two groups' hidden rows then compete for the L2 (at S* that
+    drift cost 2.4 GB of re-read hidden rows in ``bench/kernels_traffic.py``; long-first: none at 64 x 128)."""
     units = triton.cdiv(vocab, unit)
-    return split * units // num_splits * unit, min((split + 1) * units // num_splits * unit, vocab)
+    short, longer = divmod(units, num_splits)
+    start = (split * short + min(split, longer)) * unit
+    end = ((split + 1) * short + min(split + 1, longer)) * unit
+    return start, min(end, vocab)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
