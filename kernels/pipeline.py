@@ -6,8 +6,8 @@ one_pass walks blocks of token rows x vocabulary columns (``blocks``: vocabulary
 the main stream: the bias column sums, grad_h += dz @ W_s into the token block's fp32 accumulator,
 grad_W += dz^T @ h_s, and after the token block's last vocabulary block the accumulator's store into grad_h.
 
-With ``overlap`` (the default on CUDA, ``GOPD_BACKWARD_OVERLAP=0`` turns it off for A/B timing) the kernel of
-block b + 1 runs on a side stream while the main stream runs block b's GEMMs: dz alternates between two buffers,
+With ``overlap`` (the default; ``GOPD_BACKWARD_OVERLAP=0`` turns it off for A/B timing) the kernel of block
+b + 1 runs on a side stream while the main stream runs block b's GEMMs: dz alternates between two buffers,
 block b's GEMMs wait for block b's kernel, and the kernel of block b + 2, which overwrites block b's buffer, waits
 for block b's GEMMs. The side stream starts after the work already queued on the main stream (``BEGIN``) and
 its last kernel is waited for by the last GEMMs, so the caller's stream sees every result. The accumulators
