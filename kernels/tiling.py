@@ -230,8 +230,8 @@ def vocab_splits(n_tokens: int, vocab: int, device: torch.device, row_bytes: int
     Enough splits that (token tiles x splits) fills the machine (N=1024 is 8-16 token tiles on a 132-SM H100), and
     on a GPU splits of about ``FORWARD_SPLIT_COLUMNS``, rounded up to whole waves of the grouped launch order (a
     group's programs, ``forward_group_tokens(row_bytes)``, fill whole waves, so a wave never holds two groups'
-    hidden rows),
-    with balanced lengths, so that a wave's programs stay in step. Each split keeps its own online softmax
+    hidden rows), with balanced lengths, the longer first (``split_bounds``), so that a wave's programs stay in
+    step. Each split keeps its own online softmax
     statistics, merged afterwards in O(splits x N) (9 x 20 x N fp32, 11.25 MiB at N=16384, V=151936).
     """
     unit = INTERPRETER_CONFIG.block_v if interpreting() else SPLIT_ALIGN
