@@ -9,8 +9,9 @@
 #   1. tests/kernels/test_gpu.py (the bf16 assertions of every schedule, the fp32-accumulating GEMM probe)
 #   2. accuracy vs float64 (bench/kernels_accuracy.py, bf16 and fp32)
 #   3. the target shape N=16384, Ds=Dt=4096, V=151936, reverse KL, realistic inputs: triton (one_pass),
-#      triton_logit_block, triton_skip, torch_compile, torch (eager, where it fits), liger_jsd (Liger 0.8.5
-#      LigerFusedLinearJSD), cce, and the card's bf16 matmul rate
+#      triton_one_stream (one_pass without the side-stream overlap: the A/B), triton_logit_block, triton_skip,
+#      torch_compile, torch (eager, where it fits), liger_jsd (Liger 0.8.5 LigerFusedLinearJSD), cce, and the
+#      card's bf16 matmul rate
 #   4. the skip fraction and its accuracy on realistic inputs (bench/skip_fraction.py)
 #   5. the profile by kernel family at the target shape (bench/profile_fused_linear_kl.py)
 #   6. while time is left: the forward KL at the target shape, then N=4096 (reverse)

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-IMPL_ORDER = ["triton", "triton_two_pass", "triton_atomic", "triton_logit_block", "triton_skip", "chunked", "torch", "torch_compile", "liger_jsd",
+IMPL_ORDER = ["triton", "triton_one_stream", "triton_two_pass", "triton_atomic", "triton_logit_block", "triton_skip", "chunked", "torch", "torch_compile", "liger_jsd",
               "liger_jsd_loss", "cce"]
 CASE_KEYS = ("N", "Ds", "Dt", "V", "objective", "inputs")  # rows before "inputs" existed: flat inputs
 

@@ -2,6 +2,8 @@
 
 Implementations (all bf16 inputs, student hidden and weight get gradients, mean over tokens):
     triton                gopd_fast.fused_linear_kl(backend="triton"), default (one_pass) backward
+    triton_one_stream     the same with GOPD_BACKWARD_OVERLAP=0: one_pass's gradient kernel and GEMMs on one
+                          stream, one dz buffer (the A/B of kernels/pipeline.py's overlap; triton has it on)
     triton_two_pass,      the same with GOPD_BACKWARD=two_pass / atomic (kernels/backward.py's other schedules)
       triton_atomic
     triton_logit_block    GOPD_BACKWARD=logit_block (every logit once, 1.0x FLOPs) with a buffer of 10% of N V 4
@@ -45,8 +47,8 @@ from realistic_logits import realistic_inputs
 VOCAB = 151936
 GPU_SHAPES = [(n, ds, dt) for n in (1024, 4096, 16384) for ds in (1024, 4096) for dt in (2048, 4096)]
 CPU_SHAPE = (32, 48, 40, 500)  # N, Ds, Dt, V: tiny, for CI only
-TRITON_SCHEDULES = {"triton": "one_pass", "triton_two_pass": "two_pass", "triton_atomic": "atomic",
-                    "triton_logit_block": "logit_block", "triton_skip": "skip"}
+TRITON_SCHEDULES = {"triton": "one_pass", "triton_one_stream": "one_pass", "triton_two_pass": "two_pass",
+                    "triton_atomic": "atomic", "triton_logit_block": "logit_block", "triton_skip": "skip"}
 LOGIT_BLOCK_SHARE = 0.10  # triton_logit_block's buffer: this share of the fp32 [N, V] logits
 INPUTS = os.environ.get("GOPD_BENCH_INPUTS", "realistic")
 # Eager torch last: at the target shape it may not fit, and a stage cut short by gpu.sh's budget loses it first.
@@ -87,6 +89,7 @@ def make_loss_fn(impl: str, objective: str, n: int, vocab: int, device: torch.de
     if impl in TRITON_SCHEDULES or impl == "chunked":
         backend = "chunked" if impl == "chunked" else "triton"
         monkeypatch.setenv("GOPD_BACKWARD", TRITON_SCHEDULES.get(impl, "one_pass"))
+        monkeypatch.setenv("GOPD_BACKWARD_OVERLAP", "0" if impl == "triton_one_stream" else "1")
         if impl == "triton_logit_block":
             share = LOGIT_BLOCK_SHARE if device.type == "cuda" else 3.0  # CPU: one fp32 block of all 32 tokens
             monkeypatch.setenv("GOPD_BACKWARD_BUFFER_MIB", str(share * n * vocab * 4 / 2**20))

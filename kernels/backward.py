@@ -6,9 +6,12 @@ Three schedules with the same math (``logit_tiles.grad_logit_tile``), chosen by 
   kernel writes dz [rows, columns] (fp32 logits and softmax, dz stored in the 16-bit operand dtype), and two cuBLAS
   GEMMs consume it: grad_h[rows] += dz @ W_s[columns] into an fp32 accumulator, and grad_W[columns] += dz^T @ h_s[rows]
   in grad_W's own dtype. Memory: the accumulator and the dz block share ``tiling.backward_buffer_bytes()``
-  (80 MiB unless ``GOPD_BACKWARD_BUFFER_MIB`` says otherwise). Cost: 1.5x the useful FLOPs at Ds = Dt (logits once in the forward, once here), plus the accumulators'
-  read-modify-write traffic. A 16-bit grad_W is rounded once per token block (ceil(N / rows) times, e.g. 8 at
-  N=16384, Ds=4096, against once in ``two_pass``).
+  (80 MiB unless ``GOPD_BACKWARD_BUFFER_MIB`` says otherwise), plus a second dz block for the block pipeline
+  (``pipeline``: on CUDA the kernel of the next block runs on a side stream while the main stream runs this
+  block's GEMMs; elsewhere the same steps run in order): 48 MiB more at N=16384, Ds=4096, V=151936 in bf16
+  (``GOPD_BACKWARD_OVERLAP=0``: one stream, one dz block). Cost: 1.5x the useful FLOPs at Ds = Dt (logits once in
+  the forward, once here), plus the accumulators' read-modify-write traffic. A 16-bit grad_W is rounded once per
+  token block (ceil(N / rows) times, e.g. 8 at N=16384, Ds=4096, against once in ``two_pass``).
 * ``two_pass``: deterministic, every gradient element written once from a complete reduction done by one GEMM:
   pass 1 walks token chunks, a kernel writes dz for the chunk x all V and grad_h[chunk] = dz @ W_s; pass 2 walks
   vocabulary chunks, a kernel writes dz for all N x the chunk (fp32 when the bias needs sums) and grad_W[chunk] =
@@ -42,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tiling
+from . import pipeline, tiling
 from .logit_tiles import (
     atomic_grad_products,
     grouped_tile,
@@ -308,39 +311,55 @@ def _one_pass(tensors, grad_logits, n_tokens, vocab, ds, need_grad_w, need_grad_
     grad_h[block] is summed over the vocabulary blocks in an fp32 accumulator and rounded once. grad_W[columns] and
     grad_b[columns] are summed over the token blocks in their own dtype (exact for fp32; one rounding per token block
     for a 16-bit weight: ``one_pass_chunks`` keeps the blocks tall, e.g. 8 blocks of 2048 tokens, whole L2 groups,
-    at N=16384, Ds=4096).
+    at N=16384, Ds=4096). The blocks run as ``pipeline.one_pass_steps`` orders them (two dz buffers; on CUDA the
+    gradient kernel of the next block on a side stream while the main stream runs this block's GEMMs), unless
+    ``GOPD_BACKWARD_OVERLAP=0`` (one buffer, one stream).
     """
     student_hidden, student_weight = tensors[0], tensors[1]
     op_dtype, device = student_hidden.dtype, student_hidden.device
     rows, columns = one_pass_blocks(n_tokens, vocab, ds, op_dtype, device, need_grad_b)
+    plan = pipeline.blocks(n_tokens, vocab, rows, columns)
+    steps = pipeline.one_pass_steps(len(plan), pipeline.overlap_enabled())
+    streams = pipeline.streams_for(device, steps)
 
     grad_h = new_output((n_tokens, ds), op_dtype, device)
     in_place = op_dtype == torch.float32  # fp32 hidden states: accumulate straight into the gradient
     accumulator = grad_h if in_place else new_output((rows, ds), torch.float32, device)
     grad_w = new_output((vocab, ds), student_weight.dtype, device) if need_grad_w else None
     grad_b = new_output((vocab,), torch.float32, device) if need_grad_b else None
-    dz_buffer = new_output((rows * columns,), torch.float32 if need_grad_b else op_dtype, device)
-    for n_lo in range(0, n_tokens, rows):
-        height = min(rows, n_tokens - n_lo)
-        hidden = student_hidden[n_lo: n_lo + height]
+    dz_buffers = [new_output((rows * columns,), torch.float32 if need_grad_b else op_dtype, device)
+                  for _ in range(pipeline.buffer_count(steps))]
+    for buffer in dz_buffers:
+        streams.share(buffer)
+
+    def gemms(block: pipeline.Block, dz: torch.Tensor) -> None:
+        n_lo, height, v_lo, width = block.n_lo, block.height, block.v_lo, block.width
         acc = accumulator[n_lo: n_lo + height] if in_place else accumulator[:height]
-        for v_lo in range(0, vocab, columns):
-            width = min(columns, vocab - v_lo)
-            dz = dz_buffer[: height * width].view(height, width)
-            grad_logits(dz, n_lo, height, v_lo, width)
-            if need_grad_b:
-                column_sums = dz.sum(0)
-                if n_lo == 0:
-                    grad_b[v_lo: v_lo + width] = column_sums
-                else:
-                    grad_b[v_lo: v_lo + width] += column_sums
-            dz_op = dz.to(op_dtype)
-            weight = student_weight[v_lo: v_lo + width].to(op_dtype)
-            mm_accumulate(acc, dz_op, weight, first=v_lo == 0)
-            if need_grad_w:
-                mm_accumulate(grad_w[v_lo: v_lo + width], dz_op.T, hidden, first=n_lo == 0)
-        if not in_place:
+        if need_grad_b:
+            column_sums = dz.sum(0)
+            if n_lo == 0:
+                grad_b[v_lo: v_lo + width] = column_sums
+            else:
+                grad_b[v_lo: v_lo + width] += column_sums
+        dz_op = dz.to(op_dtype)
+        weight = student_weight[v_lo: v_lo + width].to(op_dtype)
+        mm_accumulate(acc, dz_op, weight, first=v_lo == 0)
+        if need_grad_w:
+            mm_accumulate(grad_w[v_lo: v_lo + width], dz_op.T, student_hidden[n_lo: n_lo + height], first=n_lo == 0)
+        if block.closes_row and not in_place:
             grad_h[n_lo: n_lo + height] = acc
+
+    def run(step: pipeline.Step) -> None:
+        if step.op == pipeline.BEGIN:
+            return
+        block = plan[step.block]
+        dz = dz_buffers[step.buffer][: block.height * block.width].view(block.height, block.width)
+        if step.op == pipeline.GRAD_LOGITS:
+            grad_logits(dz, block.n_lo, block.height, block.v_lo, block.width)
+        else:
+            gemms(block, dz)
+
+    pipeline.run_steps(steps, run, streams)
     return grad_h, grad_w, grad_b
 
 

@@ -39,10 +39,15 @@ def grouped_tile_coords(N, V, GROUP_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def split_bounds(split, num_splits, V, split_unit):
-    """[start, end) columns of vocabulary split ``split``: balanced whole units of ``split_unit`` columns.
-    ``tiling.split_bounds`` is the Python twin (``tiling.vocab_splits`` picks num_splits and the unit)."""
+    """[start, end) columns of vocabulary split ``split``: balanced whole units of ``split_unit`` columns, the
+    longer splits first. ``tiling.split_bounds`` is the Python twin and says why (``tiling.vocab_splits`` picks
+    num_splits and the unit)."""
     units = tl.cdiv(V, split_unit)
-    return split * units // num_splits * split_unit, tl.minimum((split + 1) * units // num_splits * split_unit, V)
+    short = units // num_splits
+    longer = units % num_splits
+    start = (split * short + tl.minimum(split, longer)) * split_unit
+    end = ((split + 1) * short + tl.minimum(split + 1, longer)) * split_unit
+    return start, tl.minimum(end, V)
 
 
 @triton.jit

@@ -230,8 +230,8 @@ def vocab_splits(n_tokens: int, vocab: int, device: torch.device, row_bytes: int
     Enough splits that (token tiles x splits) fills the machine (N=1024 is 8-16 token tiles on a 132-SM H100), and
     on a GPU splits of about ``FORWARD_SPLIT_COLUMNS``, rounded up to whole waves of the grouped launch order (a
     group's programs, ``forward_group_tokens(row_bytes)``, fill whole waves, so a wave never holds two groups'
-    hidden rows),
-    with balanced lengths, so that a wave's programs stay in step. Each split keeps its own online softmax
+    hidden rows), with balanced lengths, the longer first (``split_bounds``), so that a wave's programs stay in
+    step. Each split keeps its own online softmax
     statistics, merged afterwards in O(splits x N) (9 x 20 x N fp32, 11.25 MiB at N=16384, V=151936).
     """
     unit = INTERPRETER_CONFIG.block_v if interpreting() else SPLIT_ALIGN
@@ -247,9 +247,18 @@ def vocab_splits(n_tokens: int, vocab: int, device: torch.device, row_bytes: int
 
 
 def split_bounds(split: int, num_splits: int, vocab: int, unit: int) -> tuple[int, int]:
-    """[start, end) columns of a forward vocabulary split (the kernels compute the same)."""
+    """[start, end) columns of a forward vocabulary split (``logit_tiles.split_bounds`` computes the same).
+
+    The splits are whole units, balanced to within one, and the longer ones come first: a group's programs walk
+    the splits in order, so its first waves hold the long splits and the rest stay in step. With the long splits
+    spread out (or last), the programs of a wave finish a unit apart, each wave adds to the drift, and by the end
+    of a group some slots already run the next group: two groups' hidden rows then compete for the L2 (at S* that
+    drift cost 2.4 GB of re-read hidden rows in ``bench/kernels_traffic.py``; long-first: none at 64 x 128)."""
     units = triton.cdiv(vocab, unit)
-    return split * units // num_splits * unit, min((split + 1) * units // num_splits * unit, vocab)
+    short, longer = divmod(units, num_splits)
+    start = (split * short + min(split, longer)) * unit
+    end = ((split + 1) * short + min(split + 1, longer)) * unit
+    return start, min(end, vocab)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -27,9 +27,9 @@ from gopd_fast.ops.problem import build_problem
 
 INF = math.inf
 N, V = 37, 203
-# Interpreter tiles are 32 columns and this shape gets 3 vocabulary splits: [0, 64) is a whole split (two whole
-# tiles), so the all -inf tile and split paths run, plus scattered single entries.
-MASKED_RANGE = slice(0, 64)
+# Interpreter tiles are 32 columns and this shape gets 3 vocabulary splits of 3, 2 and 2 tiles (the longer first):
+# [0, 96) is a whole split, so the all -inf tile and split paths run, plus scattered single entries.
+MASKED_RANGE = slice(0, 96)
 SCATTERED = [101, 150, 202]
 
 

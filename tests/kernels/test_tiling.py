@@ -21,6 +21,7 @@ def test_vocab_splits_cover_vocab_without_empty_splits(n_tokens, vocab):
     assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     lengths = [hi - lo for lo, hi in bounds[:-1]]
     assert not lengths or max(lengths) - min(lengths) <= unit  # balanced
+    assert lengths == sorted(lengths, reverse=True)  # the longer splits first: a group's waves stay in step
 
 
 def test_two_pass_chunks_respect_budget(monkeypatch):
