@@ -7,6 +7,7 @@ passes a hub id (``"Qwen/Qwen3-1.7B"``) or a local checkpoint directory to the s
 """
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -182,6 +183,31 @@ def save_model(model, tokenizer, path: str | os.PathLike) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def keep_layers(model, keep: Iterable[int]):
+    """``model`` (a ``Qwen3ForCausalLM``, modified in place and returned) with only the decoder layers ``keep``
+    (strictly increasing indices), renumbered, and its config saying so: a layer-dropped copy of a trained model,
+    the usual initialisation of a smaller student (DistilBERT, Minitron). Embeddings, final norm and lm_head stay."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"model must be a Qwen3ForCausalLM (model.model.layers), got {type(model).__name__}")
+    keep = list(keep)
+    n = len(layers)
+    if (not keep or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep)
+            or any(b <= a for a, b in zip(keep, keep[1:])) or keep[0] < 0 or keep[-1] >= n):
+        raise ValueError(f"keep must be a non-empty, strictly increasing list of layer indices in [0, {n}), "
+                         f"got {keep!r}")
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_index   # the KV-cache slot of the layer
+    # A copy: models built from one config object share it, and the others keep their layers.
+    config = copy.deepcopy(model.config)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in keep]
+    config.num_hidden_layers = len(keep)
+    model.config = model.model.config = config
+    return model
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

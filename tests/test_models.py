@@ -84,6 +84,38 @@ def test_build_save_load_identical_logits(tokenizer, tmp_path):
     assert bf16.lm_head.weight.dtype == torch.bfloat16
 
 
+def test_keep_layers_drops_layers_and_survives_a_round_trip(tokenizer, tmp_path):
+    cfg = models.config_for_tokenizer("student-tiny", tokenizer, num_hidden_layers=3)
+    ids = torch.tensor([tokenizer("Action: take apple 1 from table 1", add_special_tokens=False).input_ids])
+    full = models.build_model(cfg, seed=5).eval()
+    with torch.no_grad():
+        # Keeping every layer changes nothing; keeping [0, 2] equals the full model with layer 1 skipped.
+        same = models.keep_layers(models.build_model(cfg, seed=5).eval(), range(3))
+        torch.testing.assert_close(same(ids).logits, full(ids).logits, rtol=0, atol=0)
+        dropped = models.keep_layers(models.build_model(cfg, seed=5).eval(), [0, 2])
+        skipped = models.build_model(cfg, seed=5).eval()
+        # layer 1 passes its input through: the residual stream skips it
+        skipped.model.layers[1].register_forward_hook(
+            lambda module, args, kwargs, output: args[0] if args else kwargs["hidden_states"], with_kwargs=True)
+        torch.testing.assert_close(dropped(ids).logits, skipped(ids).logits, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(dropped(ids).logits, full(ids).logits)
+    assert dropped.config.num_hidden_layers == 2 and len(dropped.config.layer_types) == 2
+    assert cfg.num_hidden_layers == 3 and full.config.num_hidden_layers == 3   # the shared config is untouched
+    assert [layer.self_attn.layer_idx for layer in dropped.model.layers] == [0, 1]
+    models.save_model(dropped, tokenizer, tmp_path)
+    loaded, _ = models.load_model(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, dropped(ids).logits, rtol=0, atol=0)
+        # The cached path (generate) uses the renumbered KV-cache slots.
+        out = loaded.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 4)
+    for bad in ([], [1, 1], [2, 1], [0, 3], [-1], [0.5], [True]):
+        with pytest.raises(ValueError, match="keep must be"):
+            models.keep_layers(models.build_model(cfg, seed=5), bad)
+    with pytest.raises(TypeError, match="Qwen3ForCausalLM"):
+        models.keep_layers(torch.nn.Linear(2, 2), [0])
+
+
 def test_bad_arguments_raise(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         models.train_tokenizer(CORPUS, vocab_size=100)

@@ -128,6 +128,36 @@ def test_a_teacher_base_learns_from_the_teachers_own_episodes(tmp_path):
         base_episodes(bad, "tiny", tok)
 
 
+def test_a_truncated_base_is_the_teachers_first_layers(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from gopd_fast.demo.config import ASSETS_DIR
+    from gopd_fast.demo.study.teacher import build_student_base
+    from gopd_fast.models import load_model
+    from gopd_fast.typed_config import ConfigError
+
+    cfg = load_study_config(_write_config(tmp_path))
+    spec = dataclasses.replace(cfg.sizes["tiny"], source="truncated", num_hidden_layers=1)
+    cfg = dataclasses.replace(cfg, sizes={"tiny": spec})
+    teacher, tok = load_model(ASSETS_DIR / cfg.teacher.asset)
+    info = build_student_base(cfg, "tiny", tok, tmp_path / "base")
+    base, _ = load_model(tmp_path / "base")
+    assert base.config.num_hidden_layers == 1 and info["teacher_layers"] == teacher.config.num_hidden_layers
+    kept = {k: v for k, v in teacher.state_dict().items() if ".layers." not in k or ".layers.0." in k}
+    assert base.state_dict().keys() == kept.keys()
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in kept.items())   # the teacher's own weights
+    too_deep = dataclasses.replace(cfg, sizes={"tiny": dataclasses.replace(spec, num_hidden_layers=4)})
+    with pytest.raises(ValueError, match="sizes.tiny.num_hidden_layers=4"):
+        build_student_base(too_deep, "tiny", tok, tmp_path / "deep")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(_write_config(tmp_path).read_text().replace(
+        "[sizes.tiny]", '[sizes.tiny]\nsource = "truncated"'))   # TINY's num_hidden_layers is 0
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        load_study_config(bad)
+
+
 def test_an_ablation_is_guided_opd_with_its_objective(tmp_path):
     import dataclasses
 

@@ -43,9 +43,10 @@ class Cell:
 
 
 def all_cells(cfg: StudyConfig) -> list[Cell]:
-    """Teacher references first, then size x seed x method (so a partial study has complete seeds first)."""
+    """Teacher references first, then method x size x seed in the config's method order: a partial study has
+    every seed of every size for its first methods (list zero-shot, OPD and Guided-OPD first)."""
     cells = [Cell(TEACHER, TEACHER, s) for s in cfg.seeds]
-    cells += [Cell(size, m, s) for size in cfg.sizes for s in cfg.seeds for m in cfg.methods]
+    cells += [Cell(size, m, s) for m in cfg.methods for size in cfg.sizes for s in cfg.seeds]
     return cells
 
 

@@ -66,13 +66,22 @@ class StudyTeacherSpec(Section, section="teacher"):
 
 @dataclass(frozen=True)
 class BaseSpec(Section, section="sizes.<name>"):
-    """A student base: a fresh Qwen3 SFT-ed on episodes of its train tasks (``task_range``), written by ``source``:
-    ``random`` (uniformly random admissible actions: the action format and the env's text, no policy) or
-    ``teacher`` (the study's teacher sampled at ``temperature``: a partial copy of the teacher, never a source better
-    than the teacher). ``min_lr_ratio``: the SFT's cosine floor (1.0: a constant rate after the warm-up)."""
+    """A student base, by ``source``:
+
+    - ``truncated``: the study's teacher with only its first ``num_hidden_layers`` decoder layers (embeddings,
+      final norm and lm_head kept; ``gopd_fast.models.keep_layers``), not trained further: a smaller model that
+      starts from the teacher's own weights and has lost what the dropped layers did (the layer-dropped
+      initialisation of DistilBERT and Minitron);
+    - ``random``: a fresh ``size`` Qwen3 SFT-ed on episodes of uniformly random admissible actions of its train
+      tasks (the action format and the env's text, no policy);
+    - ``teacher``: a fresh ``size`` Qwen3 SFT-ed on the study teacher's episodes sampled at ``temperature``.
+
+    None learns from a source better than the teacher. ``size``, ``task_range`` and the SFT fields (``steps``,
+    ``batch_size``, ``lr``, ``min_lr_ratio``: the cosine floor) apply to the SFT sources only, and ``temperature``
+    to ``teacher`` only; ``seed`` seeds the fresh model and the SFT."""
+    source: Literal["truncated", "random", "teacher"] = "random"
     size: str = spec("teacher-tiny", nonempty=True)
     num_hidden_layers: int = spec(2, ge=0, le=1000)
-    source: Literal["random", "teacher"] = "random"
     temperature: float = spec(1.0, gt=0, le=10)
     task_range: tuple[int, int] = spec((0, 256), ge=0)
     steps: int = spec(60, ge=1, le=10 ** 9)
@@ -86,6 +95,9 @@ class BaseSpec(Section, section="sizes.<name>"):
         lo, hi = self.task_range
         if not lo < hi:
             raise ConfigError(f"sizes.<name>.task_range must be [lo, hi) with lo < hi, got {self.task_range!r}")
+        if self.source == "truncated" and self.num_hidden_layers < 1:
+            raise ConfigError(f"sizes.<name>.num_hidden_layers: a truncated base keeps the teacher's first "
+                              f"num_hidden_layers layers, so it must be >= 1, got {self.num_hidden_layers}")
 
 
 @dataclass(frozen=True)
