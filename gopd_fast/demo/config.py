@@ -42,6 +42,9 @@ class TeacherSpec(Section, section="teacher"):
 
 @dataclass(frozen=True)
 class StudentSpec(Section, section="student"):
+    # "oracle": a fresh ``size`` model SFT-ed on base_episodes expert episodes for base_steps; "truncated": the
+    # teacher's first num_hidden_layers layers (gopd_fast.demo.run.truncated_base; the other keys are unused).
+    source: Literal["oracle", "truncated"] = "oracle"
     size: str = spec("student-tiny", nonempty=True)
     num_hidden_layers: int = spec(0, ge=0, le=1000)   # 0: the size's default depth; else override it
     base_episodes: int = spec(32, ge=1, le=10 ** 7)   # expert episodes of the brief base SFT

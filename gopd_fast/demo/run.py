@@ -236,14 +236,38 @@ def build_teacher(cfg: DemoConfig, out_dir: Path, log=print) -> dict[str, Any]:
     return info
 
 
-def build_student_base(cfg: DemoConfig, tokenizer: Any, out_dir: Path, log=print) -> dict[str, Any]:
-    """A fresh smaller Qwen3 briefly SFT-ed on a few pure expert episodes (weak, but it knows the format)."""
+def truncated_base(teacher_dir: Path | str, num_layers: int, out_dir: Path, key: str) -> dict[str, Any]:
+    """The teacher at ``teacher_dir`` with only its first ``num_layers`` decoder layers (``models.keep_layers``;
+    embeddings, final norm and lm_head kept), saved to ``out_dir``: a smaller student that starts from the teacher's
+    own weights and has lost what the dropped layers did. ``key``: the config key of ``num_layers`` (errors)."""
+    from gopd_fast.models import keep_layers, load_model, save_model
+
+    model, tokenizer = load_model(teacher_dir)
+    depth = model.config.num_hidden_layers
+    if not 1 <= num_layers < depth:
+        raise ValueError(f"{key}={num_layers}: a truncated base keeps the teacher's first layers, so it must be in "
+                         f"[1, {depth - 1}] for this {depth}-layer teacher ({teacher_dir})")
+    keep_layers(model, range(num_layers))
+    save_model(model, tokenizer, out_dir)
+    return {"source": "truncated", "teacher": str(teacher_dir), "teacher_layers": depth, "layers": num_layers,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def build_student_base(cfg: DemoConfig, tokenizer: Any, out_dir: Path, log=print,
+                       teacher_dir: Path | None = None) -> dict[str, Any]:
+    """The base every method starts from (``[student]``): the teacher's first ``num_hidden_layers`` layers
+    (``source = "truncated"``, needs ``teacher_dir``), or a fresh smaller Qwen3 briefly SFT-ed on a few pure
+    expert episodes (``source = "oracle"``: weak, but it knows the format; a source better than the teacher)."""
     from gopd_fast.demo.sft import SFTConfig, train_sft
     from gopd_fast.models import save_model
     from gopd_fast.rollout.expert import oracle_episodes
     from gopd_fast.train_setup import make_env
 
     s = cfg.student
+    if s.source == "truncated":
+        if teacher_dir is None:
+            raise ValueError("student.source = 'truncated' needs the teacher's directory (teacher_dir)")
+        return truncated_base(teacher_dir, s.num_hidden_layers, out_dir, "student.num_hidden_layers")
     env = make_env(env_config(cfg))
     try:
         # The tail of the train split: disjoint from the first tasks the distillation runs start with.
@@ -427,7 +451,7 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict[str, Any]:
 
     with clock.phase("student-base"):
         base_dir = run_dir / "models" / "student-base"
-        results["student_base"] = build_student_base(cfg, tokenizer, base_dir)
+        results["student_base"] = build_student_base(cfg, tokenizer, base_dir, teacher_dir=teacher_dir)
 
     records: dict[str, dict[int, list[dict[str, Any]]]] = {}
     runs: dict[str, dict[int, dict[str, Any]]] = {}

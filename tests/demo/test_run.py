@@ -251,3 +251,29 @@ def test_run_envs_are_reused_and_capped(monkeypatch):
     assert first == fresh
     assert sorted(r["task_id"] for r in second) == sorted(tasks)
     assert envs.max_in_flight(5) == 2 and envs.max_in_flight(1) == 1
+
+
+def test_a_truncated_student_base_is_the_teachers_first_layers(tmp_path: Path):
+    """student.source = "truncated": the base is the teacher's own first layers (no SFT, no oracle data)."""
+    import dataclasses
+
+    import torch
+
+    from gopd_fast.demo.config import ASSETS_DIR, load_demo_config
+    from gopd_fast.models import load_model
+
+    cfg = load_demo_config(demo.REPO_DIR / "configs" / "demo-quick.toml")
+    cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, source="truncated", num_hidden_layers=2))
+    teacher_dir = ASSETS_DIR / cfg.teacher.asset
+    info = demo.build_student_base(cfg, None, tmp_path / "base", teacher_dir=teacher_dir)
+    teacher, _ = load_model(teacher_dir)
+    base, _ = load_model(tmp_path / "base")
+    assert info["layers"] == base.config.num_hidden_layers == 2 and info["teacher_layers"] == 4
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(tensor, teacher.state_dict()[name]), name
+    for layers in (0, 4):
+        bad = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, num_hidden_layers=layers))
+        with pytest.raises(ValueError, match=rf"student.num_hidden_layers={layers}: .*\[1, 3\]"):
+            demo.build_student_base(bad, None, tmp_path / f"bad{layers}", teacher_dir=teacher_dir)
+    with pytest.raises(ValueError, match="teacher_dir"):
+        demo.build_student_base(cfg, None, tmp_path / "none")

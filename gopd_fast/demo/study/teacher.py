@@ -67,19 +67,15 @@ def build_teacher(cfg: StudyConfig, work_dir: Path, log=print) -> dict[str, Any]
 def build_student_base(cfg: StudyConfig, size: str, tokenizer: Any, out_dir: Path, log=print) -> dict[str, Any]:
     """The ``sizes.<size>`` student base (``BaseSpec``): the teacher's first layers, or a fresh Qwen3 SFT-ed on
     random-action or teacher episodes. None is taught by a source better than the teacher."""
-    from gopd_fast.models import keep_layers, load_model, save_model
+    from gopd_fast.demo.run import truncated_base
+    from gopd_fast.models import save_model
 
     b = cfg.sizes[size]
     t0 = time.perf_counter()
     info: dict[str, Any] = {"size": size, "spec": dataclasses.asdict(b)}
     if b.source == "truncated":
-        model, tokenizer = load_model(ASSETS_DIR / cfg.teacher.asset)
-        depth = model.config.num_hidden_layers
-        if b.num_hidden_layers >= depth:
-            raise ValueError(f"sizes.{size}.num_hidden_layers={b.num_hidden_layers}: a truncated base must keep "
-                             f"fewer layers than the teacher's {depth}")
-        keep_layers(model, range(b.num_hidden_layers))
-        info["teacher_layers"] = depth
+        info.update(truncated_base(ASSETS_DIR / cfg.teacher.asset, b.num_hidden_layers, out_dir,
+                                   f"sizes.{size}.num_hidden_layers"))
     else:
         from gopd_fast.demo.sft import SFTConfig, train_sft
 
@@ -89,10 +85,10 @@ def build_student_base(cfg: StudyConfig, size: str, tokenizer: Any, out_dir: Pat
                                                       min_lr_ratio=b.min_lr_ratio),
                            pad_id=int(tokenizer.pad_token_id),
                            log=lambda d: log(f"[study] base {size} {json.dumps(d)}"), log_every=20)
+        save_model(model, tokenizer, out_dir)
         info.update(episodes=len(episodes), episode_score=sum(e.score for e in episodes) / len(episodes),
-                    final_loss=losses[-1])
-    save_model(model, tokenizer, out_dir)
-    info.update(params=sum(p.numel() for p in model.parameters()), seconds=round(time.perf_counter() - t0, 1),
+                    final_loss=losses[-1], params=sum(p.numel() for p in model.parameters()))
+    info.update(seconds=round(time.perf_counter() - t0, 1),
                 load_avg_after=_load_avg(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     (out_dir / "student_base.json").write_text(json.dumps(info, indent=2))
     return info
