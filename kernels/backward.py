@@ -5,17 +5,18 @@ Three schedules with the same math (``logit_tiles.grad_logit_tile``), chosen by 
 * ``one_pass`` (the default): deterministic, one recompute. Token blocks x vocabulary blocks; for each block a
   kernel writes dz [rows, columns] (fp32 logits and softmax, dz stored in the 16-bit operand dtype), and two cuBLAS
   GEMMs consume it: grad_h[rows] += dz @ W_s[columns] into an fp32 accumulator, and grad_W[columns] += dz^T @ h_s[rows]
-  in grad_W's own dtype. Memory: the accumulator and the dz block share ``tiling.backward_buffer_bytes()``
-  (80 MiB unless ``GOPD_BACKWARD_BUFFER_MIB`` says otherwise), plus a second dz block for the block pipeline
-  (``pipeline``: on CUDA the kernel of the next block runs on a side stream while the main stream runs this
-  block's GEMMs; elsewhere the same steps run in order): 48 MiB more at N=16384, Ds=4096, V=151936 in bf16
-  (``GOPD_BACKWARD_OVERLAP=0``: one stream, one dz block). Cost: 1.5x the useful FLOPs at Ds = Dt (logits once in
-  the forward, once here), plus the accumulators' read-modify-write traffic. A 16-bit grad_W is rounded once per
-  token block (ceil(N / rows) times, e.g. 8 at N=16384, Ds=4096, against once in ``two_pass``).
+  in grad_W's own dtype. Memory: the accumulator and two dz blocks share ``tiling.backward_buffer_bytes()``
+  (94 MiB unless ``GOPD_BACKWARD_BUFFER_MIB`` says otherwise; ``one_pass_chunks`` sizes the blocks): the block
+  pipeline (``pipeline``: on CUDA the kernel of the next block runs on a side stream while the main stream runs
+  this block's GEMMs; elsewhere the same steps run in order) alternates between the two; at N=16384, Ds=4096,
+  V=151936 in bf16 a 32 MiB accumulator + 2 x 31 MiB of dz, 0.99% of N x V x 4 (``GOPD_BACKWARD_OVERLAP=0``: one
+  stream, the same blocks, one dz block). Cost: 1.5x the useful FLOPs at Ds = Dt (logits once in the forward,
+  once here), plus the accumulators' read-modify-write traffic. A 16-bit grad_W is rounded once per token block
+  (ceil(N / rows) times, e.g. 8 at N=16384, Ds=4096, against once in ``two_pass``).
 * ``two_pass``: deterministic, every gradient element written once from a complete reduction done by one GEMM:
   pass 1 walks token chunks, a kernel writes dz for the chunk x all V and grad_h[chunk] = dz @ W_s; pass 2 walks
   vocabulary chunks, a kernel writes dz for all N x the chunk (fp32 when the bias needs sums) and grad_W[chunk] =
-  dz^T @ h_s, grad_b[chunk] = sum_i dz. Each dz buffer stays within the same 80 MiB, at the price of recomputing
+  dz^T @ h_s, grad_b[chunk] = sum_i dz. Each dz buffer stays within the same budget, at the price of recomputing
   the logit tiles twice (2.0x the useful FLOPs).
 * ``atomic`` (Cut Cross-Entropy style): grid over (token tile x vocabulary tile). Each program recomputes its
   student and teacher logit tiles once, forms dz, and adds dz @ W_s[tile] into grad_h and dz^T @ h_s[tile] into
@@ -249,13 +250,24 @@ def two_pass_chunks(n_tokens: int, vocab: int, operand_bytes: int, fp32_columns:
     return rows, columns
 
 
+def one_pass_dz_bytes(operand_bytes: int, fp32_dz: bool) -> int:
+    """Bytes per dz element of one_pass: ``pipeline.DZ_BUFFERS`` dz blocks (fp32 when the bias needs fp32 column
+    sums, else the operand dtype), plus the one operand-dtype copy of an fp32 block that the current block's GEMMs
+    read (freed before the next block's)."""
+    dz = 4 if fp32_dz else operand_bytes
+    copy = operand_bytes if fp32_dz and operand_bytes != 4 else 0
+    return pipeline.DZ_BUFFERS * dz + copy
+
+
 def one_pass_chunks(n_tokens: int, vocab: int, ds: int, operand_bytes: int, fp32_dz: bool,
                     partial_bytes: int) -> tuple[int, int]:
     """(tokens, vocabulary columns) per block of the one-pass schedule within ``tiling.backward_buffer_bytes()``.
 
     Half the budget goes to the token block's fp32 grad_h accumulator ([rows, Ds], plus ``partial_bytes`` per
     element for a 16-bit partial product where the GEMM cannot accumulate into fp32 itself), the rest to its dz
-    block [rows, columns]. Fewer, taller token blocks mean fewer roundings of a 16-bit grad_W (one per block).
+    blocks [rows, columns] (``one_pass_dz_bytes``: both of the block pipeline's buffers, with or without the
+    overlap, so the blocks and the sums are the same either way). Fewer, taller token blocks mean fewer roundings
+    of a 16-bit grad_W (one per block).
     """
     align_n, align_v = _alignments()
     budget = tiling.backward_buffer_bytes()
@@ -264,7 +276,7 @@ def one_pass_chunks(n_tokens: int, vocab: int, ds: int, operand_bytes: int, fp32
         align_n = GROUP_TOKENS  # whole L2 groups of _grad_logits' launch order: a weight tile read once per block
     rows = _chunk(budget // 2, accumulator_row_bytes, align_n, n_tokens)
     left = max(budget - rows * accumulator_row_bytes, 0)
-    columns = _chunk(left, rows * _dz_column_bytes(operand_bytes, fp32_dz), align_v, vocab)
+    columns = _chunk(left, rows * one_pass_dz_bytes(operand_bytes, fp32_dz), align_v, vocab)
     return rows, columns
 
 
@@ -313,7 +325,7 @@ def _one_pass(tensors, grad_logits, n_tokens, vocab, ds, need_grad_w, need_grad_
     for a 16-bit weight: ``one_pass_chunks`` keeps the blocks tall, e.g. 8 blocks of 2048 tokens, whole L2 groups,
     at N=16384, Ds=4096). The blocks run as ``pipeline.one_pass_steps`` orders them (two dz buffers; on CUDA the
     gradient kernel of the next block on a side stream while the main stream runs this block's GEMMs), unless
-    ``GOPD_BACKWARD_OVERLAP=0`` (one buffer, one stream).
+    ``GOPD_BACKWARD_OVERLAP=0`` (one buffer, one stream, the same blocks).
     """
     student_hidden, student_weight = tensors[0], tensors[1]
     op_dtype, device = student_hidden.dtype, student_hidden.device

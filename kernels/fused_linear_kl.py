@@ -4,7 +4,7 @@
 Forward (``forward.kl_forward``): one pass over vocabulary tiles per token tile computes lse_s, lse_t, both KLs,
 the student entropy and the target log-probs; the generalised JSD takes a second pass. Backward
 (``backward.kl_backward``): recomputes the logit tiles and accumulates the student's gradients. Memory beyond the
-inputs and gradients: a few fp32 [N] vectors, plus the backward's buffers (``tiling.backward_buffer_bytes()``, 80 MiB
+inputs and gradients: a few fp32 [N] vectors, plus the backward's buffers (``tiling.backward_buffer_bytes()``, 94 MiB
 by default, for the deterministic schedules; fp32 copies of grad_h and grad_W for the atomic one).
 
 ``schedule.choose_schedule`` picks the schedule before the forward: ``logit_block`` replaces both passes above by

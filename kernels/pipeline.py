@@ -18,10 +18,11 @@ are the same with and without the overlap.
 executes a step list with a ``Streams``: CUDA streams and events on a GPU, ``Sequential`` elsewhere (CPU, the
 interpreter), which runs the same steps in the same order with no streams.
 
-Memory: the overlap's second dz buffer comes on top of ``tiling.backward_buffer_bytes()``, which sizes the
-accumulator and one buffer as without the overlap (the blocks, hence the GEMM shapes and the traffic, are the
-same either way): at N=16384, Ds=4096, V=151936 in bf16 a 2048 x 12288 block, 48 MiB more (0.51% of the fp32
-logits N x V x 4), 128 MiB in all instead of 80.
+Memory: one_pass sizes its blocks (``backward.one_pass_chunks``) so that the fp32 grad_h accumulator and
+``DZ_BUFFERS`` dz blocks together fit ``tiling.backward_buffer_bytes()``, with or without the overlap (the blocks,
+hence the GEMM shapes, the traffic and the sums, are the same either way; without it one buffer is allocated and
+the budget is not filled): at N=16384, Ds=4096, V=151936 in bf16 a 2048 x 4096 accumulator (32 MiB) and two
+2048 x 7936 dz blocks (2 x 31 MiB), 94 MiB = 0.99% of the fp32 logits N x V x 4.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ import torch
 MAIN, SIDE = "main", "side"
 BEGIN, GRAD_LOGITS, GEMMS = "begin", "grad_logits", "gemms"
 OVERLAP_ENV = "GOPD_BACKWARD_OVERLAP"
+# dz buffers the overlapped pipeline alternates between; ``backward.one_pass_chunks`` budgets this many.
+DZ_BUFFERS = 2
 
 
 def overlap_enabled() -> bool:
@@ -92,17 +95,19 @@ def one_pass_steps(num_blocks: int, overlap: bool) -> list[Step]:
     gemms_at: dict[int, int] = {}
 
     def kernel(b: int) -> None:
-        waits = (0,) if b == 0 else (gemms_at[b - 2],) if b >= 2 else ()  # b == 1 follows block 0's on its stream
+        # The first kernel waits for BEGIN, the next ones follow it on their stream, and from the DZ_BUFFERS-th on
+        # a kernel waits for the GEMMs that last read its buffer.
+        waits = (0,) if b == 0 else (gemms_at[b - DZ_BUFFERS],) if b >= DZ_BUFFERS else ()
         kernel_at[b] = len(steps)
-        steps.append(Step(SIDE, GRAD_LOGITS, b, b % 2, waits))
+        steps.append(Step(SIDE, GRAD_LOGITS, b, b % DZ_BUFFERS, waits))
 
-    kernel(0)
-    kernel(1)
+    for b in range(min(DZ_BUFFERS, num_blocks)):
+        kernel(b)
     for b in range(num_blocks):
         gemms_at[b] = len(steps)
-        steps.append(Step(MAIN, GEMMS, b, b % 2, (kernel_at[b],)))
-        if b + 2 < num_blocks:
-            kernel(b + 2)
+        steps.append(Step(MAIN, GEMMS, b, b % DZ_BUFFERS, (kernel_at[b],)))
+        if b + DZ_BUFFERS < num_blocks:
+            kernel(b + DZ_BUFFERS)
     return steps
 
 

@@ -62,10 +62,11 @@ def test_every_dependency_is_ordered(num_blocks, overlap):
 @pytest.mark.parametrize("num_blocks", [2, 3, 9])
 def test_overlap_runs_the_next_kernel_beside_the_gemms(num_blocks):
     """With the overlap, the kernel of block b + 1 is ordered neither before nor after block b's GEMMs (a GPU may
-    run them together), on two alternating buffers; without it everything is one stream, one buffer."""
+    run them together), on two alternating buffers (``DZ_BUFFERS``, which one_pass's block sizes budget for);
+    without it everything is one stream, one buffer."""
     steps = pipeline.one_pass_steps(num_blocks, overlap=True)
     hb = ordered_pairs(steps)
-    assert pipeline.buffer_count(steps) == 2
+    assert pipeline.buffer_count(steps) == pipeline.DZ_BUFFERS == 2
     assert {s.stream for s in steps if s.op == GRAD_LOGITS} == {SIDE}
     for b in range(num_blocks - 1):
         kernel, gemms = step_of(steps, GRAD_LOGITS, b + 1), step_of(steps, GEMMS, b)
