@@ -76,7 +76,8 @@ def test_one_pass_many_blocks_bf16(problem, ref, rel_err, monkeypatch):
 @pytest.mark.parametrize("bias", [True, False])
 def test_one_pass_overlap_matches_one_stream_bf16(problem, monkeypatch, bias):
     """The block pipeline on real streams (gradient kernel of block b + 1 on a side stream beside block b's GEMMs,
-    two dz buffers, several token and vocabulary blocks under the small budget set here) gives bit for bit the gradients of the one-stream run."""
+    two dz buffers, several blocks under the small budget set here) gives bit for bit the gradients of the
+    one-stream run."""
     monkeypatch.setattr(tiling, "BACKWARD_BUFFER_BYTES", 2 * 128 * 320 * 4)
     p = problem(n=517, vocab=8191, ds=320, dt=192, dtype=torch.bfloat16, device=torch.device("cuda"), bias=bias)
 
