@@ -37,9 +37,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from gopd_fast.kernels.backward import one_pass_chunks
 
 from gopd_fast.kernels import tiling
-from gopd_fast.kernels.backward import one_pass_chunks
 
 S_STAR = (16384, 4096, 4096, 151936)  # the target shape: N, Ds, Dt, V
 LIMIT = 2.0  # modelled traffic / max(compulsory, I/O lower bound), every kernel but the atomic oracle

@@ -8,6 +8,7 @@ passes a hub id (``"Qwen/Qwen3-1.7B"``) or a local checkpoint directory to the s
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -195,7 +196,7 @@ def keep_layers(model, keep: Iterable[int]):
     keep = list(keep)
     n = len(layers)
     if (not keep or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep)
-            or any(b <= a for a, b in zip(keep, keep[1:])) or keep[0] < 0 or keep[-1] >= n):
+            or any(b <= a for a, b in itertools.pairwise(keep)) or keep[0] < 0 or keep[-1] >= n):
         raise ValueError(f"keep must be a non-empty, strictly increasing list of layer indices in [0, {n}), "
                          f"got {keep!r}")
     model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])

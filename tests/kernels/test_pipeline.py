@@ -7,10 +7,10 @@ import itertools
 
 import pytest
 import torch
-
-from gopd_fast.kernels import backward, pipeline, tiling
 from gopd_fast.kernels.fused_linear_kl import fused_linear_kl_triton
 from gopd_fast.kernels.pipeline import BEGIN, GEMMS, GRAD_LOGITS, MAIN, SIDE
+
+from gopd_fast.kernels import backward, pipeline, tiling
 from gopd_fast.ops.problem import build_problem
 
 
