@@ -9,9 +9,10 @@ evaluated on held-out tasks, with a results table (95% CIs), plots and the failu
 Phases (each timed against the plan in the config, both printed):
   teacher        load the committed teacher + tokenizer (or build them: tokenizer on the env's text, SFT on oracle
                  episodes); rebuilt automatically into the run folder when the env no longer matches it
-  student-base   the weak-but-non-trivial student every method starts from: a fresh smaller Qwen3, briefly
-                 SFT-ed on a few expert episodes (the stand-in for the paper's pretrained students: a random-init
-                 student would flatter guidance)
+  student-base   the weak student every method starts from (``[student]``): by default the teacher's first layer
+                 (``source = "truncated"``: the teacher's own weights, minus what its other layers did; it learns
+                 from no source better than the teacher), or a fresh smaller Qwen3 briefly SFT-ed on a few expert
+                 episodes (``source = "oracle"``; a random-init student would flatter guidance)
   reference      teacher and zero-shot (untrained base) evaluations
   distill        for every seed and method: ``gopd_fast.train.run`` from the same base (the trainer's typed
                  ``Config``: configs/demo-trainer.toml with this config's values), then a held-out evaluation.
