@@ -124,7 +124,7 @@ class StudyConfig(Section):
     run_dir: str = spec("runs/study", path=True)          # git-ignored: models, trainer checkpoints, logs
     lr: float = spec(0.0, ge=0, le=10)   # 0: read <cells_dir>/../lr.json (written by --select-lr)
     save_every: int = spec(10, ge=0, le=10 ** 9)  # trainer checkpoint cadence: an interrupted cell resumes here
-    diagnostic_methods: tuple[str, ...] = ("opd", "guided-opd")   # trained students diagnosed (seed = seeds[0])
+    diagnostic_methods: tuple[str, ...] = ("opd", "guided-opd")   # trained students diagnosed (every seed)
     teacher: StudyTeacherSpec = field(default_factory=StudyTeacherSpec)
     select_lr: SelectLRSpec = field(default_factory=SelectLRSpec)
     distill: DistillSpec = field(default_factory=DistillSpec)

@@ -38,15 +38,17 @@ def run_cells(study: Study, lr: float | None, only: str = "") -> list[dict[str, 
 
 
 def run_diagnostics(study: Study) -> None:
-    """Before training (the base) and after (each ``diagnostic_methods`` student of the first seed)."""
+    """Before training (the base) and after (the ``diagnostic_methods`` student of every seed: a run that
+    collapses shows where its states and the teacher's reliability part)."""
     cfg = study.cfg
     for size in cfg.sizes:
         study.run_diagnostic(size, "base", study.base_dir(size))
         for method in cfg.diagnostic_methods:
-            cell = Cell(size, method, cfg.seeds[0])
             if method == "zero-shot" or method == TEACHER:
                 continue
-            study.run_diagnostic(size, f"{method}-seed{cfg.seeds[0]}", study.train_dir(cell) / "student-hf")
+            for seed in cfg.seeds:
+                cell = Cell(size, method, seed)
+                study.run_diagnostic(size, f"{method}-seed{seed}", study.train_dir(cell) / "student-hf")
 
 
 def aggregate(study: Study) -> dict[str, Any]:
