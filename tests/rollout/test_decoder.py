@@ -20,11 +20,12 @@ def _reference_logits(model, seq: list[int]) -> torch.Tensor:
         return model(torch.tensor([seq])).logits[0].float()
 
 
-def test_ragged_prefill_then_decode_matches_the_module_forward(model):
+@pytest.mark.parametrize("numpy_decode", [True, False], ids=["numpy-decode", "torch-decode"])
+def test_ragged_prefill_then_decode_matches_the_module_forward(model, numpy_decode):
     """Rows with and without cached history, of different lengths, prefilled in one call and then decoded
-    together: every row's logits are the module's at that position (the folded norms, the q-scale in the RoPE
-    tables and the fused attention change only the float rounding)."""
-    dec = Qwen3Decoder(model)
+    together: every row's logits are the module's at that position (the folded norms, the q-scale in the qk-norm
+    weights, the fused attention and NumPy's BLAS change only the float rounding)."""
+    dec = Qwen3Decoder(model, numpy_decode=numpy_decode)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (61, 90, 37)]
     cache = dec.new_cache(3, 100)
@@ -60,3 +61,15 @@ def test_refresh_reads_new_weights(model):
     after = dec.prefill([seq], [0], dec.new_cache(1, 64))
     torch.testing.assert_close(after[0], _reference_logits(m, seq)[-1], atol=1e-4, rtol=0)
     assert not torch.allclose(after, before, atol=1e-3)
+
+
+def test_numpy_decode_needs_a_float32_cpu_model(model):
+    assert Qwen3Decoder(model).numpy_decode     # the default for float32 on CPU
+    with pytest.raises(ValueError, match="numpy_decode"):
+        Qwen3Decoder(model, numpy_decode="yes")
+    import copy
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert not Qwen3Decoder(half).numpy_decode
+    with pytest.raises(ValueError, match="float32 model on CPU"):
+        Qwen3Decoder(half, numpy_decode=True)

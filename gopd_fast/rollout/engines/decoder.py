@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gopd_fast.rollout.engines.numpy_step import decode_step, numpy_weights
+
 
 @dataclass
 class _Layer:
@@ -38,9 +40,11 @@ class Qwen3Decoder:
         model: a ``transformers`` Qwen3 causal LM (``config.model_type == "qwen3"``, no attention bias, SiLU MLP,
             default RoPE). The decoder keeps references to its parameters; call ``refresh`` after loading new
             weights into it (the fused projections are copies).
+        numpy_decode: decode steps in NumPy (engines/numpy_step.py: fewer microseconds per call) instead of torch;
+            default: for a float32 model on CPU. Prefill is torch either way.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, numpy_decode: bool | None = None) -> None:
         cfg = model.config
         problems = []
         if getattr(cfg, "model_type", None) != "qwen3":
@@ -65,6 +69,14 @@ class Qwen3Decoder:
         self.hidden_size = int(cfg.hidden_size)
         self.eps = float(cfg.rms_norm_eps)
         self.max_positions = int(cfg.max_position_embeddings)
+        on_cpu32 = model.lm_head.weight.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
+        if numpy_decode is None:
+            numpy_decode = on_cpu32
+        if not isinstance(numpy_decode, bool) or (numpy_decode and not on_cpu32):
+            raise ValueError(f"numpy_decode must be a bool (True only for a float32 model on CPU), got "
+                             f"{numpy_decode!r} for a {model.lm_head.weight.dtype} model on "
+                             f"{model.lm_head.weight.device}")
+        self.numpy_decode = numpy_decode
         self.refresh()
 
     @property
@@ -110,6 +122,7 @@ class Qwen3Decoder:
         # k_norm's for every kv head: q and k are normed in one call per layer
         self.qk_norms = [torch.cat([lyr.self_attn.q_norm.weight.expand(nh, -1) * hd ** -0.5,
                                     lyr.self_attn.k_norm.weight.expand(nkv, -1)]) for lyr in inner.layers]
+        self._numpy = numpy_weights(self) if self.numpy_decode else None
 
     def new_cache(self, rows: int, length: int) -> torch.Tensor:
         """A zeroed cache for ``rows`` sequences of up to ``length`` positions (zeros: masked slots stay finite)."""
@@ -145,6 +158,8 @@ class Qwen3Decoder:
         """One decode step: token ``ids[r]`` ([rows]) of row r at absolute position ``positions[r]``; writes its
         keys/values into ``cache`` and returns the float32 next-token logits [rows, vocab]. ``span`` (> every
         position) bounds the cache positions attended to: only the filled part is read."""
+        if self._numpy is not None:
+            return decode_step(self, self._numpy, ids, positions, cache, span)
         b = ids.shape[0]
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.embedding(ids, self.embed)                                   # [b, hidden]
