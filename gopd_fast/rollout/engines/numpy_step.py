@@ -68,7 +68,10 @@ def decode_step(dec: Qwen3Decoder, w: NumpyWeights, ids: torch.Tensor, positions
             kc, vc = kv[i, 0], kv[i, 1]                       # [b, kv_heads, T, hd]
             kc[rows, :, pos] = qk[:, nh:]
             vc[rows, :, pos] = qkv[:, nqk:]
-            scores = np.matmul(qk[:, :nh].reshape(b, nkv, group, hd), kc[:, :, :span].swapaxes(-1, -2)) + mask
+            # keys @ q^T, not q @ keys^T: the cache is the plain (row-major) operand then, 2-3x faster in OpenBLAS
+            # (the scores come out [.., span, group]; the mask add writes them back in row order for the softmax)
+            q_t = qk[:, :nh].reshape(b, nkv, group, hd).swapaxes(-1, -2)
+            scores = np.add(np.matmul(kc[:, :, :span], q_t).swapaxes(-1, -2), mask, order="C")
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             scores /= scores.sum(axis=-1, keepdims=True)
             x = x + np.matmul(scores, vc[:, :, :span]).reshape(b, nh * hd) @ wo
