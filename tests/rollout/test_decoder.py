@@ -73,3 +73,20 @@ def test_numpy_decode_needs_a_float32_cpu_model(model):
     assert not Qwen3Decoder(half).numpy_decode
     with pytest.raises(ValueError, match="float32 model on CPU"):
         Qwen3Decoder(half, numpy_decode=True)
+
+
+def test_reused_cache_zeroes_the_unfilled_tails(model):
+    """``new_cache(filled=...)`` reuses one buffer: whatever an earlier call left there, every position from a
+    row's ``filled`` length on reads as zero (attention adds -inf masks to it, so it must be finite), and a
+    row-count / length mismatch is refused."""
+    dec = Qwen3Decoder(model)
+    first = dec.new_cache(3, 50, filled=[0, 0, 0])
+    first.fill_(float("nan"))
+    again = dec.new_cache(2, 60, filled=[10, 60])
+    assert again.data_ptr() == first.data_ptr()          # the same memory, not a fresh allocation
+    assert (again[:, :, 0, :, 10:] == 0).all() and again[:, :, 0, :, :10].isnan().all()
+    assert torch.equal(dec.new_cache(2, 4), torch.zeros_like(dec.new_cache(2, 4)))   # no filled: all zeros
+    with pytest.raises(ValueError, match="filled"):
+        dec.new_cache(2, 10, filled=[3])
+    with pytest.raises(ValueError, match="filled"):
+        dec.new_cache(1, 10, filled=[11])

@@ -56,7 +56,7 @@ class CachedHFEngine(HFEngine):
         found = [self.store.lookup(p) for p in prompts]
         hits, starts = [h for h, _ in found], [m for _, m in found]
         b = len(prompts)
-        cache = dec.new_cache(b, length)
+        cache = dec.new_cache(b, length, filled=[len(p) for p in prompts])   # prompts: copied in or prefilled
         for r, (s, h) in enumerate(zip(starts, hits)):
             if h is not None:
                 cache[:, :, r, :, :s] = h.kv[:, :, :, :s]
