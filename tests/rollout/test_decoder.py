@@ -90,3 +90,25 @@ def test_reused_cache_zeroes_the_unfilled_tails(model):
         dec.new_cache(2, 10, filled=[3])
     with pytest.raises(ValueError, match="filled"):
         dec.new_cache(1, 10, filled=[11])
+
+
+def test_encode_matches_the_module_forward_on_packed_rows(model):
+    """``encode`` on packed rows (two episodes in one row, one in another, padding tails restarting the positions
+    as ``gopd_fast.packing`` writes them) gives the module's ``last_hidden_state`` at every position."""
+    g = torch.Generator().manual_seed(1)
+    tok = lambda n: torch.randint(3, model.config.vocab_size, (n,), generator=g)
+    ids = torch.stack([torch.cat([tok(40), tok(25), torch.zeros(7, dtype=torch.long)]), tok(72)])
+    pos = torch.stack([torch.cat([torch.arange(40), torch.arange(25), torch.arange(7)]), torch.arange(72)])
+    with torch.no_grad():
+        ref = model.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+    # the module forward without a mask attends across episodes of a row; compare episode by episode instead
+    with torch.no_grad():
+        first = model.model(input_ids=ids[:1, :40], use_cache=False).last_hidden_state
+        second = model.model(input_ids=ids[:1, 40:65], use_cache=False).last_hidden_state
+    h = Qwen3Decoder(model).encode(ids, pos)
+    assert h.shape == (2, 72, model.config.hidden_size)
+    torch.testing.assert_close(h[:1, :40], first, atol=1e-4, rtol=0)
+    torch.testing.assert_close(h[:1, 40:65], second, atol=1e-4, rtol=0)
+    torch.testing.assert_close(h[1], ref[1], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="rows, length"):
+        Qwen3Decoder(model).encode(ids, pos[:, :5])

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gopd_fast.packed_attention import segments
 from gopd_fast.rollout.engines.numpy_step import decode_step, numpy_weights
 
 
@@ -108,6 +109,7 @@ class Qwen3Decoder:
                 down=mlp.down_proj.weight.t().contiguous(),
             ))
         self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm.weight
         self.head = fold(self.model.lm_head.weight, inner.norm.weight)
         rotary = inner.rotary_emb
         # The module's own formula (Qwen3RotaryEmbedding.forward), tabulated once for every position.
@@ -237,3 +239,27 @@ class Qwen3Decoder:
             x = self._attn_out_mlp(x, torch.cat(outs).view(-1, nh * hd), w)
         last = torch.tensor(offsets[1:], device=device) - 1
         return self._logits(x[last])
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The model's final hidden states (``last_hidden_state``: after the final RMSNorm, before the head)
+        [rows, length, hidden] for packed rows ``input_ids`` / ``position_ids`` [rows, length], each run of
+        consecutive positions one causal sequence (``gopd_fast.packing``'s layout, as "packed_sdpa" reads it).
+        No cache: projections over all tokens at once, one fused causal attention call per sequence."""
+        if input_ids.shape != position_ids.shape or input_ids.dim() != 2:
+            raise ValueError(f"input_ids and position_ids must both be [rows, length], got "
+                             f"{tuple(input_ids.shape)} and {tuple(position_ids.shape)}")
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        rows, length = input_ids.shape
+        flat_pos = position_ids.reshape(-1)
+        x = F.embedding(input_ids.reshape(-1), self.embed)                 # [rows * length, hidden]
+        cos, sin = self.cos[flat_pos], self.sin_signed[flat_pos]
+        sizes = [e - s for segs in segments(position_ids) for s, e in segs]   # row-major: rows concatenate
+        for i, w in enumerate(self.layers):
+            q, k, v = self._qkv(x, i, cos, sin)
+            attn = [F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                                   vs.transpose(0, 1)[None], is_causal=True, scale=1.0,
+                                                   enable_gqa=nh != nkv)[0].transpose(0, 1)
+                    for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes))]
+            x = self._attn_out_mlp(x, torch.cat(attn).reshape(-1, nh * hd), w)
+        return F.rms_norm(x, (x.shape[-1],), self.final_norm, self.eps).view(rows, length, -1)

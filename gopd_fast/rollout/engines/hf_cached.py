@@ -3,8 +3,9 @@
 Each sequence's keys/values stay cached after a call (``SequenceKVStore``); a prompt that extends a cached
 sequence (the next turn of the same episode: its history is append-only and token-exact) prefills only the
 tokens appended since, i.e. the last sampled token, the observation and the chat-template pieces. All the
-call's sequences then decode together, one batched step per token, through a lean forward over the model's own
-parameters (``Qwen3Decoder``) instead of ``generate``'s module stack. A weight sync drops every cache.
+call's sequences then decode together, one batched step per token, through a lean forward over the model's
+weights (``Qwen3Decoder``: folded projections, one fused attention call per row in prefill, decode steps in
+NumPy for float32 on CPU) instead of ``generate``'s module stack. A weight sync drops every cache.
 
 Outputs follow ``HFEngine`` (the re-encoding path, ``rollout.kv_reuse = false``): the same tokens at
 temperature 0 up to float rounding, the same sampling rule (``sampling.next_tokens``) and raw log-probs.
