@@ -21,6 +21,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from gopd_fast import packed_attention
 from gopd_fast.config import Config, OptimConfig
 from gopd_fast.distributed import DistInfo, all_reduce_max, all_reduce_sums, reshard
 from gopd_fast.lr_schedule import lr_factor
@@ -150,11 +151,13 @@ class Trainer:
 
 
 def _lean_teacher(teacher: nn.Module, info: DistInfo, compute_dtype: torch.dtype | None) -> Qwen3Decoder | None:
-    """The frozen teacher's forward without the module stack (``Qwen3Decoder.encode``: folded projections, one
-    fused causal attention call per episode), where it applies: one process on CPU in float32 and a plain Qwen3.
-    On the demo's 8-episode step it took 0.64 s where the module forward took 0.89 s (bench/RESULTS.md,
-    trainer-step). Its weights are copies taken here: the teacher is never updated."""
-    if info.distributed or info.device.type != "cpu" or compute_dtype is not None:
+    """The frozen teacher's "packed_sdpa" forward without the module stack (``Qwen3Decoder.encode``: folded
+    projections, one fused causal attention call per episode, the same math), where it applies: a teacher loaded
+    with attn_implementation "packed_sdpa", one process on CPU in float32, a plain Qwen3. On the demo's
+    8-episode step it took 0.64 s where the module forward took 0.89 s (bench/RESULTS.md, trainer-step). Its
+    weights are copies taken here: the teacher is never updated."""
+    if info.distributed or info.device.type != "cpu" or compute_dtype is not None \
+            or getattr(teacher.config, "_attn_implementation", None) != packed_attention.NAME:
         return None
     try:
         return Qwen3Decoder(teacher, numpy_decode=False)
