@@ -112,3 +112,22 @@ def test_encode_matches_the_module_forward_on_packed_rows(model):
     torch.testing.assert_close(h[1], ref[1], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="rows, length"):
         Qwen3Decoder(model).encode(ids, pos[:, :5])
+
+
+def test_numpy_decode_runs_openblas_single_threaded(model):
+    """A decode step limits numpy's bundled OpenBLAS to one thread for the calling thread (two threads made a
+    step ~4x slower on a busy 2-core box); skipped where numpy uses another BLAS."""
+    from gopd_fast.rollout.engines.numpy_step import _openblas_thread_limit
+
+    limit = _openblas_thread_limit()
+    if limit is None:
+        pytest.skip("numpy is not linked to its bundled OpenBLAS here")
+    dec = Qwen3Decoder(model)
+    cache = dec.new_cache(1, 8)
+    dec.prefill([[5, 6, 7]], [0], cache)
+    previous = limit(2)
+    try:
+        dec.forward(torch.tensor([8]), torch.tensor([3]), cache, span=4)
+        assert limit(2) == 1          # the step set this thread's limit to 1
+    finally:
+        limit(previous)

@@ -10,6 +10,11 @@ NumPy calls, which cost a few microseconds each, took ~1.6 ms at 760 positions (
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import glob
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +45,25 @@ def numpy_weights(dec: Qwen3Decoder) -> NumpyWeights:
         embed=arr(dec.embed), head=arr(dec.head), cos=arr(dec.cos), sin=arr(dec.sin_signed))
 
 
+@functools.cache
+def _openblas_thread_limit() -> Callable[[int], int] | None:
+    """``openblas_set_num_threads_local`` of numpy's bundled OpenBLAS (pip wheels), or None for another BLAS.
+
+    Why: with more than one OpenBLAS thread (the default without ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS``, as
+    under ``make demo``) a decode step's small GEMMs wait on a helper thread that a busy second core seldom runs:
+    a 16-row step took 39 ms instead of 10 ms on the shared 2-core box. The limit is per calling thread (OpenBLAS
+    >= 0.3.27), so other numpy work in the process keeps its threads."""
+    libs = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "libscipy_openblas*.so")
+    for path in glob.glob(libs):
+        try:
+            fn = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        return fn
+    return None
+
+
 def _rms(x: np.ndarray, eps: float) -> np.ndarray:
     # ufunc calls only: np.mean / np.roll / np.split are Python wrappers that cost more than the math here
     return x / np.sqrt(np.add.reduce(x * x, axis=-1, keepdims=True) / x.shape[-1] + eps)
@@ -49,6 +73,9 @@ def decode_step(dec: Qwen3Decoder, w: NumpyWeights, ids: torch.Tensor, positions
                 span: int) -> torch.Tensor:
     """``Qwen3Decoder.forward`` (one decode step of every row) on NumPy views: same arguments, same cache writes,
     float32 logits [rows, vocab] as a torch tensor."""
+    limit = _openblas_thread_limit()
+    if limit is not None:
+        limit(1)                                              # ~0.3 us; this thread only
     nh, nkv, hd, eps = dec.num_heads, dec.num_kv_heads, dec.head_dim, dec.eps
     nqk, group, half = nh + nkv, nh // nkv, hd // 2
     ids_np, pos = ids.numpy(), positions.numpy()
