@@ -1,13 +1,15 @@
-"""A lean batched forward of a ``Qwen3ForCausalLM`` over per-row KV caches, for the KV-cached engine.
+"""A lean batched forward of a ``Qwen3ForCausalLM`` over per-row KV caches, for the KV-cached engine (and the
+trainer's frozen teacher: ``encode``).
 
 Why not the module stack: for the tiny models of the demo and the study a decode step is a few hundred kFLOPs,
 and ``generate`` / the ``transformers`` module stack spend ~7 ms per step in Python (hooks, cache classes, mask
 builders). This forward reads the model's weights once per weight sync (``refresh``) into a form that needs few
-calls per layer: the RMSNorm weights folded into the projections that follow them, q/k/v and gate/up each one
-pre-transposed matmul, the residual adds fused into ``addmm``, and q_norm / k_norm weights and the attention scale
-folded into per-position RoPE tables. Decode makes ~16 tensor calls per layer whatever the batch. Numerics follow
-``modeling_qwen3`` up to float rounding (the folds change the order of a few products), so greedy tokens match the
-module forward but for near-ties.
+calls per layer: the RMSNorm weights folded into the pre-transposed projections that follow them, q/k/v and
+gate/up each one matmul, the residual adds fused into ``addmm``, the attention scale folded into q_norm's weight.
+A decode step is ~16 tensor calls per layer whatever the batch, in NumPy for float32 on CPU (engines/
+numpy_step.py: a torch call costs ~10-20 us there) and in torch elsewhere. Numerics follow ``modeling_qwen3`` up
+to float rounding (the folds change the order of a few products), so greedy tokens match the module forward but
+for near-ties.
 
 The cache is one tensor ``[layers, 2 (k, v), rows, kv_heads, T, head_dim]``. Each row holds its own sequence
 left-aligned; a query at absolute position ``p`` attends keys ``0..p`` of its row only (an additive mask), so
