@@ -155,8 +155,7 @@ def _lean_teacher(teacher: nn.Module, info: DistInfo, compute_dtype: torch.dtype
     projections, one fused causal attention call per episode, the same math), where it applies: a teacher loaded
     with attn_implementation "packed_sdpa", one process on CPU in float32, a plain Qwen3. On the demo's
     8-episode step it took 0.64-0.67 s where the module forward took 0.89-0.93 s (bench/RESULTS.md,
-    trainer-step). Its
-    weights are copies taken here: the teacher is never updated."""
+    trainer-step). Its weights are copies taken here: the teacher is never updated."""
     if info.distributed or info.device.type != "cpu" or compute_dtype is not None \
             or getattr(teacher.config, "_attn_implementation", None) != packed_attention.NAME:
         return None
