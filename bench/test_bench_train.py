@@ -106,7 +106,7 @@ def test_distillation_step(benchmark, demo_workload, tmp_path, episodes, after):
         *([] if after else ["rollout.kv_reuse=false", "model.attn_implementation=sdpa"])])
     student, teacher, tok = load_models(cfg, CPU)
     trainer = Trainer(cfg, CPU, student, teacher, pad_token_id=tok.pad_token_id)
-    source = RolloutSource(cfg, w["env_factory"], tok, CPU)
+    source = RolloutSource(cfg, tok, CPU)     # household, observe="full", 15 turns: the env of the config
     tasks = w["tasks"][:episodes]
     phases: dict[str, float] = {}
 

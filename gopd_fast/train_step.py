@@ -2,7 +2,9 @@
 and the LR schedule; ``Trainer.step(episodes)`` packs, scores, backpropagates and updates.
 
     rows = whole episodes packed into rows     (one forward per model per episode, never one per turn)
-    h_s = student.model(rows), h_t = teacher.model(rows)            (final hidden states; no [T, V] logits)
+    h_s = student.model(rows), h_t = teacher.model(rows)            (final hidden states; no [T, V] logits;
+                                                                     the teacher through Qwen3Decoder.encode
+                                                                     where it applies: see _lean_teacher)
     loss = sum over loss tokens of the role's term / (loss tokens in the GLOBAL batch)
     backward, clip, AdamW, LR schedule;  a non-finite loss or grad norm skips the update (counted)
 
@@ -19,11 +21,13 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from gopd_fast import packed_attention
 from gopd_fast.config import Config, OptimConfig
 from gopd_fast.distributed import DistInfo, all_reduce_max, all_reduce_sums, reshard
 from gopd_fast.lr_schedule import lr_factor
 from gopd_fast.objectives import STAT_KEYS, DistillationObjective, LossOutput
 from gopd_fast.packing import PackedBatch, pack_episodes
+from gopd_fast.rollout.engines.decoder import Qwen3Decoder
 from gopd_fast.rollout.episode import Episode, Role
 from gopd_fast.train_setup import compute_dtype
 
@@ -59,6 +63,7 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, cfg.run.total_steps))
         self.skipped_steps = 0
+        self.teacher_encoder = _lean_teacher(teacher, info, self.compute_dtype)
 
     @property
     def needs_teacher(self) -> bool:
@@ -128,7 +133,8 @@ class Trainer:
         h_t = None
         if self.needs_teacher:
             with torch.no_grad():
-                h_t = self._hidden(self.teacher, ids, pos)
+                h_t = self.teacher_encoder.encode(ids, pos) if self.teacher_encoder is not None \
+                    else self._hidden(self.teacher, ids, pos)
         t1 = time.perf_counter()
         # The packed rows go in whole: the objective drops the positions without loss (once) and returns a loss
         # connected to every student parameter even when these rows have no loss token.
@@ -142,6 +148,21 @@ class Trainer:
         times["time_loss"] += t2 - t1
         times["time_backward"] += t3 - t2
         return out
+
+
+def _lean_teacher(teacher: nn.Module, info: DistInfo, compute_dtype: torch.dtype | None) -> Qwen3Decoder | None:
+    """The frozen teacher's "packed_sdpa" forward without the module stack (``Qwen3Decoder.encode``: folded
+    projections, one fused causal attention call per episode, the same math), where it applies: a teacher loaded
+    with attn_implementation "packed_sdpa", one process on CPU in float32, a plain Qwen3. On the demo's
+    8-episode step it took 0.64-0.67 s where the module forward took 0.89-0.93 s (bench/RESULTS.md,
+    trainer-step). Its weights are copies taken here: the teacher is never updated."""
+    if info.distributed or info.device.type != "cpu" or compute_dtype is not None \
+            or getattr(teacher.config, "_attn_implementation", None) != packed_attention.NAME:
+        return None
+    try:
+        return Qwen3Decoder(teacher, numpy_decode=False)
+    except ValueError:      # not a plain Qwen3: the module forward
+        return None
 
 
 def _clip_grad_norm(model: nn.Module, max_norm: float) -> float:

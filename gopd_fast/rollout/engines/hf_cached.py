@@ -3,8 +3,9 @@
 Each sequence's keys/values stay cached after a call (``SequenceKVStore``); a prompt that extends a cached
 sequence (the next turn of the same episode: its history is append-only and token-exact) prefills only the
 tokens appended since, i.e. the last sampled token, the observation and the chat-template pieces. All the
-call's sequences then decode together, one batched step per token, through a lean forward over the model's own
-parameters (``Qwen3Decoder``) instead of ``generate``'s module stack. A weight sync drops every cache.
+call's sequences then decode together, one batched step per token, through a lean forward over the model's
+weights (``Qwen3Decoder``: folded projections, one fused attention call per row in prefill, decode steps in
+NumPy for float32 on CPU) instead of ``generate``'s module stack. A weight sync drops every cache.
 
 Outputs follow ``HFEngine`` (the re-encoding path, ``rollout.kv_reuse = false``): the same tokens at
 temperature 0 up to float rounding, the same sampling rule (``sampling.next_tokens``) and raw log-probs.
@@ -56,7 +57,7 @@ class CachedHFEngine(HFEngine):
         found = [self.store.lookup(p) for p in prompts]
         hits, starts = [h for h, _ in found], [m for _, m in found]
         b = len(prompts)
-        cache = dec.new_cache(b, length)
+        cache = dec.new_cache(b, length, filled=[len(p) for p in prompts])   # prompts: copied in or prefilled
         for r, (s, h) in enumerate(zip(starts, hits)):
             if h is not None:
                 cache[:, :, r, :, :s] = h.kv[:, :, :, :s]
@@ -65,40 +66,45 @@ class CachedHFEngine(HFEngine):
 
         stop_ids = set(self._stop_ids(sampling))
         stop = torch.tensor(sorted(stop_ids), device=device)
-        rows = torch.arange(b)                  # original row of each active row
+        steps = sampling.max_tokens
+        # Sampled tokens and log-probs go into [rows, steps] buffers (one indexed write per step, read out once
+        # at the end); ``rows`` maps each active row to its original row as finished rows are compacted away.
+        out_tokens = torch.zeros(b, steps, dtype=torch.long, device=device)
+        out_logprobs = torch.zeros(b, steps, dtype=torch.float32, device=device)
+        rows = torch.arange(b, device=device)
         cur = torch.tensor([len(p) for p in prompts], device=device)   # next position of each active row
         done = torch.zeros(b, dtype=torch.bool, device=device)
-        out_tokens: list[list[int]] = [[] for _ in range(b)]
-        out_logprobs: list[list[float]] = [[] for _ in range(b)]
         saved: dict[int, torch.Tensor] = {}     # KV rows of finished sequences taken out by compaction
-        for step in range(sampling.max_tokens):
+        for step in range(steps):
             tok = next_tokens(logits, sampling)
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+            out_tokens[rows, step] = tok
+            out_logprobs[rows, step] = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
             done |= torch.isin(tok, stop)
-            for r, t, x in zip(rows.tolist(), tok.tolist(), lp.tolist()):
-                out_tokens[r].append(t)
-                out_logprobs[r].append(x)
-            if step == sampling.max_tokens - 1 or bool(done.all()):
+            if step == steps - 1:
                 break
-            if int(done.sum()) * 2 >= len(rows):
-                # Half the rows are done: decode the others only (the finished rows' KV saved first).
+            finished = int(done.sum())
+            if finished == len(done):
+                break
+            if finished * 2 >= len(done):
+                # Half the rows are done: decode the others only (the finished rows' KV kept as views of the old
+                # cache, which nothing writes any more).
                 keep = (~done).nonzero().squeeze(-1)
                 for i in done.nonzero().squeeze(-1).tolist():
-                    saved[int(rows[i])] = cache[:, :, i].clone()
-                cache, rows, cur, tok, done = cache[:, :, keep], rows[keep.cpu()], cur[keep], tok[keep], done[keep]
+                    saved[int(rows[i])] = cache[:, :, i]
+                cache, rows, cur, tok, done = cache[:, :, keep], rows[keep], cur[keep], tok[keep], done[keep]
             logits = dec.forward(tok, cur, cache, span=longest + step + 1)
             cur += 1
 
-        gens, added = [], []
         for i, r in enumerate(rows.tolist()):
             saved[r] = cache[:, :, i]
-        for r, p in enumerate(prompts):
-            ids_r, lps_r = out_tokens[r], out_logprobs[r]
+        gens, added = [], []
+        for r, (p, ids_r, lps_r) in enumerate(zip(prompts, out_tokens.tolist(), out_logprobs.tolist())):
             hit = next((k for k, t in enumerate(ids_r) if t in stop_ids), None)
             end = hit + 1 if hit is not None else len(ids_r)
             gens.append(Generation(ids_r[:end], lps_r[:end], "stop" if hit is not None else "length",
                                    num_cached_tokens=starts[r]))
-            # KV exists for the prompt and every response token but the last (never fed back in)
+            # KV exists for the prompt and every response token but the last (never fed back in). A copy, so the
+            # store's token budget is its memory (a view would keep this call's whole cache alive).
             seq = p + ids_r[:end - 1]
             added.append(CachedSequence(seq, saved[r][:, :, :, :len(seq)].clone()))
         self.store.replace([h for h in hits if h is not None], added)
