@@ -599,7 +599,7 @@ def run_diagnostics(cfg: DemoConfig, student_dir: Path, teacher_dir: Path, token
         return failure_mode(student, teacher, env, rollouts, encode_action)
 
 
-def _parse_seeds(text: str) -> tuple[int, ...]:
+def parse_seeds(text: str) -> tuple[int, ...]:
     try:
         if "," in text:
             seeds = tuple(int(s) for s in text.split(",") if s.strip())
@@ -617,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--config", default=None, help="demo TOML (default configs/demo.toml, or demo-quick.toml)")
     p.add_argument("--quick", action="store_true", help="minutes-scale version (configs/demo-quick.toml)")
     p.add_argument("--out", default=None, help="run folder (default runs/demo-<timestamp>)")
-    p.add_argument("--seeds", type=_parse_seeds, default=None, help="a count (3) or a list (0,1,2)")
+    p.add_argument("--seeds", type=parse_seeds, default=None, help="a count (3) or a list (0,1,2)")
     p.add_argument("--rebuild-teacher", action="store_true",
                    help="re-train the committed teacher in gopd_fast/assets/<teacher.asset> and exit")
     args = p.parse_args(argv)

@@ -185,6 +185,19 @@ def test_an_ablation_cell_trains_guided_opd_with_its_objective(tmp_path):
     assert trainer.curriculum.schedule == "cosine" and trainer.optim.lr == 1e-3
 
 
+def test_seeds_flag_replaces_the_configs_seeds(tmp_path, monkeypatch, capsys):
+    from gopd_fast.demo.study import runner
+
+    seen = {}
+    monkeypatch.setattr(runner, "run_cells", lambda study, lr, only: seen.update(seeds=study.cfg.seeds, only=only))
+    monkeypatch.setattr(runner, "aggregate", lambda study: None)
+    _main(_write_config(tmp_path), "--seeds", "3,5", "--only", "zero-shot")
+    assert seen == {"seeds": (3, 5), "only": "zero-shot"}
+    with pytest.raises(SystemExit):
+        _main(_write_config(tmp_path), "--seeds", "-1")
+    assert "--seeds" in capsys.readouterr().err
+
+
 def test_a_trained_cell_needs_a_learning_rate(tmp_path):
     from gopd_fast.demo.study.cells import Study, all_cells
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from gopd_fast.demo.config import REPO_DIR
 def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
+    from gopd_fast.demo.run import parse_seeds
     from gopd_fast.demo.study.config import load_study_config
 
     p = argparse.ArgumentParser(prog="python -m gopd_fast.demo.study", description=__doc__.split("\n")[0],
@@ -29,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     phase.add_argument("--select-lr", action="store_true", help="choose the lr on the validation split and exit")
     phase.add_argument("--aggregate", action="store_true", help="aggregate the finished cells and exit")
     p.add_argument("--only", default="", help="run only the cells whose name contains this (e.g. teacher__)")
+    p.add_argument("--seeds", type=parse_seeds, default=None,
+                   help="replace the config's seeds: a count (3) or a list (3,4,5); with --only, more seeds for some "
+                        "cells (a cell's fingerprint does not include the seed list, and the report reads every cell)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     args = p.parse_args(argv)
     if args.threads < 1:
@@ -39,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     hf_logging.disable_progress_bar()
     cfg = load_study_config(args.config)
+    if args.seeds is not None:
+        cfg = dataclasses.replace(cfg, seeds=args.seeds)
     if args.build_teacher:
         from gopd_fast.demo.study.teacher import build_teacher
 
