@@ -256,6 +256,20 @@ def test_aggregate_paired_differences_are_exact(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["sizes"]["s"]["paired_differences"]
 
 
+def test_failure_mode_table_reads_the_right_turn_and_buckets():
+    row = lambda **kw: {"teacher_maxprob": 0.9, "teacher_entropy": 0.1, **kw}
+    fm = {"by_turn": {"student": [row(turn=t, states=4, off_path_fraction=t / 10, kl_student_teacher=0.0,
+                                      teacher_p_oracle_action=0.5) for t in range(8)],
+                      "teacher": [row(turn=t, states=4, off_path_fraction=t / 20, kl_student_teacher=0.0,
+                                      teacher_p_oracle_action=0.5) for t in range(3)]},
+          "by_distance": [row(distance=d, open_ended=d == 2, states=10 + d, kl_student_teacher=0.1 * (d + 1),
+                              teacher_oracle_agreement=0.9 - 0.3 * d) for d in range(3)]}
+    table = agg.format_failure_modes({"opd-seed0": fm}, turn=5)
+    # student-only off-path at turn 5: 0.50; the teacher's rollouts ended before turn 5: "-"
+    assert "| opd-seed0 | 0.50 / - | 0.90 / 0.30 (>= 2) | 0.100 / 0.300 | 12 of 33 |" in table
+    assert "after turn 5" in table
+
+
 def test_paired_difference_matches_tasks_not_positions():
     a = {0: [{"task_id": "t1", "score": 10.0}, {"task_id": "t0", "score": 0.0}]}
     b = {0: [{"task_id": "t0", "score": 5.0}, {"task_id": "t1", "score": 5.0}, {"task_id": "t2", "score": 9.0}]}

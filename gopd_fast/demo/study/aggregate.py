@@ -127,6 +127,8 @@ def aggregate(cells_dir: str | Path, out_dir: str | Path, curve_tasks: int = 16,
                                        for m, by_seed in train.items()},
         }
         md += [f"### Student size `{size}`", "", format_table(rows), "", format_differences(diffs), ""]
+        if summary["sizes"][size]["failure_mode"]:
+            md += [format_failure_modes(summary["sizes"][size]["failure_mode"]), ""]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (out_dir / "tables.md").write_text("\n".join(md) + "\n")
@@ -144,6 +146,36 @@ def aggregate(cells_dir: str | Path, out_dir: str | Path, curve_tasks: int = 16,
             for label, fm in s["failure_mode"].items():
                 plots.plot_failure_mode(fm, img / f"failure_mode-{size}-{label}.png")
     return summary
+
+
+def _at(rows: Sequence[Mapping[str, Any]], field: str, value: int, key: str) -> float | None:
+    """``row[key]`` of the row whose ``field`` is ``value`` (None when there is none)."""
+    return next((float(r[key]) for r in rows if int(r[field]) == value), None)
+
+
+def format_failure_modes(by_label: Mapping[str, Any], turn: int = 5) -> str:
+    """One row per diagnosed student (``gopd_fast.diagnostics.failure_mode``): how far from the expert path its own
+    rollouts drift vs the teacher's, and how reliable the teacher is on and far off that path."""
+    far = lambda fm: max(int(r["distance"]) for r in fm["by_distance"])   # the open-ended last bucket (>= far)
+    f = lambda x, fmt: "-" if x is None else format(x, fmt)
+    intro = (f"Failure-mode diagnostic: off-path fraction of the states after {turn} turns in student-only / "
+             "teacher-only rollouts; the teacher's probability of the oracle's action and KL(student || teacher) on "
+             "the expert path (distance 0) and far off it (the last, open-ended distance bucket).")
+    header = (f"| student | off path after turn {turn} (student-only / teacher-only) | teacher p(oracle action): on "
+              "path / far off | KL(student, teacher): on path / far off | far-off states |")
+    lines = [intro, "", header, "|---|---|---|---|---|"]
+    for label, fm in by_label.items():
+        dist, d_far = fm["by_distance"], far(fm)
+        off = [_at(fm["by_turn"][who], "turn", turn, "off_path_fraction") for who in ("student", "teacher")]
+        states = sum(int(r["states"]) for r in dist)
+        n_far = next(int(r["states"]) for r in dist if int(r["distance"]) == d_far)
+        lines.append(
+            f"| {label} | {f(off[0], '.2f')} / {f(off[1], '.2f')} | "
+            f"{f(_at(dist, 'distance', 0, 'teacher_oracle_agreement'), '.2f')} / "
+            f"{f(_at(dist, 'distance', d_far, 'teacher_oracle_agreement'), '.2f')} (>= {d_far}) | "
+            f"{f(_at(dist, 'distance', 0, 'kl_student_teacher'), '.3f')} / "
+            f"{f(_at(dist, 'distance', d_far, 'kl_student_teacher'), '.3f')} | {n_far} of {states} |")
+    return "\n".join(lines)
 
 
 def format_differences(diffs: Mapping[str, Any]) -> str:
