@@ -256,6 +256,9 @@ class EnvPool:
         self._next_id = 0
         self._counts: collections.Counter[str] = collections.Counter()
         self._pending_failures: collections.Counter[int] = collections.Counter()  # failed resets, per slot
+        # slot -> why its episode was given up on, until ``restart`` or a new ``reset``: a later step or
+        # expert_action there would reach a fresh env that never saw the episode, so it gets this EnvError instead.
+        self._failed: dict[int, str] = {}
         self._closing = threading.Event()   # shared with the finalizer, which may run without ``self``
         self._workers = [_Worker(i) for i in range(num_workers)]
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
@@ -298,6 +301,7 @@ class EnvPool:
         with self._lock:
             self._episodes.pop(slot, None)
             self._pending_failures.pop(slot, None)
+            self._failed.pop(slot, None)
         self._submit(slot, _DROP, None, self.step_timeout_s)
 
     def reset_many(self, task_ids: Sequence[str], slots: Sequence[int] | None = None) -> list[Reset]:
@@ -418,6 +422,13 @@ class EnvPool:
                         w.head_since, wake = time.monotonic(), True   # a new deadline for the dispatcher
                     batch = []
                     for i in positions:
+                        slot, kind = items[i][:2]
+                        if kind == _RESET:
+                            self._failed.pop(slot, None)   # a new episode starts clean
+                        elif kind in (_STEP, _EXPERT) and slot in self._failed:
+                            futures[i].set_exception(EnvError(
+                                f"{self._failed[slot]}; call restart({slot}) or reset({slot}, ...) first"))
+                            continue
                         self._next_id += 1
                         batch.append(_Request(self._next_id, *items[i][:3], futures[i], items[i][3]))
                     w.pending.extend(batch)
@@ -539,6 +550,7 @@ class EnvPool:
         w = self._workers[slot % self.num_workers]
         task = episode.task_id if episode else "?"
         error = EnvError(f"episode {task!r} in slot {slot} failed: {why}")
+        self._failed[slot] = str(error)
         dropped = [r for r in w.pending if r.slot == slot]
         for r in dropped:
             w.pending.remove(r)

@@ -157,6 +157,23 @@ def test_persistent_failure_gives_env_error_then_restart_recovers(tmp_path):
         assert pool.reset(0, "count/2").result().observation == "count/2 start"
 
 
+def test_a_failed_episodes_later_requests_get_env_error_not_a_fresh_env(tmp_path):
+    """A crash fails every live episode of the worker (max_failures=0), including one whose caller has no request
+    pending yet: its next step must get the EnvError, not reach the fresh env that never saw a reset."""
+    opts = {"fail_at": 1, "mode": "crash", "always": True}
+    with EnvPool("test-flaky", opts, num_workers=1, max_failures=0, preload=[HERE], **POOL_OPTS) as pool:
+        pool.reset(0, "count/0").result()
+        pool.reset(1, "count/1").result()
+        with pytest.raises(EnvError, match="slot 0 failed"):
+            pool.step(0, "x").result()
+        for request in (lambda: pool.step(1, "x"), lambda: pool.expert_action(1)):
+            with pytest.raises(EnvError, match=r"'count/1' in slot 1 failed: .*call restart\(1\)"):
+                request().result(timeout=5)
+        pool.restart(1)
+        assert pool.reset(1, "count/3").result().observation == "count/3 start"
+        assert pool.reset(0, "count/2").result().observation == "count/2 start"   # a reset alone also clears it
+
+
 def test_close_kills_workers_and_their_children(tmp_path):
     pid_file = tmp_path / "child.pid"
     pool = EnvPool("test-flaky", {"child_pid_file": str(pid_file)}, num_workers=1, preload=[HERE], **POOL_OPTS)
