@@ -1,19 +1,11 @@
 """bench/profile_fused_linear_kl.py: kernel families, FLOP accounting and the launch annotations it reads."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import profile_fused_linear_kl as prof  # bench/ is on pytest's pythonpath (pyproject.toml)
 import pytest
 import torch
-from gopd_fast.kernels import tiling
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "profile_fused_linear_kl.py"
-_spec = importlib.util.spec_from_file_location("profile_fused_linear_kl", _PATH)
-prof = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = prof  # dataclasses look their module up there
-_spec.loader.exec_module(prof)
+from gopd_fast.kernels import tiling
 
 
 @pytest.mark.parametrize("name,expected", [

@@ -1,18 +1,9 @@
 """bench/realistic_logits.py: the realistic benchmark inputs and the statistics that describe them."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+import realistic_logits as rl  # bench/ is on pytest's pythonpath (pyproject.toml)
 import torch
-
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "realistic_logits.py"
-_spec = importlib.util.spec_from_file_location("realistic_logits", _PATH)
-rl = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = rl  # dataclasses look their module up there
-_spec.loader.exec_module(rl)
 
 
 def test_quiet_tiles_counted_exactly():

@@ -7,19 +7,10 @@ but the atomic test oracle (the script's docstring says why not 2x compulsory).
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import kernels_traffic as traffic  # bench/ is on pytest's pythonpath (pyproject.toml)
 import pytest
 
 from gopd_fast.kernels import tiling
-
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "kernels_traffic.py"
-_spec = importlib.util.spec_from_file_location("kernels_traffic", _PATH)
-traffic = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = traffic  # dataclasses look their module up there
-_spec.loader.exec_module(traffic)
 
 
 def test_every_autotune_candidate_at_s_star_is_within_the_limit():
