@@ -156,7 +156,6 @@ def _at(rows: Sequence[Mapping[str, Any]], field: str, value: int, key: str) -> 
 def format_failure_modes(by_label: Mapping[str, Any], turn: int = 5) -> str:
     """One row per diagnosed student (``gopd_fast.diagnostics.failure_mode``): how far from the expert path its own
     rollouts drift vs the teacher's, and how reliable the teacher is on and far off that path."""
-    far = lambda fm: max(int(r["distance"]) for r in fm["by_distance"])   # the open-ended last bucket (>= far)
     f = lambda x, fmt: "-" if x is None else format(x, fmt)
     intro = (f"Failure-mode diagnostic: off-path fraction of the states after {turn} turns in student-only / "
              "teacher-only rollouts; the teacher's probability of the oracle's action and KL(student || teacher) on "
@@ -165,10 +164,11 @@ def format_failure_modes(by_label: Mapping[str, Any], turn: int = 5) -> str:
               "path / far off | KL(student, teacher): on path / far off | far-off states |")
     lines = [intro, "", header, "|---|---|---|---|---|"]
     for label, fm in by_label.items():
-        dist, d_far = fm["by_distance"], far(fm)
+        dist = fm["by_distance"]
+        d_far = max(int(r["distance"]) for r in dist)   # the open-ended last bucket (>= d_far)
         off = [_at(fm["by_turn"][who], "turn", turn, "off_path_fraction") for who in ("student", "teacher")]
         states = sum(int(r["states"]) for r in dist)
-        n_far = next(int(r["states"]) for r in dist if int(r["distance"]) == d_far)
+        n_far = int(_at(dist, "distance", d_far, "states"))
         lines.append(
             f"| {label} | {f(off[0], '.2f')} / {f(off[1], '.2f')} | "
             f"{f(_at(dist, 'distance', 0, 'teacher_oracle_agreement'), '.2f')} / "

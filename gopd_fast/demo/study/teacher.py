@@ -110,9 +110,10 @@ def base_episodes(cfg: StudyConfig, size: str, tokenizer: Any) -> list:
             return random_episodes(env, tasks, chat_format(tokenizer), seed=b.seed)
     finally:
         env.close()
-    envs = DemoEnvs(cfg.demo_config(size))
+    demo = cfg.demo_config(size)
+    envs = DemoEnvs(demo)
     try:   # the teacher alone (student engine slot), sampled at the base's temperature
-        return rollout(cfg.demo_config(size), ASSETS_DIR / cfg.teacher.asset, tasks, seed=b.seed,
-                       temperature=b.temperature, envs=envs)
+        return rollout(demo, ASSETS_DIR / cfg.teacher.asset, tasks, seed=b.seed, temperature=b.temperature,
+                       envs=envs)
     finally:
         envs.close()
