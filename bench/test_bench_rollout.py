@@ -118,6 +118,7 @@ def test_rollout_hf(benchmark, setup, kv_reuse):
 # history cap, 8 or 32 episodes in flight. The re-encoding case of each size runs first; the KV case then asserts
 # the >= 10x wall-time ratio of the same run (rollout wall time, env steps included).
 DEMO_WALL: dict[int, float] = {}
+DEMO_EPISODES: dict[int, list] = {}     # the KV case's episodes, for the floor below
 
 
 @pytest.mark.slow
@@ -145,6 +146,7 @@ def test_rollout_demo_workload(benchmark, demo_workload, in_flight, kv_reuse):
     m["in_flight"], m["kv_reuse"] = in_flight, kv_reuse
     if kv_reuse:
         assert m["prefix_cache_hit_rate"] > 0.6   # a turn prefills the other model's last turn too
+        DEMO_EPISODES[in_flight] = result.episodes
         if in_flight in DEMO_WALL:
             m["speedup_vs_reencode"] = DEMO_WALL[in_flight] / m["wall_seconds"]
     else:
@@ -153,3 +155,43 @@ def test_rollout_demo_workload(benchmark, demo_workload, in_flight, kv_reuse):
     print(f"\n{benchmark.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())))
     if "speedup_vs_reencode" in m:
         assert m["speedup_vs_reencode"] >= 10, f"KV reuse is only {m['speedup_vs_reencode']:.2f}x faster"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("in_flight", [8, 32])
+def test_rollout_demo_forward_floor(benchmark, demo_workload, in_flight):
+    """What no exact KV-reusing rollout can go below: every position a model ever reads must be computed by that
+    model once (prefill or decode), so each model runs at least one forward over each episode up to its own last
+    turn. Timed here as the fastest full forward this code has (``Qwen3Decoder.encode``: the trainer's lean
+    teacher, folded projections and one fused causal SDPA per sequence) over exactly those prefixes of the KV
+    case's episodes, with no decoding, sampling or env steps at all. ``max_ratio`` = the re-encoding rollout's
+    wall time over this floor: the ratio no exact float32 implementation on these kernels can beat."""
+    from gopd_fast.models import load_model
+    from gopd_fast.rollout.engines.decoder import Qwen3Decoder
+    from gopd_fast.rollout.episode import Role
+
+    if in_flight not in DEMO_EPISODES or in_flight not in DEMO_WALL:
+        pytest.skip(f"runs after test_rollout_demo_workload[{in_flight}-reencode] and [{in_flight}-kv]")
+    torch.set_num_threads(1)
+    w = demo_workload
+    episodes = DEMO_EPISODES[in_flight]
+    decoders = {role: Qwen3Decoder(load_model(w[name])[0], numpy_decode=False)
+                for role, name in ((Role.STUDENT, "student"), (Role.TEACHER, "teacher"))}
+    # per model: each episode up to the end of its last turn (what it must have run to write that turn)
+    prefixes = {role: [e.token_ids[:max(end for (_, end), r in zip(e.turn_spans, e.turn_roles) if r == role)]
+                       for e in episodes if role in e.turn_roles] for role in decoders}
+
+    def floor():
+        for role, dec in decoders.items():
+            for ids in prefixes[role]:
+                dec.encode(torch.tensor([ids]), torch.arange(len(ids))[None])
+
+    floor()                                   # warm-up
+    benchmark.pedantic(floor, rounds=3, iterations=1)
+    seconds = benchmark.stats.stats.min
+    m = {"in_flight": in_flight, "floor_seconds": seconds, "reencode_wall_seconds": DEMO_WALL[in_flight],
+         "max_ratio": DEMO_WALL[in_flight] / seconds,
+         "floor_tokens": sum(len(p) for ps in prefixes.values() for p in ps)}
+    benchmark.extra_info.update(m)
+    print(f"\n{benchmark.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())))
+    assert seconds > 0 and m["floor_tokens"] > 0

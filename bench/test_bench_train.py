@@ -14,7 +14,7 @@ append-only history), tiny local Qwen3 student and teacher built on first use.
    backward -> AdamW -> weight sync into the rollout engine, first as before issue #13 part A (``before``:
    rollout.kv_reuse = false, model.attn_implementation = "sdpa", i.e. re-encoding rollouts and a dense
    block-diagonal mask over packed rows), then with configs/demo-trainer.toml as it is (``after``: KV reuse,
-   "packed_sdpa"). The ``after`` case asserts the >= 3x step-time ratio of the same run; ``extra_info`` holds
+   "packed_sdpa", the teacher's hidden states taken from its rollout engine: rollout.reuse_teacher_hidden). The ``after`` case asserts the >= 3x step-time ratio of the same run; ``extra_info`` holds
    the seconds per phase.
 
     .venv/bin/python -m pytest bench/test_bench_train.py --benchmark-enable -s
@@ -95,7 +95,7 @@ STEP_SECONDS: dict[int, float] = {}
 @pytest.mark.parametrize("episodes,after", [(8, False), (8, True), (32, False), (32, True)],
                          ids=["8-before", "8-after", "32-before", "32-after"])
 def test_distillation_step(benchmark, demo_workload, tmp_path, episodes, after):
-    from gopd_fast.train import RolloutSource, Trainer, load_models
+    from gopd_fast.train import RolloutSource, Trainer, load_models, teacher_hidden
 
     torch.set_num_threads(1)
     w = demo_workload
@@ -114,7 +114,7 @@ def test_distillation_step(benchmark, demo_workload, tmp_path, episodes, after):
         t0 = time.perf_counter()
         eps = source.collect(task_ids, beta=0.5, temperature=cfg.rollout.temperature, seed=seed)
         t1 = time.perf_counter()
-        metrics = trainer.step(eps)
+        metrics = trainer.step(eps, teacher_hidden=teacher_hidden(trainer, source, eps))   # as gopd_fast.train
         t2 = time.perf_counter()
         source.sync_weights(trainer.student.state_dict())
         t3 = time.perf_counter()

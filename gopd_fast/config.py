@@ -110,6 +110,10 @@ class RolloutConfig(Section, section="rollout"):
     # hf: keep each episode's KV cache across turns (a turn prefills only its new tokens; Qwen3 models);
     # false re-encodes the whole history every turn (the slow reference path, kept for timing side by side)
     kv_reuse: bool = True
+    # hf with kv_reuse, one process on CPU in float32: the teacher engine keeps its final hidden states and the
+    # trainer takes the teacher's from it (prefilling only the turns written after its last call) instead of a
+    # second teacher forward over every episode; false runs that forward (train_setup.teacher_hidden_from_rollout)
+    reuse_teacher_hidden: bool = True
     # vLLM on GPU: the fraction of the GPU each engine (student, teacher) may take; they share the GPU with the
     # trainer's sharded models, so the two engines and training must fit together.
     gpu_memory_utilization: float = spec(0.25, gt=0, lt=1)

@@ -110,6 +110,30 @@ def pack_episodes(episodes: Sequence[Episode], max_tokens_per_row: int, pad_id: 
                        num_episodes=len(episodes))
 
 
+def pack_token_states(batch: PackedBatch, states: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-token vectors of each episode (``states[i]``: [len(episode i), d], e.g. a model's final hidden states)
+    laid out as ``batch``'s rows: [R, L, d], zeros on padding. ``states`` follow the episode list ``batch`` was
+    packed from."""
+    if len(states) != batch.num_episodes:
+        raise ValueError(f"states must hold one tensor per packed episode ({batch.num_episodes}), got {len(states)}")
+    index = batch.episode_index.reshape(-1)
+    real = index >= 0
+    counts = torch.bincount(index[real], minlength=batch.num_episodes).tolist()
+    for i, (x, n) in enumerate(zip(states, counts)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != n:
+            raise ValueError(f"states[{i}] must be a [{n}, d] tensor (one row per token of episode {i}), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.shape[1] != states[0].shape[1] or x.dtype != states[0].dtype:
+            raise ValueError(f"states[{i}] is {x.dtype} [.., {x.shape[1]}] but states[0] is {states[0].dtype} "
+                             f"[.., {states[0].shape[1]}]: all must share the width and dtype")
+    # rows are filled episode after episode, each episode's tokens in order: the real positions in row-major order
+    # are the episodes' tokens in the order they were placed
+    order = torch.unique_consecutive(index[real]).tolist()
+    out = states[0].new_zeros(index.numel(), states[0].shape[1])
+    out[real.to(out.device)] = torch.cat([states[i] for i in order])
+    return out.view(*batch.episode_index.shape, -1)
+
+
 def shard_episodes(episodes: Sequence[Episode], rank: int, world_size: int) -> list[Episode]:
     """This rank's share of a global batch: balanced by token count (longest first, to the lightest rank)."""
     load = [0] * world_size

@@ -20,7 +20,9 @@ One optimizer step, top to bottom (``run`` and ``Trainer.step``):
     beta = curriculum(step)                    (OPD: 0, SFT: 1)
     episodes = rollouts of this rank's share of the step's tasks   (teacher writes a turn with probability beta)
     rows = whole episodes packed into rows     (one forward per model per episode, never one per turn)
-    h_s = student.model(rows), h_t = teacher.model(rows)            (final hidden states; no [T, V] logits)
+    h_s = student.model(rows), h_t = teacher.model(rows)            (final hidden states; no [T, V] logits;
+                                                                     h_t from the teacher's rollout engine where
+                                                                     it keeps them: rollout.reuse_teacher_hidden)
     loss = sum over loss tokens of the role's term / (loss tokens in the GLOBAL batch)
     backward, clip, AdamW, LR schedule;  a non-finite loss or grad norm skips the update (counted)
     weight sync: the new student weights go to the rollout engine
@@ -181,6 +183,8 @@ def _setup(cfg: Config, info: DistInfo, source: EpisodeSource | None) -> _Run:
     state = TrainState(trainer, BetaSchedule(cfg.curriculum, cfg.run.total_steps),
                        TaskCursor(env.tasks(cfg.env.train_split), seed=cfg.run.seed), config=config_to_dict(cfg))
     source = source or make_source(cfg, env, tokenizer, info)
+    if trainer.takes_teacher_hidden and hasattr(source, "check_teacher"):
+        source.check_teacher(trainer.teacher)
     ckpt = CheckpointManager(out_dir / "checkpoints", info, keep=cfg.run.keep_checkpoints)
     try:
         resumed_from = ckpt.resume_state(state) if cfg.run.resume else None
@@ -205,7 +209,7 @@ def _train_one_step(r: _Run, step: int) -> dict[str, Any]:
     episodes = source.collect(mine, beta=beta, temperature=cfg.rollout.temperature,
                               seed=_rollout_seed(cfg, step, info))
     time_rollout = time.perf_counter() - t0
-    metrics = r.trainer.step(episodes)
+    metrics = r.trainer.step(episodes, teacher_hidden=teacher_hidden(r.trainer, source, episodes))
     t0 = time.perf_counter()
     source.sync_weights(full_state_dict(student, cpu_offload=False))
     time_sync = time.perf_counter() - t0
@@ -226,6 +230,15 @@ def _train_one_step(r: _Run, step: int) -> dict[str, Any]:
     if env_counts:   # env-pool restarts/replays of this step, summed over ranks
         record.update(all_reduce_sums(env_counts, info.device))
     return record
+
+
+def teacher_hidden(trainer: Trainer, source: EpisodeSource, episodes: Sequence[Episode]) -> list[torch.Tensor] | None:
+    """The teacher's hidden states of ``episodes`` from the source's rollout engine where the trainer takes them
+    (``Trainer.takes_teacher_hidden``) and the source keeps them; else None (the trainer runs the teacher)."""
+    if not trainer.takes_teacher_hidden:
+        return None
+    fetch = getattr(source, "teacher_hidden", None)
+    return fetch(episodes) if fetch is not None else None
 
 
 def _run(cfg: Config, info: DistInfo, source: EpisodeSource | None) -> RunResult:

@@ -86,6 +86,7 @@ class RolloutSource:
 
         self.cfg = cfg
         self.chat = ChatFormat(tokenizer)
+        self.keeps_teacher_hidden = teacher_hidden_from_rollout(cfg, info)
         self.student = self._engine(cfg.model.student, info)
         self.teacher = self._teacher_engine(info)
         self.envs = env_slots(cfg.env.name, env_options(cfg), pool=cfg.env.pool, pool_workers=cfg.env.pool_workers,
@@ -93,7 +94,7 @@ class RolloutSource:
         self._metrics: dict[str, float] = {}
         self._env_counts: dict[str, float] = {}
 
-    def _engine(self, path: str, info: DistInfo) -> Any:
+    def _engine(self, path: str, info: DistInfo, keep_hidden: bool = False) -> Any:
         from gopd_fast.rollout.engines import VLLMEngine
         from gopd_fast.rollout.engines.hf_cached import load_hf_engine
 
@@ -104,14 +105,15 @@ class RolloutSource:
             return VLLMEngine(path, dtype=dtype, seed=self.cfg.run.seed + info.rank,
                               max_model_len=self.cfg.rollout.max_prompt_tokens + self.cfg.rollout.max_new_tokens,
                               **extra)
-        return load_hf_engine(path, kv_reuse=self.cfg.rollout.kv_reuse, dtype=dtype, device=str(info.device))
+        return load_hf_engine(path, kv_reuse=self.cfg.rollout.kv_reuse, dtype=dtype, device=str(info.device),
+                              keep_hidden=keep_hidden)
 
     def _teacher_engine(self, info: DistInfo) -> Any:
         """The teacher's generation engine: the shared server when ``rollout.teacher_server`` is set (every rank
         sends its guided turns there), else an in-process engine like the student's."""
         r = self.cfg.rollout
         if not r.teacher_server:
-            return self._engine(self.cfg.model.teacher, info)
+            return self._engine(self.cfg.model.teacher, info, keep_hidden=self.keeps_teacher_hidden)
         from gopd_fast.rollout.engines.remote import RemoteEngine, RemoteOptions
 
         engine = RemoteEngine(r.teacher_server, RemoteOptions(
@@ -141,6 +143,27 @@ class RolloutSource:
         self._env_counts = {k: after[k] - before[k] for k in after}
         self._env_counts["env_episodes_dropped"] = result.metrics.get("episodes_dropped", 0.0)
         return result.episodes
+
+    def teacher_hidden(self, episodes: Sequence[Episode]) -> list[torch.Tensor] | None:
+        """The teacher's final hidden states of each episode from its rollout engine ([tokens, hidden] each; it
+        prefills only what it never ran), or None when this source does not keep them
+        (``teacher_hidden_from_rollout``)."""
+        if not self.keeps_teacher_hidden:
+            return None
+        return self.teacher.final_hidden([list(ep.token_ids) for ep in episodes])
+
+    def check_teacher(self, teacher: nn.Module) -> None:
+        """Raise unless the teacher engine holds ``teacher``'s weights (the trainer's teacher), when its hidden
+        states replace that teacher's forward: both are loaded from ``model.teacher``, and this makes sure."""
+        if not self.keeps_teacher_hidden:
+            return
+        mine, theirs = self.teacher.model.state_dict(), teacher.state_dict()
+        differ = sorted(k for k in theirs if k not in mine or mine[k].shape != theirs[k].shape
+                        or not torch.equal(mine[k], theirs[k]))
+        if differ:
+            raise ValueError(f"rollout.reuse_teacher_hidden: the teacher engine's weights differ from the trainer's "
+                             f"teacher ({self.cfg.model.teacher}) in {', '.join(differ[:5])}; the loss would score "
+                             "another model (set rollout.reuse_teacher_hidden=false)")
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.student.sync_weights(state_dict)
@@ -215,6 +238,16 @@ def _dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torch.dtype
     if choice == "bfloat16":
         return torch.bfloat16, torch.bfloat16
     return torch.float32, None
+
+
+def teacher_hidden_from_rollout(cfg: Config, info: DistInfo) -> bool:
+    """Whether the trainer takes the teacher's final hidden states from the teacher's rollout engine
+    (``rollout.reuse_teacher_hidden``) instead of running the teacher forward over each episode again: where the
+    engine is the in-process KV-cached one and its states are what that forward computes, i.e. one process on
+    CPU in float32 (the same condition as the trainer's lean teacher forward). Rollout and trainer both ask here."""
+    r = cfg.rollout
+    return (r.reuse_teacher_hidden and r.engine == "hf" and r.kv_reuse and not r.teacher_server
+            and not info.distributed and info.device.type == "cpu" and compute_dtype(cfg, info.device) is None)
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:

@@ -4,7 +4,8 @@ and the LR schedule; ``Trainer.step(episodes)`` packs, scores, backpropagates an
     rows = whole episodes packed into rows     (one forward per model per episode, never one per turn)
     h_s = student.model(rows), h_t = teacher.model(rows)            (final hidden states; no [T, V] logits;
                                                                      the teacher through Qwen3Decoder.encode
-                                                                     where it applies: see _lean_teacher)
+                                                                     where it applies: see _lean_teacher, or
+                                                                     h_t given: its rollout engine's states)
     loss = sum over loss tokens of the role's term / (loss tokens in the GLOBAL batch)
     backward, clip, AdamW, LR schedule;  a non-finite loss or grad norm skips the update (counted)
 
@@ -26,10 +27,10 @@ from gopd_fast.config import Config, OptimConfig
 from gopd_fast.distributed import DistInfo, all_reduce_max, all_reduce_sums, reshard
 from gopd_fast.lr_schedule import lr_factor
 from gopd_fast.objectives import STAT_KEYS, DistillationObjective, LossOutput
-from gopd_fast.packing import PackedBatch, pack_episodes
+from gopd_fast.packing import PackedBatch, pack_episodes, pack_token_states
 from gopd_fast.rollout.engines.decoder import Qwen3Decoder
 from gopd_fast.rollout.episode import Episode, Role
-from gopd_fast.train_setup import compute_dtype
+from gopd_fast.train_setup import compute_dtype, teacher_hidden_from_rollout
 
 __all__ = ["Trainer", "lr_lambda"]
 
@@ -79,13 +80,33 @@ class Trainer:
         # the fused loss wants hidden states and head weights in one dtype (RMSNorm may promote to fp32)
         return hidden if self.compute_dtype is None else hidden.to(self.compute_dtype)
 
-    def step(self, episodes: Sequence[Episode]) -> dict[str, float]:
-        """Pack this rank's ``episodes``, compute the loss, update. Every rank must call it (collectives)."""
+    @property
+    def takes_teacher_hidden(self) -> bool:
+        """Whether ``step`` accepts the teacher's hidden states from its rollout (``teacher_hidden``): one CPU
+        process in float32, where the teacher forward they replace is ``Qwen3Decoder``'s exact math."""
+        return self.needs_teacher and teacher_hidden_from_rollout(self.cfg, self.info)
+
+    def step(self, episodes: Sequence[Episode], teacher_hidden: Sequence[torch.Tensor] | None = None
+             ) -> dict[str, float]:
+        """Pack this rank's ``episodes``, compute the loss, update. Every rank must call it (collectives).
+        ``teacher_hidden``: the teacher's final hidden states of each episode ([tokens, hidden], e.g.
+        ``RolloutSource.teacher_hidden``) instead of the teacher forward; only where ``takes_teacher_hidden``."""
         info, cfg = self.info, self.cfg
         if not episodes:
             raise ValueError(f"rank {info.rank} has no episodes this step (every rollout of its share was dropped "
                              "after env failures, or rollout.episodes_per_step < world_size)")
         batch = pack_episodes(episodes, cfg.packing.max_tokens_per_row, self.pad_token_id).to(info.device)
+        packed_teacher = None
+        if teacher_hidden is not None:
+            if not self.takes_teacher_hidden:
+                raise ValueError("teacher_hidden: given, but this trainer runs its teacher forward (it takes the "
+                                 "rollout's hidden states only with rollout.reuse_teacher_hidden, one CPU process in "
+                                 "float32, and an objective that needs the teacher)")
+            packed_teacher = pack_token_states(batch, teacher_hidden)
+            width = self.teacher.config.hidden_size
+            if packed_teacher.shape[-1] != width or packed_teacher.dtype != torch.float32:
+                raise ValueError(f"teacher_hidden: expected float32 [tokens, {width}] per episode (the teacher's "
+                                 f"hidden size), got {packed_teacher.dtype} [.., {packed_teacher.shape[-1]}]")
         rows = batch.input_ids.shape[0]
         per_micro = cfg.packing.rows_per_micro_batch or rows
         counts = all_reduce_sums({"loss_tokens": batch.num_loss_tokens, "tokens": batch.num_tokens}, info.device)
@@ -98,7 +119,8 @@ class Trainer:
         for m in range(n_micro):
             if info.distributed and hasattr(self.student, "set_requires_gradient_sync"):
                 self.student.set_requires_gradient_sync(m == n_micro - 1)
-            out = self._micro_step(batch, m * per_micro, min((m + 1) * per_micro, rows), normalizer, times)
+            out = self._micro_step(batch, m * per_micro, min((m + 1) * per_micro, rows), normalizer, times,
+                                   packed_teacher)
             for k in STAT_KEYS:
                 sums[k] += out.sums[k]
         if cfg.model.shard_teacher:
@@ -121,8 +143,9 @@ class Trainer:
         return metrics
 
     def _micro_step(self, batch: PackedBatch, lo: int, hi: int, normalizer: float,
-                    times: dict[str, float]) -> LossOutput:
-        """Forward, loss and backward of rows [lo, hi) (gradients accumulate); adds its timings to ``times``."""
+                    times: dict[str, float], packed_teacher: torch.Tensor | None = None) -> LossOutput:
+        """Forward, loss and backward of rows [lo, hi) (gradients accumulate); adds its timings to ``times``.
+        ``packed_teacher``: the teacher's hidden states of the whole batch [R, L, hidden], if given."""
         roles = batch.target_roles[lo:hi]
         if lo >= hi:   # this rank ran out of rows: one padding row with no loss tokens (keeps FSDP in step)
             lo, hi = 0, 1
@@ -131,7 +154,9 @@ class Trainer:
         t0 = time.perf_counter()
         h_s = self._hidden(self.student, ids, pos)
         h_t = None
-        if self.needs_teacher:
+        if self.needs_teacher and packed_teacher is not None:
+            h_t = packed_teacher[lo:hi]
+        elif self.needs_teacher:
             with torch.no_grad():
                 h_t = self.teacher_encoder.encode(ids, pos) if self.teacher_encoder is not None \
                     else self._hidden(self.teacher, ids, pos)

@@ -8,6 +8,7 @@ from gopd_fast.config import load_config
 from gopd_fast.distributed import DistInfo
 from gopd_fast.packing import (
     pack_episodes,
+    pack_token_states,
     per_turn_reprefill_tokens,
     plan_rows,
     shard_episodes,
@@ -73,6 +74,39 @@ def test_packed_forward_equals_one_forward_per_episode(tiny, attn):
         for i, ep in enumerate(episodes):
             alone = model.model(input_ids=torch.tensor([ep.token_ids]), use_cache=False).last_hidden_state[0]
             torch.testing.assert_close(packed[batch.episode_index == i], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_pack_token_states_follows_the_packed_layout(tiny):
+    """Per-token vectors of each episode land where ``pack_episodes`` put that episode's tokens (several
+    episodes per row, in placement order), zeros on padding; each vector encodes (episode, position)."""
+    _, tok, episodes = tiny
+    batch = pack_episodes(episodes, max_tokens_per_row=1024, pad_id=tok.pad_token_id)
+    assert batch.input_ids.shape[0] < len(episodes)
+    states = [torch.stack([torch.full((len(e.token_ids),), float(i + 1)),
+                           torch.arange(len(e.token_ids), dtype=torch.float32)], dim=1)
+              for i, e in enumerate(episodes)]
+    packed = pack_token_states(batch, states)
+    assert packed.shape == (*batch.input_ids.shape, 2)
+    real = batch.episode_index >= 0
+    assert torch.equal(packed[..., 0][real], (batch.episode_index[real] + 1).float())
+    assert torch.equal(packed[..., 1][real], batch.position_ids[real].float())
+    assert not packed[~real].any()
+
+
+def test_pack_token_states_bad_input(tiny):
+    _, tok, episodes = tiny
+    batch = pack_episodes(episodes, max_tokens_per_row=1024, pad_id=tok.pad_token_id)
+    good = [torch.zeros(len(e.token_ids), 3) for e in episodes]
+    with pytest.raises(ValueError, match="one tensor per packed episode"):
+        pack_token_states(batch, good[:-1])
+    short = [*good[:2], torch.zeros(len(episodes[2].token_ids) - 1, 3), *good[3:]]
+    with pytest.raises(ValueError, match=r"states\[2\] must be a \[\d+, d\] tensor"):
+        pack_token_states(batch, short)
+    with pytest.raises(ValueError, match=r"states\[1\] must be"):
+        pack_token_states(batch, [good[0], [0.0] * len(episodes[1].token_ids), *good[2:]])
+    wide = [*good[:3], torch.zeros(len(episodes[3].token_ids), 4), *good[4:]]
+    with pytest.raises(ValueError, match="share the width and dtype"):
+        pack_token_states(batch, wide)
 
 
 def test_shard_episodes_partitions_and_balances(tiny):

@@ -303,12 +303,12 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     real_step = train_mod.Trainer.step
     calls = {"n": 0}
 
-    def failing_step(self, episodes):
+    def failing_step(self, episodes, **kwargs):
         if self.cfg.run.algorithm == "gopd":
             calls["n"] += 1
             if calls["n"] == 3:
                 raise KeyboardInterrupt("simulated interruption")
-        return real_step(self, episodes)
+        return real_step(self, episodes, **kwargs)
 
     monkeypatch.setattr(train_mod.Trainer, "step", failing_step)
     with pytest.raises(KeyboardInterrupt):

@@ -190,3 +190,57 @@ def test_bad_arguments(model_dirs, tokenizer):
     model.config.model_type = "llama"
     with pytest.raises(ValueError, match="kv_reuse = false"):
         CachedHFEngine(model, pad_token_id=0)
+
+
+@pytest.mark.parametrize("numpy_decode", [True, False], ids=["numpy-decode", "torch-decode"])
+def test_final_hidden_matches_a_full_forward(numpy_decode):
+    """A teacher that keeps hidden states hands each finished guided episode's final hidden states to the trainer:
+    its cached positions' states (prefill and fed-back decode tokens) plus a prefill of what it never ran; they
+    equal one full forward over the episode (``Qwen3Decoder.encode``, the trainer's lean teacher) up to float
+    rounding, and the finished episodes leave the cache."""
+    from gopd_fast.models import build_model, config_for_tokenizer
+    from gopd_fast.rollout.engines.decoder import Qwen3Decoder
+
+    model, tok = load_model(TEACHER)
+    kw = {"pad_token_id": tok.pad_token_id, "eos_token_ids": [tok.eos_token_id]}
+    teacher = CachedHFEngine(copy.deepcopy(model), keep_hidden=True, **kw)
+    teacher.decoder = Qwen3Decoder(teacher.model, numpy_decode=numpy_decode)
+    student = CachedHFEngine(build_model(config_for_tokenizer("teacher-tiny", tok, num_hidden_layers=2), seed=3),
+                             **kw)
+    factory = lambda: gym.make("household", seed=0, observe="full", max_turns=20)
+    result = run_rollout(_tasks(5), student=student, teacher=teacher, chat=ChatFormat(tok), envs=factory,
+                         beta=0.5, options=RolloutOptions(max_turns=6, max_new_tokens=16, max_prompt_tokens=2048,
+                                                          temperature=1.0, max_in_flight=3, seed=0))
+    episodes = result.episodes
+    assert 0 < result.metrics["teacher_turn_fraction"] < 1, "both models must write turns"
+    reused = sum(len(e.tokens) for e in teacher.store._entries)
+    assert reused > 0
+    hidden = teacher.final_hidden([e.token_ids for e in episodes])
+    assert len(teacher.store) == 0
+    reference = Qwen3Decoder(model, numpy_decode=False)
+    for ep, h in zip(episodes, hidden, strict=True):
+        n = len(ep.token_ids)
+        full = reference.encode(torch.tensor([ep.token_ids]), torch.arange(n)[None])[0]
+        assert h.shape == (n, model.config.hidden_size)
+        torch.testing.assert_close(h, full, atol=1e-4, rtol=1e-4)
+    # a sequence the engine never saw is one prefill (nothing cached), the same states
+    again = teacher.final_hidden([episodes[0].token_ids])[0]
+    torch.testing.assert_close(again, hidden[0], atol=1e-4, rtol=1e-4)
+
+
+def test_final_hidden_needs_keep_hidden_and_valid_sequences(teacher_pair):
+    cached, _, tok = teacher_pair
+    with pytest.raises(RuntimeError, match="keep_hidden=True"):
+        cached.final_hidden([[1, 2, 3]])
+    model, _ = load_model(TEACHER)
+    keeper = CachedHFEngine(model, keep_hidden=True, pad_token_id=tok.pad_token_id)
+    assert keeper.final_hidden([]) == []
+    for bad in ([[]], [(1, 2)], "abc"):
+        with pytest.raises(ValueError, match="sequences must be a list of non-empty token-id lists"):
+            keeper.final_hidden(bad)
+    with pytest.raises(ValueError, match="exceeds the model's"):
+        keeper.final_hidden([[5] * (model.config.max_position_embeddings + 1)])
+    with pytest.raises(TypeError, match="keep_hidden must be a bool"):
+        CachedHFEngine(model, keep_hidden=1)
+    with pytest.raises(ValueError, match="keep_hidden=True needs kv_reuse=True"):
+        load_hf_engine(TEACHER, kv_reuse=False, keep_hidden=True)

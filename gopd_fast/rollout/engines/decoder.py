@@ -175,13 +175,19 @@ class Qwen3Decoder:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.mm(self._norm(x), self.head).float()
 
+    def final_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's ``last_hidden_state`` of residual-stream rows ``x`` [t, hidden]: the final RMSNorm, weighted."""
+        return F.rms_norm(x, (x.shape[-1],), self.final_norm, self.eps)
+
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, span: int) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, span: int,
+                hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One decode step: token ``ids[r]`` ([rows]) of row r at absolute position ``positions[r]``; writes its
-        keys/values into ``cache`` and returns the float32 next-token logits [rows, vocab]. ``span`` (> every
-        position) bounds the cache positions attended to: only the filled part is read."""
+        keys/values into ``cache`` and returns the float32 next-token logits [rows, vocab]; with ``hidden`` also
+        the final hidden states at those positions [rows, hidden] (``final_hidden``). ``span`` (> every position)
+        bounds the cache positions attended to: only the filled part is read."""
         if self._numpy is not None:
-            return decode_step(self, self._numpy, ids, positions, cache, span)
+            return decode_step(self, self._numpy, ids, positions, cache, span, hidden=hidden)
         b = ids.shape[0]
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.embedding(ids, self.embed)                                   # [b, hidden]
@@ -199,12 +205,14 @@ class Qwen3Decoder:
             scores = torch.matmul(q.reshape(b, nkv, nh // nkv, hd), kc[:, :, :span].transpose(-1, -2)).add_(mask)
             a = torch.matmul(scores.softmax(dim=-1), vc[:, :, :span])
             x = self._attn_out_mlp(x, a.view(b, nh * hd), w)
-        return self._logits(x)
+        return (self._logits(x), self.final_hidden(x)) if hidden else self._logits(x)
 
     @torch.no_grad()
-    def prefill(self, rows: list[list[int]], starts: list[int], cache: torch.Tensor) -> torch.Tensor:
+    def prefill(self, rows: list[list[int]], starts: list[int], cache: torch.Tensor,
+                hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run row r's new tokens ``rows[r]`` (at positions ``starts[r]``...) after its cached history, writing
-        their keys/values into ``cache``; returns the float32 logits after each row's last token [rows, vocab].
+        their keys/values into ``cache``; returns the float32 logits after each row's last token [rows, vocab],
+        and with ``hidden`` the final hidden states of every new token, rows concatenated [tokens, hidden].
         Projections and cache writes run on all rows' tokens packed (no padding); attention is one fused SDPA
         call per row over its own history, so rows with few new tokens (a continuing episode) cost no more than
         their tokens."""
@@ -240,7 +248,7 @@ class Qwen3Decoder:
                 outs.append(a[0].transpose(0, 1))
             x = self._attn_out_mlp(x, torch.cat(outs).view(-1, nh * hd), w)
         last = torch.tensor(offsets[1:], device=device) - 1
-        return self._logits(x[last])
+        return (self._logits(x[last]), self.final_hidden(x)) if hidden else self._logits(x[last])
 
     @torch.no_grad()
     def encode(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -264,4 +272,4 @@ class Qwen3Decoder:
                                                    enable_gqa=nh != nkv)[0].transpose(0, 1)
                     for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes))]
             x = self._attn_out_mlp(x, torch.cat(attn).reshape(-1, nh * hd), w)
-        return F.rms_norm(x, (x.shape[-1],), self.final_norm, self.eps).view(rows, length, -1)
+        return self.final_hidden(x).view(rows, length, -1)

@@ -30,12 +30,20 @@ class CachedHFEngine(HFEngine):
         model, pad_token_id, eos_token_ids, max_batch_size: as ``HFEngine``; the model must be a plain Qwen3.
         max_cached_tokens: cached positions kept over all sequences, least recently used evicted first
             (the demo's 4-layer teacher holds 2 KiB per position in float32).
+        keep_hidden: also keep every cached position's final hidden state (``last_hidden_state``; 512 more bytes
+            per position for the demo's teacher), so ``final_hidden`` can hand a finished episode's hidden states
+            to the trainer computing only the positions this engine never ran (the teacher's rollout replaces
+            its second forward; ``rollout.reuse_teacher_hidden``).
     """
 
-    def __init__(self, model: torch.nn.Module, *, max_cached_tokens: int = 1 << 18, **kwargs: Any) -> None:
+    def __init__(self, model: torch.nn.Module, *, max_cached_tokens: int = 1 << 18, keep_hidden: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
+        if not isinstance(keep_hidden, bool):
+            raise TypeError(f"keep_hidden must be a bool, got {keep_hidden!r}")
         self.decoder = Qwen3Decoder(self.model)
         self.store = SequenceKVStore(max_cached_tokens)
+        self.keep_hidden = keep_hidden
 
     def reset_prefix_cache(self) -> None:
         self.store.clear()
@@ -54,14 +62,14 @@ class CachedHFEngine(HFEngine):
         if length > dec.max_positions:
             raise ValueError(f"a prompt of {longest} tokens plus max_tokens={sampling.max_tokens} exceeds the "
                              f"model's {dec.max_positions} positions")
-        found = [self.store.lookup(p) for p in prompts]
-        hits, starts = [h for h, _ in found], [m for _, m in found]
+        hits, starts, cache = self._cached_prefixes(prompts, length)
         b = len(prompts)
-        cache = dec.new_cache(b, length, filled=[len(p) for p in prompts])   # prompts: copied in or prefilled
-        for r, (s, h) in enumerate(zip(starts, hits)):
-            if h is not None:
-                cache[:, :, r, :, :s] = h.kv[:, :, :, :s]
-        logits = dec.prefill([p[s:] for p, s in zip(prompts, starts)], starts, cache)
+        with_hidden = self.keep_hidden
+        new = [p[s:] for p, s in zip(prompts, starts)]
+        logits = dec.prefill(new, starts, cache, hidden=with_hidden)
+        if with_hidden:
+            logits, prefill_hidden = logits
+            prefill_hidden = prefill_hidden.split([len(n) for n in new])
         device = dec.device
 
         stop_ids = set(self._stop_ids(sampling))
@@ -71,6 +79,8 @@ class CachedHFEngine(HFEngine):
         # at the end); ``rows`` maps each active row to its original row as finished rows are compacted away.
         out_tokens = torch.zeros(b, steps, dtype=torch.long, device=device)
         out_logprobs = torch.zeros(b, steps, dtype=torch.float32, device=device)
+        # the final hidden state of each fed-back response token (its position's, as its KV)
+        out_hidden = torch.zeros(b, steps, dec.hidden_size, dtype=dec.dtype, device=device) if with_hidden else None
         rows = torch.arange(b, device=device)
         cur = torch.tensor([len(p) for p in prompts], device=device)   # next position of each active row
         done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -92,7 +102,11 @@ class CachedHFEngine(HFEngine):
                 for i in done.nonzero().squeeze(-1).tolist():
                     saved[int(rows[i])] = cache[:, :, i]
                 cache, rows, cur, tok, done = cache[:, :, keep], rows[keep], cur[keep], tok[keep], done[keep]
-            logits = dec.forward(tok, cur, cache, span=longest + step + 1)
+            if with_hidden:
+                logits, hidden = dec.forward(tok, cur, cache, span=longest + step + 1, hidden=True)
+                out_hidden[rows, step] = hidden
+            else:
+                logits = dec.forward(tok, cur, cache, span=longest + step + 1)
             cur += 1
 
         for i, r in enumerate(rows.tolist()):
@@ -106,16 +120,60 @@ class CachedHFEngine(HFEngine):
             # KV exists for the prompt and every response token but the last (never fed back in). A copy, so the
             # store's token budget is its memory (a view would keep this call's whole cache alive).
             seq = p + ids_r[:end - 1]
-            added.append(CachedSequence(seq, saved[r][:, :, :, :len(seq)].clone()))
+            hidden = None
+            if with_hidden:
+                parts = [prefill_hidden[r], out_hidden[r, :end - 1]]
+                hidden = torch.cat(parts if hits[r] is None else [hits[r].hidden[:starts[r]], *parts])
+            added.append(CachedSequence(seq, saved[r][:, :, :, :len(seq)].clone(), hidden=hidden))
         self.store.replace([h for h in hits if h is not None], added)
         return gens
 
+    def _cached_prefixes(self, prompts: list[list[int]], length: int
+                         ) -> tuple[list[CachedSequence | None], list[int], torch.Tensor]:
+        """Each prompt's longest cached prefix (its sequence or None, and how many positions to reuse) and a
+        cache for the call, ``length`` positions per row, with those prefixes copied in."""
+        found = [self.store.lookup(p) for p in prompts]
+        hits, starts = [h for h, _ in found], [m for _, m in found]
+        cache = self.decoder.new_cache(len(prompts), length, filled=[len(p) for p in prompts])
+        for r, (s, h) in enumerate(zip(starts, hits)):
+            if h is not None:
+                cache[:, :, r, :, :s] = h.kv[:, :, :, :s]
+        return hits, starts, cache
+
+    @torch.no_grad()
+    def final_hidden(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """The model's final hidden states (``last_hidden_state``) of each whole token sequence, [len, hidden]
+        per sequence: a cached prefix's stored states plus one prefill of the positions after it (for a finished
+        episode: the turns written after this engine's last call). Needs ``keep_hidden``. The sequences' cache
+        entries are dropped after (a finished episode is not continued)."""
+        if not self.keep_hidden:
+            raise RuntimeError("final_hidden needs an engine built with keep_hidden=True")
+        if not isinstance(sequences, list) or not all(isinstance(q, list) and q for q in sequences):
+            raise ValueError("sequences must be a list of non-empty token-id lists")
+        if not sequences:
+            return []
+        longest = max(len(q) for q in sequences)
+        if longest > self.decoder.max_positions:
+            raise ValueError(f"a sequence of {longest} tokens exceeds the model's {self.decoder.max_positions} "
+                             "positions")
+        hits, starts, cache = self._cached_prefixes(sequences, longest)
+        new = [q[s:] for q, s in zip(sequences, starts)]
+        _, hidden = self.decoder.prefill(new, starts, cache, hidden=True)
+        out = [h if hit is None else torch.cat([hit.hidden[:s], h])
+               for h, hit, s in zip(hidden.split([len(n) for n in new]), hits, starts)]
+        self.store.replace([h for h in hits if h is not None], [])
+        return out
+
 
 def load_hf_engine(path: str, *, kv_reuse: bool, dtype: str = "float32", device: str = "cpu",
-                   **kwargs: Any) -> HFEngine:
-    """The transformers engine for a saved model: KV reuse across turns (``CachedHFEngine``) or the
-    re-encoding ``HFEngine``; the one switch behind ``rollout.kv_reuse``."""
+                   keep_hidden: bool = False, **kwargs: Any) -> HFEngine:
+    """The transformers engine for a saved model: KV reuse across turns (``CachedHFEngine``, optionally keeping
+    final hidden states: ``keep_hidden``) or the re-encoding ``HFEngine``; the one switch behind
+    ``rollout.kv_reuse``."""
     if not isinstance(kv_reuse, bool):
         raise TypeError(f"kv_reuse must be a bool, got {kv_reuse!r}")
-    cls = CachedHFEngine if kv_reuse else HFEngine
-    return cls.from_pretrained(path, dtype=dtype, device=device, **kwargs)
+    if keep_hidden and not kv_reuse:
+        raise ValueError("keep_hidden=True needs kv_reuse=True (the re-encoding engine keeps no state)")
+    if kv_reuse:
+        return CachedHFEngine.from_pretrained(path, dtype=dtype, device=device, keep_hidden=keep_hidden, **kwargs)
+    return HFEngine.from_pretrained(path, dtype=dtype, device=device, **kwargs)

@@ -17,6 +17,7 @@ class CachedSequence:
     tokens: list[int]        # the tokens whose keys/values ``kv`` holds, in order
     kv: torch.Tensor         # [layers, 2, kv_heads, len(tokens), head_dim]
     last_used: int = 0
+    hidden: torch.Tensor | None = None   # [len(tokens), hidden]: final hidden states, when the engine keeps them
 
 
 class SequenceKVStore:

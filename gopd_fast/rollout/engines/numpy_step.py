@@ -33,6 +33,7 @@ class NumpyWeights:
     layers: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # qkv, o, gate_up, down, qk_norm
     embed: np.ndarray
     head: np.ndarray
+    final_norm: np.ndarray
     cos: np.ndarray
     sin: np.ndarray
 
@@ -42,7 +43,8 @@ def numpy_weights(dec: Qwen3Decoder) -> NumpyWeights:
     arr = lambda t: t.detach().numpy()
     return NumpyWeights(
         layers=[(arr(w.qkv), arr(w.o), arr(w.gate_up), arr(w.down), arr(n)) for w, n in zip(dec.layers, dec.qk_norms)],
-        embed=arr(dec.embed), head=arr(dec.head), cos=arr(dec.cos), sin=arr(dec.sin_signed))
+        embed=arr(dec.embed), head=arr(dec.head), final_norm=arr(dec.final_norm), cos=arr(dec.cos),
+        sin=arr(dec.sin_signed))
 
 
 @functools.cache
@@ -70,9 +72,9 @@ def _rms(x: np.ndarray, eps: float) -> np.ndarray:
 
 
 def decode_step(dec: Qwen3Decoder, w: NumpyWeights, ids: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
-                span: int) -> torch.Tensor:
+                span: int, hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``Qwen3Decoder.forward`` (one decode step of every row) on NumPy views: same arguments, same cache writes,
-    float32 logits [rows, vocab] as a torch tensor."""
+    float32 logits [rows, vocab] as a torch tensor (and with ``hidden`` the final hidden states [rows, hidden])."""
     limit = _openblas_thread_limit()
     if limit is not None:
         limit(1)                                              # ~0.3 us; this thread only
@@ -105,4 +107,6 @@ def decode_step(dec: Qwen3Decoder, w: NumpyWeights, ids: torch.Tensor, positions
             gu = _rms(x, eps) @ wgu
             gate, up = gu[:, :gu.shape[1] // 2], gu[:, gu.shape[1] // 2:]
             x = x + (gate / (1 + np.exp(-gate)) * up) @ wdown
-    return torch.from_numpy(_rms(x, eps) @ w.head)
+    normed = _rms(x, eps)
+    logits = torch.from_numpy(normed @ w.head)
+    return (logits, torch.from_numpy(normed * w.final_norm)) if hidden else logits
