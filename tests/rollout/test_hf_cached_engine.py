@@ -235,9 +235,14 @@ def test_final_hidden_needs_keep_hidden_and_valid_sequences(teacher_pair):
     model, _ = load_model(TEACHER)
     keeper = CachedHFEngine(model, keep_hidden=True, pad_token_id=tok.pad_token_id)
     assert keeper.final_hidden([]) == []
-    for bad in ([[]], [(1, 2)], "abc"):
-        with pytest.raises(ValueError, match="sequences must be a list of non-empty token-id lists"):
-            keeper.final_hidden(bad)
+    with pytest.raises(TypeError, match="sequences must be a list of token-id lists"):
+        keeper.final_hidden("abc")
+    with pytest.raises(ValueError, match=r"sequences\[1\] must be a non-empty list of token ids"):
+        keeper.final_hidden([[1], []])
+    with pytest.raises(TypeError, match=r"sequences\[0\] must hold integer token ids, got 2.7"):
+        keeper.final_hidden([[1, 2.7]])
+    with pytest.raises(ValueError, match=r"sequences\[0\] has token ids outside \[0, 512\)"):
+        keeper.final_hidden([[1, 512]])
     with pytest.raises(ValueError, match="exceeds the model's"):
         keeper.final_hidden([[5] * (model.config.max_position_embeddings + 1)])
     with pytest.raises(TypeError, match="keep_hidden must be a bool"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +96,12 @@ def test_stats_and_bad_inputs(hf_student, tokenizer):
         hf_student.generate([[10**6]], GREEDY)
     with pytest.raises(TypeError, match="prompts"):
         hf_student.generate("hello", GREEDY)
+    # ids must be integers: 2.7 would otherwise be read as the valid id 2 (and True as 1)
+    for bad in (2.7, True, "7", torch.tensor(3.0), [3]):
+        with pytest.raises(TypeError, match=r"prompts\[1\] must hold integer token ids"):
+            hf_student.generate([[5, 6], [5, bad]], GREEDY)
+    ok = hf_student.generate([np.array([5, 6]), torch.tensor([5, 6])], GREEDY)   # integer arrays are fine
+    assert ok[0].token_ids == ok[1].token_ids
     with pytest.raises(TypeError, match="SamplingConfig"):
         hf_student.generate(prompts, {"temperature": 0})
     with pytest.raises(ValueError, match="temperature"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import math
+import operator
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -84,19 +85,30 @@ class EngineStats:
         }
 
 
-def check_prompts(prompts: object, vocab_size: int | None = None) -> list[list[int]]:
-    """Validate ``list[list[int]]`` prompts (non-empty, ids in range) and return them as lists."""
+def check_prompts(prompts: object, vocab_size: int | None = None, name: str = "prompts") -> list[list[int]]:
+    """Validate ``list[list[int]]`` token sequences (non-empty, integer ids in range) and return them as lists of
+    ints; ``name`` is the argument the errors name."""
     if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+        raise TypeError(f"{name} must be a list of token-id lists, got {type(prompts).__name__}")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, (str, bytes)) or not hasattr(p, "__len__") or len(p) == 0:
-            raise ValueError(f"prompts[{i}] must be a non-empty list of token ids")
-        ids = [int(t) for t in p]
+            raise ValueError(f"{name}[{i}] must be a non-empty list of token ids")
+        # integers only (int, numpy or 0-d torch integers): int() would turn 2.7 into the valid id 2
+        ids = list(p) if all(type(t) is int for t in p) else [_token_id(t, name, i) for t in p]
         if min(ids) < 0 or (vocab_size is not None and max(ids) >= vocab_size):
-            raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab_size})")
+            raise ValueError(f"{name}[{i}] has token ids outside [0, {vocab_size})")
         out.append(ids)
     return out
+
+
+def _token_id(t: object, name: str, i: int) -> int:
+    if not isinstance(t, bool):
+        try:
+            return operator.index(t)
+        except TypeError:
+            pass
+    raise TypeError(f"{name}[{i}] must hold integer token ids, got {t!r} ({type(t).__name__})")
 
 
 def iter_weights(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from gopd_fast.rollout.engines.base import Generation, SamplingConfig, WeightsLike
+from gopd_fast.rollout.engines.base import Generation, SamplingConfig, WeightsLike, check_prompts
 from gopd_fast.rollout.engines.decoder import Qwen3Decoder
 from gopd_fast.rollout.engines.hf import HFEngine
 from gopd_fast.rollout.engines.kv_store import CachedSequence, SequenceKVStore
@@ -148,8 +148,7 @@ class CachedHFEngine(HFEngine):
         entries are dropped after (a finished episode is not continued)."""
         if not self.keep_hidden:
             raise RuntimeError("final_hidden needs an engine built with keep_hidden=True")
-        if not isinstance(sequences, list) or not all(isinstance(q, list) and q for q in sequences):
-            raise ValueError("sequences must be a list of non-empty token-id lists")
+        sequences = check_prompts(sequences, self.vocab_size, name="sequences")
         if not sequences:
             return []
         longest = max(len(q) for q in sequences)
