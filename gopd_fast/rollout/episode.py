@@ -41,6 +41,15 @@ class Episode:
             )
         if len(self.turn_spans) != len(self.turn_roles):
             raise ValueError("Episode: turn_spans and turn_roles must have one entry per turn")
+        # the trainer packs these with torch.tensor(..., dtype=long): a float id would be truncated, not refused
+        if not all(type(t) is int and t >= 0 for t in self.token_ids):
+            bad = next(t for t in self.token_ids if type(t) is not int or t < 0)
+            raise ValueError(f"Episode {self.task_id!r}: token_ids must be non-negative ints, got {bad!r} "
+                             f"({type(bad).__name__})")
+        roles = {int(r) for r in Role}
+        if not all(type(r) in (int, Role) and r in roles for r in self.roles):
+            bad = next(r for r in self.roles if type(r) not in (int, Role) or r not in roles)
+            raise ValueError(f"Episode {self.task_id!r}: roles must be Role values {sorted(roles)}, got {bad!r}")
 
     @property
     def num_loss_tokens(self) -> int:

@@ -314,3 +314,16 @@ def test_training_with_guided_turns_from_the_server(server, models, tmp_path):
     assert teacher_turns > 0 and served >= 1
     assert served == pytest.approx(teacher_turns, abs=0.5)   # every teacher turn, and only those, was served
     assert all(r["generation_failures"] == 0 for r in train)
+
+
+@pytest.mark.parametrize("ids", [[5, 2.7], [5, -1], [5, "6"], [True]])
+def test_a_response_with_non_integer_token_ids_is_an_error(ids):
+    """A server answer whose token ids are not non-negative integers is refused (int() read 2.7 as the id 2)."""
+    from gopd_fast.rollout.engines.remote import _parse_completion
+
+    body = {"choices": [{"token_ids": ids, "logprobs": {"token_logprobs": [-0.1] * len(ids)}}]}
+    with pytest.raises(RuntimeError, match="not non-negative integers"):
+        _parse_completion(body, prompt_len=3)
+    good = _parse_completion({"choices": [{"token_ids": [5, 6], "logprobs": {"token_logprobs": [-0.1, -0.2]},
+                                           "finish_reason": "stop"}]}, prompt_len=3)
+    assert good.token_ids == [5, 6] and good.finish_reason == "stop"

@@ -281,7 +281,9 @@ class _GiveUp(Exception):
 def _parse_completion(body: dict[str, Any], prompt_len: int) -> Generation:
     """One ``/v1/completions`` choice -> Generation (token ids, their raw log-probs, cached prompt tokens)."""
     choice = body["choices"][0]
-    ids = [int(t) for t in choice.get("token_ids") or []]
+    ids = choice.get("token_ids") or []
+    if not all(type(t) is int and t >= 0 for t in ids):
+        raise RuntimeError(f"the server returned token ids that are not non-negative integers: {ids[:8]!r}")
     lps = [float(x) for x in (choice.get("logprobs") or {}).get("token_logprobs") or []]
     if len(lps) != len(ids):
         raise RuntimeError(f"the server returned {len(lps)} log-probs for {len(ids)} tokens (needs vLLM with "
