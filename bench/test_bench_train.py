@@ -14,8 +14,9 @@ append-only history), tiny local Qwen3 student and teacher built on first use.
    backward -> AdamW -> weight sync into the rollout engine, first as before issue #13 part A (``before``:
    rollout.kv_reuse = false, model.attn_implementation = "sdpa", i.e. re-encoding rollouts and a dense
    block-diagonal mask over packed rows), then with configs/demo-trainer.toml as it is (``after``: KV reuse,
-   "packed_sdpa", the teacher's hidden states taken from its rollout engine: rollout.reuse_teacher_hidden). The ``after`` case asserts the >= 3x step-time ratio of the same run; ``extra_info`` holds
-   the seconds per phase.
+   "packed_sdpa", the teacher's hidden states taken from its rollout engine: rollout.reuse_teacher_hidden).
+   The ``after`` case asserts the >= 3x step-time ratio of the same run; ``extra_info`` holds the seconds per
+   phase.
 
     .venv/bin/python -m pytest bench/test_bench_train.py --benchmark-enable -s
 """
