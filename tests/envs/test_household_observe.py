@@ -1,4 +1,4 @@
-"""household's ``observe`` option: "map" and "full" add information, never change the game."""
+"""household's ``observe`` option: "map", "full" and "full-target" add information, never change the game."""
 from __future__ import annotations
 
 import random
@@ -23,7 +23,7 @@ def _steps(env, rng: random.Random, first, noise: float = 0.3):
         done, admissible = step.done, step.admissible_actions
 
 
-@pytest.mark.parametrize("mode", ["map", "full"])
+@pytest.mark.parametrize("mode", ["map", "full", "full-target"])
 def test_observations_extend_the_room_view_and_dynamics_are_unchanged(mode):
     plain = envs.make("household", seed=2, max_turns=15)
     seen = envs.make("household", seed=2, max_turns=15, observe=mode)
@@ -42,7 +42,7 @@ def test_observations_extend_the_room_view_and_dynamics_are_unchanged(mode):
             r1, r2 = plain.step(action), seen.step(action)
             assert (r1.score, r1.done, r1.success, r1.admissible_actions) == (r2.score, r2.done, r2.success,
                                                                              r2.admissible_actions)
-            if mode == "full":
+            if mode in ("full", "full-target"):
                 assert r2.observation.startswith(r1.observation + " Status: ")
             else:
                 assert r2.observation == r1.observation     # the map is only in the first observation
@@ -84,6 +84,32 @@ def test_full_status_describes_the_current_state():
                 assert (f"locked {world.rooms[door.b]} " in status) == s.locked[d]
             checked += 1
     assert checked > 100
+
+
+@pytest.mark.parametrize("difficulty", ["medium", "hard"])
+def test_full_target_is_full_with_each_goal_target_room(difficulty):
+    """Step for step the same status as "full", except that the goal part names each target's room; "full" never
+    does (an open receptacle's room is nowhere in its status: what "full-target" exists for)."""
+    full = envs.make("household", seed=5, observe="full", difficulty=difficulty)
+    target = envs.make("household", seed=5, observe="full-target", difficulty=difficulty)
+    rng = random.Random(2)
+    for task in full.tasks("train")[:20]:
+        a, b = full.reset(task), target.reset(task)
+        world = target.world
+        plain = " and ".join(f"{world.items[i]} in {world.containers[c]}" for i, c in world.goals)
+        placed = " and ".join(f"{world.items[i]} in {world.containers[c]} ({world.rooms[world.container_room[c]]})"
+                              for i, c in world.goals)
+        done, admissible = False, a.admissible_actions
+        while True:
+            assert a.observation.count(f"Status: goal {plain};") == 1
+            assert b.observation == a.observation.replace(f"Status: goal {plain};", f"Status: goal {placed};")
+            if done:
+                break
+            action = full.expert_action()
+            if rng.random() < 0.3 or action is None:
+                action = rng.choice(list(admissible))
+            a, b = full.step(action), target.step(action)
+            done, admissible = a.done, a.admissible_actions
 
 
 def test_routes_lead_to_their_room():

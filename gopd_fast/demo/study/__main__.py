@@ -49,8 +49,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.build_teacher:
         from gopd_fast.demo.study.teacher import build_teacher
 
+        config = Path(args.config).resolve()
         build_teacher(cfg, REPO_DIR / cfg.run_dir / "teacher" if not Path(cfg.run_dir).is_absolute()
-                      else Path(cfg.run_dir) / "teacher")
+                      else Path(cfg.run_dir) / "teacher",
+                      config=str(config.relative_to(REPO_DIR)) if config.is_relative_to(REPO_DIR) else str(config))
         return
     from gopd_fast.demo.study import runner
     from gopd_fast.demo.study.cells import Study

@@ -13,16 +13,17 @@ from gopd_fast.demo.run import _new_model, chat_format
 from gopd_fast.demo.study.config import StudyConfig
 from gopd_fast.train_setup import make_env
 
-TEACHER_COMMAND = "python -m gopd_fast.demo.study --config configs/study.toml --build-teacher"
+TEACHER_COMMAND = "python -m gopd_fast.demo.study --config {config} --build-teacher"
 
 
 def _load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def build_teacher(cfg: StudyConfig, work_dir: Path, log=print) -> dict[str, Any]:
+def build_teacher(cfg: StudyConfig, work_dir: Path, log=print, config: str = "configs/study.toml") -> dict[str, Any]:
     """``teacher.init_from`` trained ``teacher.steps`` more SFT steps on (noisy) oracle episodes of the train tasks
-    in ``teacher.task_range``; resumes from ``work_dir/teacher-sft.pt``; saved to gopd_fast/assets/<asset>."""
+    in ``teacher.task_range``; resumes from ``work_dir/teacher-sft.pt``; saved to gopd_fast/assets/<asset>.
+    ``config``: the study config's path, as the rebuild command recorded with the asset names it."""
     import torch
 
     from gopd_fast.demo.sft import SFTConfig, train_sft
@@ -59,7 +60,7 @@ def build_teacher(cfg: StudyConfig, work_dir: Path, log=print) -> dict[str, Any]
             "train_seconds_this_process": round(time.perf_counter() - t0, 1),
             "load_avg_before": load_before, "load_avg_after": _load_avg(),
             "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-            "command": TEACHER_COMMAND}
+            "command": TEACHER_COMMAND.format(config=config)}
     (out / "study_teacher.json").write_text(json.dumps(info, indent=2))
     return info
 

@@ -18,7 +18,8 @@ hand_capacity) are options of ``envs.make("household", ...)``; generation places
 
 Observability (``observe``): "room" (default) shows the current room only; "map" adds a map of the world to the
 first observation; "full" adds the complete state the oracle plans on to every observation, so that a model of a
-few hundred thousand parameters can learn the oracle (the demo's setting; ``household/observe.py``).
+few hundred thousand parameters can learn the oracle (the demo's setting; ``household/observe.py``); "full-target"
+also gives each goal's target room, which "full" leaves out (the study's strong-teacher arm).
 
 Oracle: ``expert_action()`` is the next step of a shortest plan found by search over the true state from the
 CURRENT state, so it labels recovery actions after any mistake; ``expert_distance()`` is that plan's length.

@@ -7,7 +7,7 @@ from typing import Any
 
 from gopd_fast.envs.base import Reset, StepResult, TextEnv, register
 from gopd_fast.envs.household import engine
-from gopd_fast.envs.household.observe import OBSERVE_MODES, status, world_map
+from gopd_fast.envs.household.observe import OBSERVE_MODES, STATUS_MODES, status, world_map
 from gopd_fast.envs.household.oracle import Oracle
 from gopd_fast.envs.household.world import PRESETS, World, WorldConfig, generate
 from gopd_fast.envs.options import (
@@ -64,9 +64,9 @@ class HouseholdEnv(TextEnv):
     ``max_solution`` (worlds whose oracle solution is longer are regenerated; default 15, "hard": 24, so the default
     turn limit leaves slack), ``report_distance`` (put ``expert_distance`` in every step's info; the reset's info
     always has it), ``observe`` ("room": the current room only, the default; "map": plus a map of the world in the
-    first observation; "full": plus the complete state in every observation; see ``household/observe.py``). The
-    worlds depend on the seed, the difficulty and the world options only, never on max_turns, so one task can be
-    run at any turn limit.
+    first observation; "full": plus the state the oracle plans on in every observation; "full-target": "full" plus
+    the room of each goal's target; see ``household/observe.py``). The worlds depend on the seed, the difficulty and
+    the world options only, never on max_turns, so one task can be run at any turn limit.
     """
 
     name = "household"
@@ -198,10 +198,10 @@ class HouseholdEnv(TextEnv):
         return StepResult(observation, score, self.done, success, tuple(self._admissible), info)
 
     def _observed(self, text: str) -> str:
-        if self.observe != "full":
+        if self.observe not in STATUS_MODES:
             return text
         s = self.state
-        return f"{text} {status(self.world, s.room, s.loc, s.opened, s.locked)}"
+        return f"{text} {status(self.world, s.room, s.loc, s.opened, s.locked, self.observe == 'full-target')}"
 
     def _partial_score(self) -> float:
         """Sub-goals, equally weighted: every locked door that every solution must open unlocked, every goal item
