@@ -344,3 +344,20 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     for png in ("beta_schedule.png", "learning_curves-tiny.png", "score_vs_turn_limit-tiny.png",
                 "failure_mode-tiny-base.png"):
         assert (tmp_path / "study" / "img" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[2] / "configs").glob("study*.toml")),
+                         ids=lambda p: Path(p).name)
+def test_committed_study_configs_load_and_name_their_assets(path):
+    """Every committed study config passes the typed loader, its env options build the env, and the teacher it
+    evaluates (and the asset a rebuild starts from) is committed with the env mode it was trained on."""
+    from gopd_fast.demo.config import ASSETS_DIR
+    from gopd_fast.train_setup import make_env
+
+    cfg = load_study_config(path)
+    make_env(cfg.env_config()).close()
+    for asset in (cfg.teacher.asset, cfg.teacher.init_from):
+        assert (ASSETS_DIR / asset / "config.json").is_file(), f"{path}: asset {asset} is not committed"
+    record = ASSETS_DIR / cfg.teacher.asset / "study_teacher.json"
+    if record.is_file():   # built by --build-teacher: on this config's observation mode
+        assert json.loads(record.read_text())["env_options"]["observe"] == cfg.env_options["observe"]
