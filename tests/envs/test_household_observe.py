@@ -7,7 +7,7 @@ import re
 import pytest
 
 from gopd_fast import envs
-from gopd_fast.envs.household.observe import first_exits
+from gopd_fast.envs.household.observe import STATUS_MODES, first_exits
 from gopd_fast.envs.household.world import HAND
 
 
@@ -42,7 +42,7 @@ def test_observations_extend_the_room_view_and_dynamics_are_unchanged(mode):
             r1, r2 = plain.step(action), seen.step(action)
             assert (r1.score, r1.done, r1.success, r1.admissible_actions) == (r2.score, r2.done, r2.success,
                                                                              r2.admissible_actions)
-            if mode in ("full", "full-target"):
+            if mode in STATUS_MODES:
                 assert r2.observation.startswith(r1.observation + " Status: ")
             else:
                 assert r2.observation == r1.observation     # the map is only in the first observation

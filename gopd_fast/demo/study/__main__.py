@@ -50,9 +50,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         from gopd_fast.demo.study.teacher import build_teacher
 
         config = Path(args.config).resolve()
-        build_teacher(cfg, REPO_DIR / cfg.run_dir / "teacher" if not Path(cfg.run_dir).is_absolute()
-                      else Path(cfg.run_dir) / "teacher",
-                      config=str(config.relative_to(REPO_DIR)) if config.is_relative_to(REPO_DIR) else str(config))
+        if config.is_relative_to(REPO_DIR):   # the rebuild command, as a user in the repository types it
+            config = config.relative_to(REPO_DIR)
+        build_teacher(cfg, REPO_DIR / cfg.run_dir / "teacher", config=str(config))   # an absolute run_dir wins
         return
     from gopd_fast.demo.study import runner
     from gopd_fast.demo.study.cells import Study

@@ -45,9 +45,12 @@ def world_map(world: World) -> str:
     return f"Map: {', '.join(doors)}{'; ' + ', '.join(chutes) if chutes else ''}. Items: {', '.join(items)}."
 
 
+def _with_room(world: World, c: int) -> str:
+    return f"{world.containers[c]} ({world.rooms[world.container_room[c]]})"
+
+
 def _place(world: World, c: int) -> str:
-    prep = "in" if world.closable[c] else "on"
-    return f"{prep} {world.containers[c]} ({world.rooms[world.container_room[c]]})"
+    return f"{'in' if world.closable[c] else 'on'} {_with_room(world, c)}"
 
 
 def first_exits(world: World, room: int) -> dict[int, int]:
@@ -72,10 +75,7 @@ def status(world: World, room: int, loc: list[int] | tuple[int, ...], opened: li
     every room that is not a neighbour. Distractors are left out (the room views show them); they only matter when
     the hands are full. ``target_rooms`` (``observe="full-target"``): each goal's target container with its room."""
     goal_items = {i for i, _ in world.goals}
-
-    def target(c: int) -> str:
-        return f"{world.containers[c]} ({world.rooms[world.container_room[c]]})" if target_rooms else world.containers[c]
-
+    target = (lambda c: _with_room(world, c)) if target_rooms else (lambda c: world.containers[c])
     parts = ["goal " + " and ".join(f"{world.items[i]} in {target(c)}" for i, c in world.goals)]
     # Where the agent is and its exits, again: after a refused action ("Nothing happens.") the observation has no
     # room view, and a small model should not have to look turns back for it.
